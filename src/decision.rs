@@ -1,0 +1,65 @@
+//! The routing decision for one OAuth request: where it goes and why.
+
+/// Which upstream serves a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Destination {
+    Iam,
+    Rails,
+}
+
+impl Destination {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Destination::Iam => "iam",
+            Destination::Rails => "rails",
+        }
+    }
+}
+
+/// Why a request was routed where it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The path is not an OAuth endpoint.
+    NotOauth,
+    /// No `[iam]` table is configured.
+    IamDisabled,
+    /// A verifier or an IAM-issued token: the flow started at IAM and must finish there.
+    Continuity,
+    /// No single valid client id; Rails owns `invalid_client` errors.
+    UnknownClient,
+    /// A cached pre-authorize answer (or one fetched by a concurrent request).
+    Cache,
+    /// This request asked the pre-authorize backend.
+    Preauthorize,
+    /// The pre-authorize backend failed; fail open to Rails.
+    PreauthorizeError,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NotOauth => "not_oauth",
+            Reason::IamDisabled => "iam_disabled",
+            Reason::Continuity => "continuity",
+            Reason::UnknownClient => "unknown_client",
+            Reason::Cache => "cache",
+            Reason::Preauthorize => "preauthorize",
+            Reason::PreauthorizeError => "preauthorize_error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub destination: Destination,
+    pub reason: Reason,
+}
+
+impl Decision {
+    pub const fn rails(reason: Reason) -> Decision {
+        Decision {
+            destination: Destination::Rails,
+            reason,
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! Forwarding: the pooled upstream clients, the request head prepared once per request,
+//! the one function that turns it into an upstream request, and upstream timeouts.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::{Method, Request, Response, Uri, Version};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::oneshot;
+
+use crate::config::Upstream;
+use crate::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
+
+/// A request body going upstream: streamed from the client, or buffered (OAuth requests,
+/// which may be replayed).
+pub type RequestBody = Either<Streamed, Full<Bytes>>;
+/// A response body going to the client: streamed from upstream, or made by the gateway.
+pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub type HttpClient = Client<HttpConnector, RequestBody>;
+
+/// How long an idle upstream connection stays pooled.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A keep-alive pool to one kind of upstream. Each upstream gets its own so that one slow
+/// upstream cannot starve the others of connections.
+pub fn pooled_client<B>(connect_timeout: Option<Duration>) -> Client<HttpConnector, B>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+{
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(connect_timeout);
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build(connector)
+}
+
+/// The client request's head, cleaned once: hop-by-hop and gateway-only headers removed,
+/// forwarding headers and the correlation id set. Every upstream request is built from it,
+/// so a replay to Rails carries exactly what a direct Rails request would.
+#[derive(Debug)]
+pub struct Head {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+    /// The client's `Host` (or HTTP/2 `:authority`).
+    pub host: Option<HeaderValue>,
+    pub request_id: HeaderValue,
+}
+
+impl Head {
+    pub fn prepare(
+        parts: Parts,
+        peer: SocketAddr,
+        trusted_peer: bool,
+        new_id: impl FnOnce() -> HeaderValue,
+    ) -> Head {
+        let Parts {
+            method,
+            uri,
+            mut headers,
+            ..
+        } = parts;
+        headers::remove_hop_by_hop(&mut headers);
+        headers::remove_gateway_only(&mut headers);
+        headers::set_forwarded_for(&mut headers, peer.ip(), trusted_peer);
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        let request_id = headers
+            .get(&X_REQUEST_ID)
+            .filter(|id| trusted_peer && headers::is_acceptable_request_id(id))
+            .cloned()
+            .unwrap_or_else(new_id);
+        headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+        let host = headers.remove(header::HOST).or_else(|| {
+            uri.authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        Head {
+            method,
+            uri,
+            headers,
+            host,
+            request_id,
+        }
+    }
+}
+
+/// Which `Host` rule applies upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostRule {
+    /// Rails keeps the client's `Host`.
+    Keep,
+    /// IAM gets its own host; the client's goes in `X-Forwarded-Host`.
+    Rewrite,
+}
+
+/// The one place an upstream request is built.
+pub fn upstream_request(
+    head: &Head,
+    mut headers: HeaderMap,
+    upstream: &Upstream,
+    host_rule: HostRule,
+    body: RequestBody,
+) -> Request<RequestBody> {
+    let host = match (host_rule, &head.host) {
+        (HostRule::Keep, Some(host)) => host.clone(),
+        (HostRule::Rewrite, Some(host)) => {
+            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+            upstream.host.clone()
+        }
+        (_, None) => upstream.host.clone(),
+    };
+    headers.insert(header::HOST, host);
+    let mut uri = upstream.uri.clone().into_parts();
+    uri.path_and_query = head.uri.path_and_query().cloned();
+    let mut request = Request::new(body);
+    *request.method_mut() = head.method.clone();
+    // Both parts come from URIs that already parsed, so the join is valid.
+    *request.uri_mut() = Uri::from_parts(uri).unwrap_or_else(|_| upstream.uri.clone());
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    request
+}
+
+/// Why an upstream exchange produced no response.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// Connection refused, reset or closed before response headers.
+    Connect(String),
+    /// No response headers in time.
+    Timeout,
+}
+
+/// Sends `request` and waits for response headers. The clock starts once the request body
+/// has been sent, like Go's `ResponseHeaderTimeout`: a large upload is not cut off by the
+/// time it takes to arrive, only by how long the upstream then keeps us waiting.
+pub async fn send(
+    client: &HttpClient,
+    request: Request<RequestBody>,
+    body_sent: Option<oneshot::Receiver<()>>,
+    timeout: Duration,
+) -> Result<Response<Incoming>, UpstreamError> {
+    let exchange = client.request(request);
+    let deadline = async {
+        if let Some(sent) = body_sent {
+            // An error means hyper dropped the body unfinished: the clock starts too.
+            let _ = sent.await;
+        }
+        tokio::time::sleep(timeout).await;
+    };
+    tokio::select! {
+        result = exchange => result.map_err(|e| UpstreamError::Connect(error_chain(&e))),
+        () = deadline => Err(UpstreamError::Timeout),
+    }
+}
+
+/// Removes hop-by-hop headers from an upstream response before it reaches the client.
+pub fn downstream_response(response: Response<Incoming>) -> Response<ResponseBody> {
+    let (mut parts, body) = response.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, Either::Left(body))
+}
+
+/// A client body streamed upstream that reports when it has been sent in full.
+#[derive(Debug)]
+pub struct Streamed {
+    inner: Incoming,
+    sent: Option<oneshot::Sender<()>>,
+}
+
+impl Streamed {
+    pub fn new(inner: Incoming) -> (Streamed, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Streamed {
+                inner,
+                sent: Some(tx),
+            },
+            rx,
+        )
+    }
+}
+
+impl Body for Streamed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            if let Some(sent) = self.sent.take() {
+                let _ = sent.send(());
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An error with its sources, for logs: hyper's top-level messages alone ("client error
+/// (Connect)") do not say what happened.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(url: &str) -> Upstream {
+        let uri: Uri = url.parse().unwrap();
+        let authority = uri.authority().unwrap().clone();
+        Upstream {
+            host: HeaderValue::from_str(authority.as_str()).unwrap(),
+            authority,
+            uri,
+        }
+    }
+
+    fn head(host: Option<&'static str>) -> Head {
+        let mut builder = Request::builder()
+            .method(Method::POST)
+            .uri("/oauth/token?a=1")
+            .header("x-request-id", "client-chosen")
+            .header("connection", "close");
+        if let Some(host) = host {
+            builder = builder.header("host", host);
+        }
+        let (parts, ()) = builder.body(()).unwrap().into_parts();
+        Head::prepare(parts, "192.0.2.7:5000".parse().unwrap(), false, || {
+            HeaderValue::from_static("generated")
+        })
+    }
+
+    fn empty() -> RequestBody {
+        Either::Right(Full::new(Bytes::new()))
+    }
+
+    #[test]
+    fn rails_keeps_the_client_host() {
+        let head = head(Some("gitlab.example.com"));
+        let up = upstream("http://127.0.0.1:8080");
+        let req = upstream_request(&head, head.headers.clone(), &up, HostRule::Keep, empty());
+        assert_eq!(req.uri(), "http://127.0.0.1:8080/oauth/token?a=1");
+        assert_eq!(req.headers()["host"], "gitlab.example.com");
+        assert!(req.headers().get("x-forwarded-host").is_none());
+        assert_eq!(req.version(), Version::HTTP_11);
+    }
+
+    #[test]
+    fn iam_gets_its_own_host_and_the_original_in_forwarded_host() {
+        let head = head(Some("gitlab.example.com"));
+        let up = upstream("http://iam.internal:9000/");
+        let req = upstream_request(&head, head.headers.clone(), &up, HostRule::Rewrite, empty());
+        assert_eq!(req.headers()["host"], "iam.internal:9000");
+        assert_eq!(req.headers()["x-forwarded-host"], "gitlab.example.com");
+    }
+
+    #[test]
+    fn missing_host_falls_back_to_the_upstream_host() {
+        let head = head(None);
+        let up = upstream("http://127.0.0.1:8080");
+        let req = upstream_request(&head, head.headers.clone(), &up, HostRule::Keep, empty());
+        assert_eq!(req.headers()["host"], "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn prepare_sets_forwarding_headers_and_replaces_untrusted_request_id() {
+        let head = head(Some("h"));
+        assert_eq!(head.request_id, "generated");
+        assert_eq!(head.headers["x-request-id"], "generated");
+        assert_eq!(head.headers["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(head.headers["x-forwarded-proto"], "http");
+        assert!(head.headers.get("connection").is_none());
+        assert!(
+            head.headers.get("host").is_none(),
+            "host is set per upstream"
+        );
+    }
+}

@@ -1,0 +1,233 @@
+//! Header hygiene shared by both directions: hop-by-hop removal, gateway-only headers,
+//! forwarding headers and correlation ids.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// `X-Request-Id`: the correlation id sent upstream, to the pre-authorize backend and back
+/// to the client.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
+/// legacy `Proxy-Connection`. `Proxy-*` are matched by prefix in [`is_hop_by_hop`].
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name.as_str().starts_with("proxy-")
+}
+
+/// Removes hop-by-hop headers, including every header the `Connection` header names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Collect the names first: `Connection` may name headers we are about to remove.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    // Fast path: most requests carry none of these, and `retain`-style rebuilding of the
+    // map would cost more than the lookups.
+    let listed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name))
+        .cloned()
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+}
+
+/// Removes headers only the gateway may set (`Gitlab-Workhorse*`): a client must not be
+/// able to impersonate the gateway towards Rails.
+pub fn remove_gateway_only(headers: &mut HeaderMap) {
+    let forged: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("gitlab-workhorse"))
+        .cloned()
+        .collect();
+    for name in forged {
+        headers.remove(name);
+    }
+}
+
+/// Sets `X-Forwarded-For` to the client's chain plus the peer. The client's own chain is
+/// kept only when the peer is trusted; otherwise it could forge any origin address.
+pub fn set_forwarded_for(headers: &mut HeaderMap, peer: IpAddr, keep_client_chain: bool) {
+    let chain: Vec<&str> = if keep_client_chain {
+        headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut value = chain.join(", ");
+    if !value.is_empty() {
+        value.push_str(", ");
+    }
+    value.push_str(&peer.to_string());
+    // An IP address and ASCII header values joined with ", " are always valid.
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+}
+
+/// Generates correlation ids: a random per-process prefix and a counter, so ids are
+/// unique without a syscall or a lock per request.
+#[derive(Debug)]
+pub struct RequestIds {
+    prefix: u64,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    pub fn new() -> RequestIds {
+        use std::hash::{BuildHasher, Hasher};
+        // RandomState is seeded from the OS; hashing the time mixes in this process's start.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default(),
+        );
+        RequestIds {
+            prefix: hasher.finish(),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    pub fn next(&self) -> HeaderValue {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{:016x}{:016x}", self.prefix, n);
+        HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("0"))
+    }
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        RequestIds::new()
+    }
+}
+
+/// Whether a client-supplied `X-Request-Id` is usable as a correlation id: short and
+/// plain, so it cannot smuggle anything into logs.
+pub fn is_acceptable_request_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 128
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        headers
+    }
+
+    #[test]
+    fn removes_all_hop_headers_case_insensitively() {
+        let mut headers = map(&[
+            ("Connection", "keep-alive, X-Secret-Hop"),
+            ("X-Secret-Hop", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Authorization", "Basic abc"),
+            ("Proxy-Connection", "close"),
+            ("TE", "trailers"),
+            ("Trailer", "Expires"),
+            ("Transfer-Encoding", "chunked"),
+            ("Upgrade", "websocket"),
+            ("Accept", "*/*"),
+        ]);
+        remove_hop_by_hop(&mut headers);
+        let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["accept"]);
+    }
+
+    #[test]
+    fn connection_naming_an_end_to_end_header_removes_it() {
+        let mut headers = map(&[("Connection", "close, Cookie"), ("Cookie", "a=b")]);
+        remove_hop_by_hop(&mut headers);
+        assert!(headers.is_empty());
+    }
+
+    #[test]
+    fn strips_every_gitlab_workhorse_header() {
+        let mut headers = map(&[
+            ("Gitlab-Workhorse", "forged"),
+            ("Gitlab-Workhorse-Api-Request", "forged.jwt"),
+            ("GITLAB-WORKHORSE-PROXY-START", "1"),
+            ("Gitlab-Shell-Api-Request", "kept"),
+        ]);
+        remove_gateway_only(&mut headers);
+        let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["gitlab-shell-api-request"]);
+    }
+
+    #[test]
+    fn forwarded_for_appends_peer_to_trusted_chain() {
+        let mut headers = map(&[("X-Forwarded-For", "203.0.113.9")]);
+        set_forwarded_for(&mut headers, "10.0.0.1".parse().unwrap(), true);
+        assert_eq!(headers[&X_FORWARDED_FOR], "203.0.113.9, 10.0.0.1");
+    }
+
+    #[test]
+    fn forwarded_for_from_untrusted_peer_is_replaced() {
+        let mut headers = map(&[
+            ("X-Forwarded-For", "1.2.3.4"),
+            ("X-Forwarded-For", "5.6.7.8"),
+        ]);
+        set_forwarded_for(&mut headers, "::1".parse().unwrap(), false);
+        assert_eq!(headers.get_all(&X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(headers[&X_FORWARDED_FOR], "::1");
+    }
+
+    #[test]
+    fn request_ids_are_unique_and_acceptable() {
+        let ids = RequestIds::new();
+        let a = ids.next();
+        let b = ids.next();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+        assert!(is_acceptable_request_id(&a));
+    }
+
+    #[test]
+    fn odd_client_request_ids_are_not_acceptable() {
+        for bad in ["", "has space", "quote\"", &"x".repeat(129)] {
+            let value = HeaderValue::from_str(bad).unwrap();
+            assert!(!is_acceptable_request_id(&value), "{bad:?}");
+        }
+        assert!(is_acceptable_request_id(&HeaderValue::from_static(
+            "01HZX3-abc_def.1:2"
+        )));
+    }
+}

@@ -1,0 +1,661 @@
+//! Which OAuth client application a buffered OAuth request belongs to (DESIGN §2).
+
+use std::borrow::Cow;
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
+use hyper::{HeaderMap, Method};
+
+/// RFC 6749 sets no limit; DESIGN §2 does, so an oversized id never reaches the
+/// pre-authorize backend or the decision cache.
+const MAX_CLIENT_ID_BYTES: usize = 255;
+const FORM_MEDIA_TYPE: &str = "application/x-www-form-urlencoded";
+
+/// The parts of a request identification reads; the body is already buffered.
+pub struct RequestView<'a> {
+    pub method: &'a Method,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+    pub body: &'a [u8],
+}
+
+/// Where the client_id was found, in the order the sources are consulted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Basic,
+    FormBody,
+    Query,
+    Assertion,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Basic => "basic",
+            Source::FormBody => "form_body",
+            Source::Query => "query",
+            Source::Assertion => "client_assertion",
+        }
+    }
+}
+
+/// Why no single client_id could be trusted for routing; such requests are Rails' to reject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unknown {
+    Missing,
+    Repeated,
+    Disagree,
+    Empty,
+    TooLong,
+    NotPrintable,
+    MalformedBasic,
+    MalformedAssertion,
+    UnparsableBody,
+}
+
+impl Unknown {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unknown::Missing => "missing",
+            Unknown::Repeated => "repeated",
+            Unknown::Disagree => "disagree",
+            Unknown::Empty => "empty",
+            Unknown::TooLong => "too_long",
+            Unknown::NotPrintable => "not_printable",
+            Unknown::MalformedBasic => "malformed_basic",
+            Unknown::MalformedAssertion => "malformed_assertion",
+            Unknown::UnparsableBody => "unparsable_body",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity<'a> {
+    Known {
+        client_id: Cow<'a, str>,
+        source: Source,
+    },
+    Unknown(Unknown),
+}
+
+/// Identifies the client application; every present source must be valid and agree.
+pub fn identify<'a>(view: &RequestView<'a>) -> Identity<'a> {
+    match agreed_client_id(view) {
+        Ok((client_id, source)) => Identity::Known { client_id, source },
+        Err(unknown) => Identity::Unknown(unknown),
+    }
+}
+
+/// Reads one source of the client_id.
+type Reader<'a> = fn(&RequestView<'a>) -> Result<Found<Cow<'a, str>>, Unknown>;
+
+fn agreed_client_id<'a>(view: &RequestView<'a>) -> Result<(Cow<'a, str>, Source), Unknown> {
+    let sources: [(Source, Reader<'a>); 4] = [
+        (Source::Basic, basic_user),
+        (Source::FormBody, |view| {
+            Ok(form_body(view)?.map_or(Found::Absent, |body| find_param(body, "client_id")))
+        }),
+        (Source::Query, |view| Ok(query_param(view, "client_id"))),
+        (Source::Assertion, assertion_issuer),
+    ];
+    let mut agreed: Option<(Cow<'a, str>, Source)> = None;
+    for (source, read) in sources {
+        let value = match read(view)? {
+            Found::Absent => continue,
+            Found::Repeated => return Err(Unknown::Repeated),
+            Found::One(value) => valid(value)?,
+        };
+        match &agreed {
+            None => agreed = Some((value, source)),
+            Some((first, _)) if *first != value => return Err(Unknown::Disagree),
+            Some(_) => {}
+        }
+    }
+    agreed.ok_or(Unknown::Missing)
+}
+
+fn valid(client_id: Cow<'_, str>) -> Result<Cow<'_, str>, Unknown> {
+    if client_id.is_empty() {
+        Err(Unknown::Empty)
+    } else if client_id.len() > MAX_CLIENT_ID_BYTES {
+        Err(Unknown::TooLong)
+    } else if !client_id.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        Err(Unknown::NotPrintable)
+    } else {
+        Ok(client_id)
+    }
+}
+
+/// How many times something occurs where at most once is allowed.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Found<T> {
+    Absent,
+    Repeated,
+    One(T),
+}
+
+impl<T> Found<T> {
+    fn at_most_one(mut items: impl Iterator<Item = T>) -> Found<T> {
+        match (items.next(), items.next()) {
+            (None, _) => Found::Absent,
+            (Some(item), None) => Found::One(item),
+            (Some(_), Some(_)) => Found::Repeated,
+        }
+    }
+
+    /// The value, when it occurs exactly once.
+    pub(crate) fn into_one(self) -> Option<T> {
+        match self {
+            Found::One(item) => Some(item),
+            Found::Absent | Found::Repeated => None,
+        }
+    }
+}
+
+/// The decoded value of parameter `name` in a urlencoded string, borrowed when nothing
+/// needed decoding.
+pub(crate) fn find_param<'a>(encoded: &'a [u8], name: &str) -> Found<Cow<'a, str>> {
+    Found::at_most_one(
+        form_urlencoded::parse(encoded)
+            .filter(|(key, _)| key == name)
+            .map(|(_, value)| value),
+    )
+}
+
+fn query_param<'a>(view: &RequestView<'a>, name: &str) -> Found<Cow<'a, str>> {
+    view.query
+        .map_or(Found::Absent, |query| find_param(query.as_bytes(), name))
+}
+
+/// The body as urlencoded form parameters: `None` when it carries none (not a POST, or
+/// empty), an error when a POST body is something we cannot read, so it may hide a client_id.
+pub(crate) fn form_body<'a>(view: &RequestView<'a>) -> Result<Option<&'a [u8]>, Unknown> {
+    if view.method != Method::POST || view.body.is_empty() {
+        return Ok(None);
+    }
+    // Two Content-Type headers could be read differently by Rails and IAM.
+    let is_form = match Found::at_most_one(view.headers.get_all(CONTENT_TYPE).iter()) {
+        Found::One(value) => value.to_str().is_ok_and(|value| {
+            let media_type = value.split(';').next().unwrap_or_default().trim();
+            media_type.eq_ignore_ascii_case(FORM_MEDIA_TYPE)
+        }),
+        Found::Absent | Found::Repeated => false,
+    };
+    if is_form {
+        Ok(Some(view.body))
+    } else {
+        Err(Unknown::UnparsableBody)
+    }
+}
+
+/// The user part of `Authorization: Basic`; other schemes (Bearer) are not a source.
+fn basic_user<'a>(view: &RequestView<'a>) -> Result<Found<Cow<'a, str>>, Unknown> {
+    let credentials = view
+        .headers
+        .get_all(AUTHORIZATION)
+        .iter()
+        .filter_map(|value| {
+            let value = value.as_bytes();
+            // A bare "Basic" has no space; it is still Basic, with empty (malformed) credentials.
+            let (scheme, credentials) = match value.iter().position(|&b| b == b' ') {
+                Some(space) => (&value[..space], value[space..].trim_ascii()),
+                None => (value, &b""[..]),
+            };
+            scheme.eq_ignore_ascii_case(b"basic").then_some(credentials)
+        });
+    let credentials = match Found::at_most_one(credentials) {
+        Found::One(credentials) => credentials,
+        Found::Absent => return Ok(Found::Absent),
+        Found::Repeated => return Ok(Found::Repeated),
+    };
+    let decoded = STANDARD
+        .decode(credentials)
+        .map_err(|_| Unknown::MalformedBasic)?;
+    let colon = decoded
+        .iter()
+        .position(|&b| b == b':')
+        .ok_or(Unknown::MalformedBasic)?;
+    // RFC 6749 §2.3.1: the user is form-urlencoded, so '+' is a space. Invalid UTF-8 becomes
+    // U+FFFD, which the printable check then rejects.
+    let user: Vec<u8> = decoded[..colon]
+        .iter()
+        .map(|&b| if b == b'+' { b' ' } else { b })
+        .collect();
+    let user = percent_encoding::percent_decode(&user).decode_utf8_lossy();
+    Ok(Found::One(Cow::Owned(user.into_owned())))
+}
+
+/// The issuer of a `client_assertion` JWT (form body, else query). Read only to route:
+/// the signature is never checked here, the upstream verifies it.
+fn assertion_issuer<'a>(view: &RequestView<'a>) -> Result<Found<Cow<'a, str>>, Unknown> {
+    let found = match form_body(view)?.map(|body| find_param(body, "client_assertion")) {
+        None | Some(Found::Absent) => query_param(view, "client_assertion"),
+        Some(found) => found,
+    };
+    Ok(match found {
+        Found::One(jwt) => Found::One(Cow::Owned(
+            jwt_issuer(&jwt).ok_or(Unknown::MalformedAssertion)?,
+        )),
+        Found::Absent => Found::Absent,
+        Found::Repeated => Found::Repeated,
+    })
+}
+
+/// RFC 7523 §2.2: a client authenticating itself has `iss` = `sub` = its client_id.
+fn jwt_issuer(jwt: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Claims {
+        iss: Option<String>,
+        sub: Option<String>,
+    }
+    let mut parts = jwt.split('.');
+    let (Some(_), Some(payload), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let payload = URL_SAFE_NO_PAD.decode(payload).ok()?;
+    match serde_json::from_slice(&payload).ok()? {
+        Claims {
+            iss: Some(iss),
+            sub: Some(sub),
+        } if iss == sub => Some(iss),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use hyper::header::{HeaderName, HeaderValue};
+
+    /// An owned request that lends out a `RequestView`; shared with the classify tests.
+    #[derive(Default)]
+    pub(crate) struct Req {
+        method: Method,
+        query: Option<String>,
+        headers: HeaderMap,
+        body: Vec<u8>,
+    }
+
+    impl Req {
+        pub(crate) fn get(query: &str) -> Req {
+            Req::default().query(query)
+        }
+
+        pub(crate) fn post_form(body: &str) -> Req {
+            Req::post(FORM_MEDIA_TYPE, body)
+        }
+
+        pub(crate) fn post(content_type: &str, body: &str) -> Req {
+            let req = Req {
+                method: Method::POST,
+                body: body.as_bytes().to_vec(),
+                ..Req::default()
+            };
+            req.header(CONTENT_TYPE, content_type)
+        }
+
+        pub(crate) fn query(mut self, query: &str) -> Req {
+            self.query = Some(query.to_owned());
+            self
+        }
+
+        fn header(mut self, name: HeaderName, value: &str) -> Req {
+            let value = HeaderValue::from_str(value).expect("valid header value");
+            self.headers.append(name, value);
+            self
+        }
+
+        fn authorization(self, value: &str) -> Req {
+            self.header(AUTHORIZATION, value)
+        }
+
+        fn basic(self, credentials: &str) -> Req {
+            self.authorization(&format!("Basic {}", STANDARD.encode(credentials)))
+        }
+
+        pub(crate) fn view(&self) -> RequestView<'_> {
+            RequestView {
+                method: &self.method,
+                query: self.query.as_deref(),
+                headers: &self.headers,
+                body: &self.body,
+            }
+        }
+
+        fn identify(&self) -> Identity<'_> {
+            identify(&self.view())
+        }
+    }
+
+    fn known(client_id: &str, source: Source) -> Identity<'static> {
+        Identity::Known {
+            client_id: Cow::Owned(client_id.to_owned()),
+            source,
+        }
+    }
+
+    fn unknown(reason: Unknown) -> Identity<'static> {
+        Identity::Unknown(reason)
+    }
+
+    /// An unsigned-looking JWT: identification never checks the signature.
+    fn jwt(claims: serde_json::Value) -> String {
+        let header = URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256","typ":"JWT"}"#);
+        let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
+        format!("{header}.{payload}.c2lnbmF0dXJl")
+    }
+
+    fn assertion_body(assertion: &str) -> Req {
+        Req::post_form(&format!(
+            "grant_type=client_credentials&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion={assertion}"
+        ))
+    }
+
+    #[test]
+    fn basic_user_is_the_client_id() {
+        let req = Req::post_form("grant_type=client_credentials").basic("app:secret");
+        assert_eq!(req.identify(), known("app", Source::Basic));
+    }
+
+    #[test]
+    fn basic_scheme_is_case_insensitive() {
+        let credentials = STANDARD.encode("app:secret");
+        let req = Req::default().authorization(&format!("bAsIc {credentials}"));
+        assert_eq!(req.identify(), known("app", Source::Basic));
+    }
+
+    #[test]
+    fn basic_user_is_form_urlencoded() {
+        for user in ["my%20app", "my+app"] {
+            let req = Req::default().basic(&format!("{user}:secret"));
+            assert_eq!(req.identify(), known("my app", Source::Basic), "{user}");
+        }
+    }
+
+    #[test]
+    fn basic_password_may_contain_colons() {
+        let req = Req::default().basic("app:pa:ss:word");
+        assert_eq!(req.identify(), known("app", Source::Basic));
+    }
+
+    #[test]
+    fn basic_without_colon_is_malformed() {
+        let req = Req::default().basic("app");
+        assert_eq!(req.identify(), unknown(Unknown::MalformedBasic));
+        let req = Req::default().authorization("Basic");
+        assert_eq!(req.identify(), unknown(Unknown::MalformedBasic));
+    }
+
+    #[test]
+    fn basic_with_broken_base64_is_malformed() {
+        let req = Req::default().authorization("Basic not*base64!");
+        assert_eq!(req.identify(), unknown(Unknown::MalformedBasic));
+    }
+
+    #[test]
+    fn basic_with_empty_user_is_empty() {
+        let req = Req::default().basic(":secret");
+        assert_eq!(req.identify(), unknown(Unknown::Empty));
+    }
+
+    #[test]
+    fn two_basic_headers_are_repeated() {
+        let req = Req::default().basic("app:secret").basic("app:secret");
+        assert_eq!(req.identify(), unknown(Unknown::Repeated));
+    }
+
+    #[test]
+    fn bearer_is_not_a_source() {
+        let req = Req::get("client_id=app").authorization("Bearer giat_abc");
+        assert_eq!(req.identify(), known("app", Source::Query));
+        let req = Req::default().authorization("Bearer giat_abc");
+        assert_eq!(req.identify(), unknown(Unknown::Missing));
+    }
+
+    #[test]
+    fn form_body_client_id_is_borrowed() {
+        let req = Req::post_form("grant_type=authorization_code&client_id=app&code=x");
+        assert_eq!(req.identify(), known("app", Source::FormBody));
+        assert!(matches!(
+            req.identify(),
+            Identity::Known {
+                client_id: Cow::Borrowed(_),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn query_client_id_is_borrowed() {
+        let req = Req::get("response_type=code&client_id=app");
+        assert_eq!(req.identify(), known("app", Source::Query));
+        assert!(matches!(
+            req.identify(),
+            Identity::Known {
+                client_id: Cow::Borrowed(_),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn percent_encoded_query_client_id_is_decoded() {
+        assert_eq!(
+            Req::get("client_id=my%2Fapp").identify(),
+            known("my/app", Source::Query)
+        );
+    }
+
+    #[test]
+    fn form_content_type_ignores_case_and_parameters() {
+        for content_type in [
+            "application/x-www-form-urlencoded; charset=utf-8",
+            "Application/X-WWW-Form-URLEncoded",
+        ] {
+            let req = Req::post(content_type, "client_id=app");
+            assert_eq!(
+                req.identify(),
+                known("app", Source::FormBody),
+                "{content_type}"
+            );
+        }
+    }
+
+    #[test]
+    fn non_form_post_body_is_unparsable() {
+        let req = Req::post("application/json", r#"{"client_id":"app"}"#).query("client_id=app");
+        assert_eq!(req.identify(), unknown(Unknown::UnparsableBody));
+    }
+
+    #[test]
+    fn post_body_without_content_type_is_unparsable() {
+        let req = Req {
+            method: Method::POST,
+            body: b"client_id=app".to_vec(),
+            ..Req::default()
+        };
+        assert_eq!(req.identify(), unknown(Unknown::UnparsableBody));
+    }
+
+    #[test]
+    fn empty_post_body_is_not_a_source() {
+        let req = Req::post("application/json", "").query("client_id=app");
+        assert_eq!(req.identify(), known("app", Source::Query));
+    }
+
+    #[test]
+    fn get_ignores_its_body() {
+        let mut req = Req::get("client_id=app");
+        req.body = b"client_id=other".to_vec();
+        assert_eq!(req.identify(), known("app", Source::Query));
+    }
+
+    #[test]
+    fn no_source_is_missing() {
+        assert_eq!(
+            Req::post_form("grant_type=client_credentials").identify(),
+            unknown(Unknown::Missing)
+        );
+        assert_eq!(Req::default().identify(), unknown(Unknown::Missing));
+    }
+
+    #[test]
+    fn repeated_client_id_in_query_is_repeated() {
+        let req = Req::get("client_id=app&client_id=app");
+        assert_eq!(req.identify(), unknown(Unknown::Repeated));
+    }
+
+    #[test]
+    fn repeated_client_id_in_body_is_repeated() {
+        let req = Req::post_form("client_id=app&client_id=app");
+        assert_eq!(req.identify(), unknown(Unknown::Repeated));
+    }
+
+    #[test]
+    fn query_and_body_disagreeing_is_disagree() {
+        let req = Req::post_form("client_id=app").query("client_id=other");
+        assert_eq!(req.identify(), unknown(Unknown::Disagree));
+    }
+
+    #[test]
+    fn basic_and_body_disagreeing_is_disagree() {
+        let req = Req::post_form("client_id=other").basic("app:secret");
+        assert_eq!(req.identify(), unknown(Unknown::Disagree));
+    }
+
+    #[test]
+    fn assertion_and_query_disagreeing_is_disagree() {
+        let assertion = jwt(serde_json::json!({"iss": "app", "sub": "app"}));
+        let req = assertion_body(&assertion).query("client_id=other");
+        assert_eq!(req.identify(), unknown(Unknown::Disagree));
+    }
+
+    #[test]
+    fn agreeing_sources_report_the_first() {
+        let req = Req::post_form("client_id=app").basic("app:secret");
+        assert_eq!(req.identify(), known("app", Source::Basic));
+        let req = Req::post_form("client_id=app").query("client_id=app");
+        assert_eq!(req.identify(), known("app", Source::FormBody));
+    }
+
+    #[test]
+    fn invalid_later_source_spoils_a_valid_first() {
+        let req = Req::get("client_id=app&client_id=app").basic("app:secret");
+        assert_eq!(req.identify(), unknown(Unknown::Repeated));
+    }
+
+    #[test]
+    fn empty_client_id_is_empty() {
+        assert_eq!(Req::get("client_id=").identify(), unknown(Unknown::Empty));
+    }
+
+    #[test]
+    fn client_id_of_255_bytes_is_accepted_and_256_is_too_long() {
+        let longest = "a".repeat(255);
+        let req = Req::get(&format!("client_id={longest}"));
+        assert_eq!(req.identify(), known(&longest, Source::Query));
+        let req = Req::get(&format!("client_id={longest}a"));
+        assert_eq!(req.identify(), unknown(Unknown::TooLong));
+    }
+
+    #[test]
+    fn non_printable_client_id_is_not_printable() {
+        for encoded in ["a%09b", "a%7Fb", "a%00b", "caf%C3%A9", "a%FFb"] {
+            let req = Req::get(&format!("client_id={encoded}"));
+            assert_eq!(req.identify(), unknown(Unknown::NotPrintable), "{encoded}");
+        }
+        let req = Req::post_form("client_id=caf\u{e9}");
+        assert_eq!(req.identify(), unknown(Unknown::NotPrintable));
+    }
+
+    #[test]
+    fn assertion_issuer_equal_to_subject_is_the_client_id() {
+        let assertion = jwt(serde_json::json!({"iss": "app", "sub": "app", "aud": "x"}));
+        assert_eq!(
+            assertion_body(&assertion).identify(),
+            known("app", Source::Assertion)
+        );
+    }
+
+    #[test]
+    fn assertion_in_query_is_read_when_body_has_none() {
+        let assertion = jwt(serde_json::json!({"iss": "app", "sub": "app"}));
+        let req = Req::get(&format!("client_assertion={assertion}"));
+        assert_eq!(req.identify(), known("app", Source::Assertion));
+    }
+
+    #[test]
+    fn assertion_agreeing_with_body_client_id_reports_the_body() {
+        let assertion = jwt(serde_json::json!({"iss": "app", "sub": "app"}));
+        let req = Req::post_form(&format!("client_id=app&client_assertion={assertion}"));
+        assert_eq!(req.identify(), known("app", Source::FormBody));
+    }
+
+    #[test]
+    fn assertion_issuer_other_than_subject_is_malformed() {
+        let assertion = jwt(serde_json::json!({"iss": "app", "sub": "user-42"}));
+        assert_eq!(
+            assertion_body(&assertion).identify(),
+            unknown(Unknown::MalformedAssertion)
+        );
+    }
+
+    #[test]
+    fn assertion_without_subject_is_malformed() {
+        let assertion = jwt(serde_json::json!({"iss": "app"}));
+        assert_eq!(
+            assertion_body(&assertion).identify(),
+            unknown(Unknown::MalformedAssertion)
+        );
+    }
+
+    #[test]
+    fn assertion_with_non_string_issuer_is_malformed() {
+        let assertion = jwt(serde_json::json!({"iss": 7, "sub": 7}));
+        assert_eq!(
+            assertion_body(&assertion).identify(),
+            unknown(Unknown::MalformedAssertion)
+        );
+    }
+
+    #[test]
+    fn assertion_that_is_not_a_jwt_is_malformed() {
+        for assertion in ["app", "a.b", "a.b.c.d"] {
+            assert_eq!(
+                assertion_body(assertion).identify(),
+                unknown(Unknown::MalformedAssertion),
+                "{assertion}"
+            );
+        }
+    }
+
+    #[test]
+    fn assertion_with_bad_base64_or_json_is_malformed() {
+        let not_json = URL_SAFE_NO_PAD.encode("not json");
+        for assertion in ["e30.***.sig".to_owned(), format!("e30.{not_json}.sig")] {
+            assert_eq!(
+                assertion_body(&assertion).identify(),
+                unknown(Unknown::MalformedAssertion),
+                "{assertion}"
+            );
+        }
+    }
+
+    #[test]
+    fn labels_are_snake_case() {
+        assert_eq!(Source::Assertion.as_str(), "client_assertion");
+        assert_eq!(Source::FormBody.as_str(), "form_body");
+        assert_eq!(Unknown::MalformedBasic.as_str(), "malformed_basic");
+        assert_eq!(Unknown::UnparsableBody.as_str(), "unparsable_body");
+    }
+
+    #[test]
+    fn find_param_reports_absent_repeated_or_value() {
+        assert_eq!(find_param(b"a=1&b=2", "c"), Found::Absent);
+        assert_eq!(find_param(b"a=1&a=1", "a"), Found::Repeated);
+        assert_eq!(find_param(b"a=1&b=x+y", "b"), Found::One(Cow::from("x y")));
+    }
+}

@@ -1,0 +1,60 @@
+//! iamproxy: a reverse-proxy gateway in front of a legacy OAuth server (Rails) that moves
+//! OAuth traffic to an IAM Auth Service one client application at a time, and fails open
+//! to Rails whenever IAM or the routing backend misbehaves.
+//!
+//! The modules follow a request through the gateway:
+//! [`server`] accepts it, [`classify`] names the endpoint and applies flow continuity,
+//! [`identify`] finds the client application, [`cache`] and [`preauth`] decide where it
+//! goes, [`forward`] and [`headers`] build the upstream request, [`fallback`] replays it to
+//! Rails when IAM fails, [`respond`] maps errors to statuses and [`logging`] writes it down.
+//! [`proxy`] runs those steps in order.
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod classify;
+pub mod config;
+pub mod decision;
+pub mod demo;
+pub mod fallback;
+pub mod forward;
+pub mod headers;
+pub mod identify;
+pub mod logging;
+pub mod preauth;
+pub mod proxy;
+pub mod respond;
+pub mod server;
+pub mod state;
+
+use std::future::Future;
+
+pub use config::Config;
+pub use server::{Gateway, StartError};
+
+/// The version reported by `--version` and sent to the pre-authorize backend.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Binds the listeners and serves until `shutdown` resolves and in-flight requests drain.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    Gateway::bind(config).await?.serve(shutdown).await;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,184 @@
+//! Structured logs through `tracing`: JSON lines (`{"time", "level", "msg", fields…}`,
+//! the shape Workhorse's logs have) or plain text.
+//!
+//! Secrets stay out by construction: the request path logs the path (never the query),
+//! the validated client id and the gateway's own fields, never headers or bodies.
+
+use std::fmt::{self, Write as _};
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
+use tracing_subscriber::registry::LookupSpan;
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Builds the subscriber for `config`, writing to `writer`. Tests pass a capturing writer
+/// and so exercise the same formatting as production.
+pub fn subscriber<W>(config: &LogConfig, writer: W) -> Box<dyn Subscriber + Send + Sync>
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(config.level)
+        .with_writer(writer)
+        .with_ansi(false);
+    match config.format {
+        LogFormat::Json => Box::new(builder.event_format(JsonLines).finish()),
+        LogFormat::Text => Box::new(builder.with_target(false).finish()),
+    }
+}
+
+/// Installs the process-wide subscriber, logging to stderr.
+pub fn init(config: &LogConfig) {
+    // Fails only if one is installed already, as in tests that set their own.
+    let _ = tracing::subscriber::set_global_default(subscriber(config, std::io::stderr));
+}
+
+/// One JSON object per line.
+struct JsonLines;
+
+impl<S, N> FormatEvent<S, N> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let mut time = String::with_capacity(32);
+        SystemTime.format_time(&mut Writer::new(&mut time))?;
+        let mut fields = JsonFields::default();
+        event.record(&mut fields);
+        let level = event.metadata().level().as_str().to_ascii_lowercase();
+        write!(writer, "{{\"time\":{},\"level\":\"{level}\"", json(&time))?;
+        if let Some(msg) = &fields.msg {
+            write!(writer, ",\"msg\":{}", json(msg))?;
+        }
+        writeln!(writer, "{}}}", fields.rest)
+    }
+}
+
+#[derive(Default)]
+struct JsonFields {
+    msg: Option<String>,
+    /// `,"name":value` pairs, already encoded.
+    rest: String,
+}
+
+impl JsonFields {
+    fn push(&mut self, field: &Field, value: serde_json::Value) {
+        if field.name() == "message" {
+            self.msg = Some(match value {
+                serde_json::Value::String(text) => text,
+                other => other.to_string(),
+            });
+            return;
+        }
+        let _ = write!(self.rest, ",{}:{}", json(field.name()), value);
+    }
+}
+
+impl Visit for JsonFields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.push(field, value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.push(field, value.into());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.push(field, value.into());
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.push(field, value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.push(field, value.into());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.push(field, format!("{value:?}").into());
+    }
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::Value::String(text.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn capture(format: LogFormat, emit: impl FnOnce()) -> String {
+        let buffer = Buffer::default();
+        let sink = buffer.clone();
+        let config = LogConfig {
+            format,
+            level: tracing::Level::INFO,
+        };
+        let subscriber = subscriber(&config, move || sink.clone());
+        tracing::subscriber::with_default(subscriber, emit);
+        let bytes = buffer.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn json_lines_have_time_level_msg_and_typed_fields() {
+        let out = capture(LogFormat::Json, || {
+            tracing::info!(
+                status = 200u16,
+                path = "/oauth/token",
+                ok = true,
+                duration_ms = 1.5,
+                "access"
+            );
+            tracing::debug!("filtered out by level");
+        });
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 1, "{out}");
+        let line: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(line["msg"], "access");
+        assert_eq!(line["level"], "info");
+        assert_eq!(line["status"], 200);
+        assert_eq!(line["path"], "/oauth/token");
+        assert_eq!(line["ok"], true);
+        assert_eq!(line["duration_ms"], 1.5);
+        assert!(line["time"].as_str().unwrap().starts_with("20"));
+    }
+
+    #[test]
+    fn json_escapes_quotes_and_control_characters() {
+        let out = capture(LogFormat::Json, || {
+            tracing::warn!(error = "a \"b\"\n", "x");
+        });
+        let line: serde_json::Value = serde_json::from_str(out.trim_end()).unwrap();
+        assert_eq!(line["error"], "a \"b\"\n");
+    }
+
+    #[test]
+    fn text_format_is_plain() {
+        let out = capture(LogFormat::Text, || {
+            tracing::info!(status = 502u16, "access")
+        });
+        assert!(out.contains("access status=502"), "{out}");
+        assert!(!out.contains('\u{1b}'), "no ANSI colours");
+    }
+}

@@ -1,0 +1,82 @@
+//! The `iamproxy` command: parse arguments, load and check the configuration, serve.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use iamproxy::{config::Config, demo, logging};
+
+#[derive(Parser)]
+#[command(
+    name = "iamproxy",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    /// The TOML configuration file.
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit: 0 when valid, 1 with the key and reason.
+    #[arg(long, requires = "config")]
+    check: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway with built-in loopback stand-ins for Rails, IAM and the
+    /// pre-authorize backend.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8181")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9229")]
+        admin_listen: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(&format!("cannot start the runtime: {error}")),
+    };
+    match (cli.command, cli.config) {
+        (
+            Some(Command::Demo {
+                listen,
+                admin_listen,
+            }),
+            _,
+        ) => match runtime.block_on(demo::run(listen, admin_listen)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => fail(&error.to_string()),
+        },
+        (None, Some(path)) => {
+            let config = match Config::load(&path) {
+                Ok(config) => config,
+                Err(error) => return fail(&error.to_string()),
+            };
+            if cli.check {
+                println!("{}: configuration is valid", path.display());
+                return ExitCode::SUCCESS;
+            }
+            logging::init(&config.log);
+            match runtime.block_on(iamproxy::run(config, iamproxy::shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => fail(&error.to_string()),
+            }
+        }
+        (None, None) => fail("--config FILE is required (or run `iamproxy demo`); see --help"),
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("iamproxy: {message}");
+    ExitCode::FAILURE
+}

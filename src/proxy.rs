@@ -1,0 +1,393 @@
+//! The request path. [`handle`] runs these phases in order, each a named function:
+//!
+//! 1. **classify** — is the path an OAuth endpoint? If not, [`pass_through`] streams it to
+//!    Rails untouched.
+//! 2. **prepare** — clean the head once (hop-by-hop, gateway-only headers, forwarding
+//!    headers, correlation id); every upstream request is built from it.
+//! 3. **buffer** — read the OAuth body, up to `max_body_bytes` ([`buffer_body`]).
+//! 4. **decide** — continuity rules, client identification, the decision cache and the
+//!    pre-authorize backend ([`decide`]).
+//! 5. **forward** — to Rails, or to IAM with fail-open replay to Rails ([`to_iam`]).
+//! 6. **log** — one access line.
+//!
+//! Nothing here panics or hands a hyper error to the client: every outcome is a response,
+//! and [`ProxyError`] maps failures to statuses in one place.
+//!
+//! Replay ends where streaming begins: once IAM's response headers have been accepted
+//! (a status not in `iam.fallback_statuses`), its body is streamed to the client, and a
+//! failure after that point cannot be replayed to Rails: the client sees a truncated body.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use hyper::body::{Body, Incoming};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri};
+
+use crate::cache::Lookup;
+use crate::classify::{continuity, Endpoint};
+use crate::decision::{Decision, Destination, Reason};
+use crate::fallback::FallbackReason;
+use crate::forward::{
+    self, downstream_response, upstream_request, Head, HostRule, RequestBody, ResponseBody,
+    Streamed, UpstreamError,
+};
+use crate::headers::X_REQUEST_ID;
+use crate::identify::{identify, Identity, RequestView};
+use crate::respond::ProxyError;
+use crate::state::{AppState, IamRoute};
+
+/// Serves one client request.
+pub async fn handle(
+    state: &AppState,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let (parts, body) = request.into_parts();
+    let endpoint = state.routes.classify(parts.uri.path());
+    let trusted = state.is_trusted(peer.ip());
+    let head = Head::prepare(parts, peer, trusted, || state.request_ids.next());
+    let mut access = AccessLog::new(&head, endpoint);
+
+    let result = match endpoint {
+        None => pass_through(state, head, body).await,
+        Some(endpoint) => route_oauth(state, endpoint, head, body, &mut access).await,
+    };
+    let mut response = result.unwrap_or_else(ProxyError::into_response);
+    response
+        .headers_mut()
+        .entry(X_REQUEST_ID.clone())
+        .or_insert_with(|| access.request_id.clone());
+    access.emit(response.status(), started.elapsed());
+    response
+}
+
+/// Non-OAuth traffic: streamed to Rails both ways, never buffered.
+async fn pass_through(
+    state: &AppState,
+    head: Head,
+    body: Incoming,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    if body.is_end_stream() {
+        return to_rails(state, &head, head.headers.clone(), empty_body(), None).await;
+    }
+    let (body, sent) = Streamed::new(body);
+    let headers = head.headers.clone();
+    to_rails(state, &head, headers, Either::Left(body), Some(sent)).await
+}
+
+/// OAuth traffic: buffer, decide, forward.
+async fn route_oauth(
+    state: &AppState,
+    endpoint: Endpoint,
+    head: Head,
+    body: Incoming,
+    access: &mut AccessLog,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let config = &state.config.server;
+    let body = buffer_body(
+        body,
+        &head.headers,
+        config.max_body_bytes,
+        config.body_read_timeout,
+    )
+    .await?;
+    let decision = decide(state, endpoint, &head, &body, access).await;
+    match (decision.destination, &state.iam) {
+        (Destination::Iam, Some(iam)) => to_iam(state, iam, head, body, access).await,
+        _ => {
+            let headers = head.headers.clone();
+            to_rails(state, &head, headers, Either::Right(Full::new(body)), None).await
+        }
+    }
+}
+
+/// Reads an OAuth request body, refusing one over `limit` up front (Content-Length) or as
+/// soon as a chunked body crosses it.
+async fn buffer_body(
+    body: Incoming,
+    headers: &HeaderMap,
+    limit: u64,
+    timeout: Duration,
+) -> Result<Bytes, ProxyError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(ProxyError::BodyTooLarge);
+    }
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge),
+        Ok(Err(_)) => Err(ProxyError::BodyUnreadable),
+        Err(_) => Err(ProxyError::BodyTimeout),
+    }
+}
+
+/// Decides where an OAuth request goes, and logs the decision.
+async fn decide(
+    state: &AppState,
+    endpoint: Endpoint,
+    head: &Head,
+    body: &Bytes,
+    access: &mut AccessLog,
+) -> Decision {
+    let view = RequestView {
+        method: &head.method,
+        query: head.uri.query(),
+        headers: &head.headers,
+        body,
+    };
+    let identity = identify(&view);
+    let client_id = match &identity {
+        Identity::Known { client_id, .. } => Some(client_id),
+        Identity::Unknown(_) => None,
+    };
+    let decision = match (&state.iam, client_id) {
+        (None, _) => Decision::rails(Reason::IamDisabled),
+        (Some(iam), _) if continuity(endpoint, &view, &iam.token_prefixes).is_some() => Decision {
+            destination: Destination::Iam,
+            reason: Reason::Continuity,
+        },
+        (Some(_), None) => Decision::rails(Reason::UnknownClient),
+        (Some(iam), Some(client_id)) => ask_cache(state, iam, client_id, &head.request_id).await,
+    };
+    let identification = match &identity {
+        Identity::Known { source, .. } => source.as_str(),
+        Identity::Unknown(unknown) => unknown.as_str(),
+    };
+    tracing::info!(
+        correlation_id = log_str(&head.request_id),
+        client_id = client_id.map_or("", |id| id.as_ref()),
+        identification,
+        route = endpoint.as_str(),
+        destination = decision.destination.as_str(),
+        reason = decision.reason.as_str(),
+        "iamproxy: routing decision"
+    );
+    access.client_id = client_id.map(|id| retain(body, id));
+    decision
+}
+
+async fn ask_cache(
+    state: &AppState,
+    iam: &IamRoute,
+    client_id: &str,
+    request_id: &HeaderValue,
+) -> Decision {
+    let fetch = iam.preauth.ask(client_id, request_id);
+    match state.cache.lookup(client_id, fetch).await {
+        Lookup::Hit(destination) => Decision {
+            destination,
+            reason: Reason::Cache,
+        },
+        Lookup::Fetched(destination) => Decision {
+            destination,
+            reason: Reason::Preauthorize,
+        },
+        Lookup::Failed(error) => {
+            tracing::warn!(
+                correlation_id = log_str(request_id),
+                client_id,
+                outcome = error.outcome(),
+                error = %error,
+                "iamproxy: pre-authorize failed, routing to rails"
+            );
+            Decision::rails(Reason::PreauthorizeError)
+        }
+    }
+}
+
+/// Sends to IAM; on a connect error, timeout, fallback status or open breaker, replays the
+/// same buffered request to Rails. The client never sees the IAM failure.
+async fn to_iam(
+    state: &AppState,
+    iam: &IamRoute,
+    head: Head,
+    body: Bytes,
+    access: &mut AccessLog,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    match try_iam(iam, &head, &body).await {
+        Ok(response) => {
+            access.destination = Destination::Iam;
+            Ok(downstream_response(response))
+        }
+        Err(reason) => {
+            access.fallback = Some(reason);
+            let headers = head.headers.clone();
+            to_rails(state, &head, headers, Either::Right(Full::new(body)), None).await
+        }
+    }
+}
+
+async fn try_iam(
+    iam: &IamRoute,
+    head: &Head,
+    body: &Bytes,
+) -> Result<Response<Incoming>, FallbackReason> {
+    let attempt = iam
+        .breaker
+        .try_acquire()
+        .ok_or(FallbackReason::BreakerOpen)?;
+    let body = Either::Right(Full::new(body.clone()));
+    let request = upstream_request(
+        head,
+        head.headers.clone(),
+        &iam.upstream,
+        HostRule::Rewrite,
+        body,
+    );
+    let (outcome, detail) = match forward::send(&iam.client, request, None, iam.timeout).await {
+        Ok(response) if iam.fallback_statuses.contains(&response.status()) => {
+            let status = response.status();
+            (Err(FallbackReason::Status), Cow::Owned(status.to_string()))
+        }
+        Ok(response) => (Ok(response), Cow::Borrowed("")),
+        Err(UpstreamError::Timeout) => (
+            Err(FallbackReason::Timeout),
+            Cow::Borrowed("no response headers in time"),
+        ),
+        Err(UpstreamError::Connect(error)) => {
+            (Err(FallbackReason::ConnectError), Cow::Owned(error))
+        }
+    };
+    match outcome {
+        Ok(response) => {
+            attempt.succeeded();
+            Ok(response)
+        }
+        Err(reason) => {
+            let opened = attempt.failed();
+            tracing::warn!(
+                correlation_id = log_str(&head.request_id),
+                reason = reason.as_str(),
+                error = %detail,
+                breaker_opened = opened,
+                "iamproxy: IAM failed, replaying to rails"
+            );
+            Err(reason)
+        }
+    }
+}
+
+async fn to_rails(
+    state: &AppState,
+    head: &Head,
+    headers: HeaderMap,
+    body: RequestBody,
+    body_sent: Option<tokio::sync::oneshot::Receiver<()>>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let rails = &state.rails;
+    let request = upstream_request(head, headers, &rails.upstream, HostRule::Keep, body);
+    match forward::send(&rails.client, request, body_sent, rails.timeout).await {
+        Ok(response) => Ok(downstream_response(response)),
+        Err(UpstreamError::Timeout) => {
+            tracing::warn!(
+                correlation_id = log_str(&head.request_id),
+                timeout_ms = u64::try_from(rails.timeout.as_millis()).unwrap_or(u64::MAX),
+                "rails sent no response headers in time"
+            );
+            Err(ProxyError::RailsTimeout)
+        }
+        Err(UpstreamError::Connect(error)) => {
+            tracing::warn!(
+                correlation_id = log_str(&head.request_id),
+                error = %error,
+                "rails unreachable"
+            );
+            Err(ProxyError::RailsUnavailable)
+        }
+    }
+}
+
+fn empty_body() -> RequestBody {
+    Either::Right(Full::new(Bytes::new()))
+}
+
+/// Keeps the client id for the access line without copying it when it points into the
+/// buffered body (the common form-body case).
+fn retain(body: &Bytes, client_id: &str) -> Bytes {
+    let id = client_id.as_bytes();
+    let body_range = body.as_ptr() as usize..body.as_ptr() as usize + body.len();
+    let id_start = id.as_ptr() as usize;
+    if body_range.contains(&id_start) && id_start + id.len() <= body_range.end {
+        body.slice_ref(id)
+    } else {
+        Bytes::copy_from_slice(id)
+    }
+}
+
+/// Header values we log are either generated or checked to be plain ASCII.
+fn log_str(value: &HeaderValue) -> &str {
+    value.to_str().unwrap_or("")
+}
+
+/// What the access line reports, gathered as the request goes through the phases.
+struct AccessLog {
+    method: Method,
+    uri: Uri,
+    request_id: HeaderValue,
+    route: &'static str,
+    destination: Destination,
+    fallback: Option<FallbackReason>,
+    client_id: Option<Bytes>,
+}
+
+impl AccessLog {
+    fn new(head: &Head, endpoint: Option<Endpoint>) -> AccessLog {
+        AccessLog {
+            method: head.method.clone(),
+            uri: head.uri.clone(),
+            request_id: head.request_id.clone(),
+            route: endpoint.map_or("other", Endpoint::as_str),
+            destination: Destination::Rails,
+            fallback: None,
+            client_id: None,
+        }
+    }
+
+    /// One line per request. Only the path is logged: query strings and bodies carry
+    /// codes, secrets and tokens.
+    fn emit(&self, status: StatusCode, elapsed: Duration) {
+        let client_id = self
+            .client_id
+            .as_deref()
+            .and_then(|id| std::str::from_utf8(id).ok())
+            .unwrap_or("");
+        tracing::info!(
+            correlation_id = log_str(&self.request_id),
+            method = self.method.as_str(),
+            path = self.uri.path(),
+            route = self.route,
+            status = status.as_u16(),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            destination = self.destination.as_str(),
+            fallback_reason = self.fallback.map_or("", FallbackReason::as_str),
+            client_id,
+            "access"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retain_slices_ids_borrowed_from_the_body_and_copies_others() {
+        let body = Bytes::from_static(b"grant_type=x&client_id=app-1");
+        let kept = retain(&body, std::str::from_utf8(&body[23..]).unwrap());
+        assert_eq!(kept, "app-1");
+        assert_eq!(kept.as_ptr(), body[23..].as_ptr(), "no copy");
+        let elsewhere = String::from("app-1");
+        let copied = retain(&body, &elsewhere);
+        assert_eq!(copied, "app-1");
+        assert_ne!(copied.as_ptr(), body[23..].as_ptr());
+    }
+}

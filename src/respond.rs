@@ -1,0 +1,90 @@
+//! Responses the gateway makes itself, and the one place request errors map to statuses.
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::header::{self, HeaderValue};
+use hyper::{Response, StatusCode};
+
+use crate::forward::ResponseBody;
+
+/// Everything that can stop the gateway from relaying an upstream response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyError {
+    /// An OAuth request body over `server.max_body_bytes`.
+    BodyTooLarge,
+    /// An OAuth request body that did not arrive within `server.body_read_timeout`.
+    BodyTimeout,
+    /// The client's request body broke off or was malformed.
+    BodyUnreadable,
+    /// Rails refused, reset or closed the connection before answering.
+    RailsUnavailable,
+    /// Rails sent no response headers within `rails.timeout`.
+    RailsTimeout,
+}
+
+impl ProxyError {
+    pub fn status(self) -> StatusCode {
+        match self {
+            ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::BodyUnreadable => StatusCode::BAD_REQUEST,
+            ProxyError::RailsUnavailable => StatusCode::BAD_GATEWAY,
+            ProxyError::RailsTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn into_response(self) -> Response<ResponseBody> {
+        let text = match self {
+            ProxyError::BodyTooLarge => "Request body too large\n",
+            ProxyError::BodyTimeout => "Request body timeout\n",
+            ProxyError::BodyUnreadable => "Bad request body\n",
+            ProxyError::RailsUnavailable => "Bad Gateway\n",
+            ProxyError::RailsTimeout => "Gateway Timeout\n",
+        };
+        let mut response = text_response(self.status(), text);
+        if self == ProxyError::BodyTooLarge || self == ProxyError::BodyTimeout {
+            // The rest of the body was not read: the connection cannot be reused.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}
+
+/// A short plain-text response.
+pub fn text_response(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
+        text.as_bytes(),
+    ))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_maps_to_its_status() {
+        let table = [
+            (ProxyError::BodyTooLarge, 413),
+            (ProxyError::BodyTimeout, 408),
+            (ProxyError::BodyUnreadable, 400),
+            (ProxyError::RailsUnavailable, 502),
+            (ProxyError::RailsTimeout, 504),
+        ];
+        for (error, status) in table {
+            let response = error.into_response();
+            assert_eq!(response.status().as_u16(), status, "{error:?}");
+            assert_eq!(
+                response.headers()["content-type"],
+                "text/plain; charset=utf-8"
+            );
+        }
+    }
+}

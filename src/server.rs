@@ -1,0 +1,205 @@
+//! Listeners: accepting connections (HTTP/1.1 and cleartext HTTP/2 on one port), the
+//! admin endpoints, and graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::{Body, Incoming};
+use hyper::service::{service_fn, Service};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::forward::ResponseBody;
+use crate::proxy;
+use crate::respond::text_response;
+use crate::state::AppState;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{key}: cannot listen on {addr}: {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A gateway whose listeners are bound but not yet serving. Binding first lets callers
+/// (tests, the demo) learn the real addresses when they asked for port 0.
+pub struct Gateway {
+    state: Arc<AppState>,
+    main: TcpListener,
+    admin: TcpListener,
+}
+
+impl Gateway {
+    pub async fn bind(config: Config) -> Result<Gateway, StartError> {
+        let main = bind("server.listen", config.server.listen).await?;
+        let admin = bind("server.admin_listen", config.server.admin_listen).await?;
+        Ok(Gateway {
+            state: Arc::new(AppState::new(config)),
+            main,
+            admin,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.main
+            .local_addr()
+            .unwrap_or(self.state.config.server.listen)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .unwrap_or(self.state.config.server.admin_listen)
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then: readiness turns 503; connections are still
+    /// accepted for `graceful_shutdown_delay` so load balancers can notice; the listener
+    /// closes; in-flight requests get `shutdown_timeout` to finish.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let Gateway { state, main, admin } = self;
+        let server = &state.config.server;
+        let builder = connection_builder(server.header_read_timeout);
+        let graceful = GracefulShutdown::new();
+        let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let admin_task = tokio::spawn(serve_admin(admin, state.clone(), async {
+            let _ = admin_stopped.await;
+        }));
+
+        let proxy_service = |peer: SocketAddr| {
+            let state = state.clone();
+            service_fn(move |request| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(proxy::handle(&state, peer, request).await) }
+            })
+        };
+
+        tokio::pin!(shutdown);
+        accept_until(&main, &builder, &graceful, proxy_service, shutdown).await;
+        state.ready.store(false, Ordering::Release);
+        tracing::info!(
+            delay_ms = millis(server.graceful_shutdown_delay),
+            "shutting down: readiness reports 503"
+        );
+        let delay = tokio::time::sleep(server.graceful_shutdown_delay);
+        accept_until(&main, &builder, &graceful, proxy_service, delay).await;
+        drop(main);
+
+        let in_flight = graceful.count();
+        tracing::info!(connections = in_flight, "listener closed, draining");
+        match tokio::time::timeout(server.shutdown_timeout, graceful.shutdown()).await {
+            Ok(()) => tracing::info!("drained, exiting"),
+            Err(_) => tracing::warn!(
+                timeout_ms = millis(server.shutdown_timeout),
+                "requests still in flight at shutdown_timeout, exiting anyway"
+            ),
+        }
+        let _ = stop_admin.send(());
+        let _ = admin_task.await;
+    }
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { key, addr, source })
+}
+
+/// HTTP/1.1 with a header read timeout against slow clients, and h2c by prior knowledge.
+fn connection_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+/// Accepts connections until `stop` resolves, serving each with the service `make`
+/// builds for its peer. Every connection is watched by `graceful`, so a later
+/// `graceful.shutdown()` lets its in-flight requests finish.
+pub async fn accept_until<M, S, B>(
+    listener: &TcpListener,
+    builder: &auto::Builder<TokioExecutor>,
+    graceful: &GracefulShutdown,
+    make: M,
+    stop: impl Future,
+) where
+    M: Fn(SocketAddr) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::pin!(stop);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Usually EMFILE: back off instead of spinning on the error.
+                    tracing::warn!(error = %error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), make(peer))
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(peer = %peer, error = %error, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// `/-/liveness` and `/-/readiness` on the admin listener.
+async fn serve_admin(listener: TcpListener, state: Arc<AppState>, stop: impl Future) {
+    let builder = connection_builder(state.config.server.header_read_timeout);
+    let graceful = GracefulShutdown::new();
+    let make = |_peer| {
+        let state = state.clone();
+        service_fn(move |request: Request<Incoming>| {
+            let response = admin_response(&state, request.uri().path());
+            async move { Ok::<_, Infallible>(response) }
+        })
+    };
+    accept_until(&listener, &builder, &graceful, make, stop).await;
+}
+
+fn admin_response(state: &AppState, path: &str) -> Response<ResponseBody> {
+    match path {
+        "/-/liveness" => text_response(StatusCode::OK, "ok\n"),
+        "/-/readiness" if state.ready.load(Ordering::Acquire) => {
+            text_response(StatusCode::OK, "ready\n")
+        }
+        "/-/readiness" => text_response(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+        _ => text_response(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
