@@ -1,0 +1,497 @@
+//! The one helper every integration test uses: fake upstreams that speak real HTTP on
+//! loopback and record what they receive, a gateway started in-process on port 0, and a
+//! small client.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+/// What a fake upstream received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: Method,
+    /// Path and query, as sent on the request line.
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// How a fake upstream answers one request.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    Respond {
+        status: StatusCode,
+        headers: Vec<(&'static str, String)>,
+        body: Bytes,
+    },
+    /// Wait, then answer as the inner reply does.
+    After(Duration, Box<Reply>),
+    /// Never answer (the connection stays open).
+    Hang,
+    /// Close the connection without answering.
+    Drop,
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Reply {
+        Reply::Respond {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: Vec::new(),
+            body: Bytes::new(),
+        }
+    }
+
+    pub fn text(status: u16, body: &str) -> Reply {
+        Reply::Respond {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: vec![("content-type", "text/plain".into())],
+            body: Bytes::from(body.to_owned()),
+        }
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: &str) -> Reply {
+        if let Reply::Respond { headers, .. } = &mut self {
+            headers.push((name, value.to_owned()));
+        }
+        self
+    }
+
+    pub fn after(self, delay: Duration) -> Reply {
+        Reply::After(delay, Box::new(self))
+    }
+
+    /// A pre-authorize answer with the Workhorse content type.
+    pub fn destination(destination: &str) -> Reply {
+        Reply::Respond {
+            status: StatusCode::OK,
+            headers: vec![(
+                "content-type",
+                "application/vnd.gitlab-workhorse+json".into(),
+            )],
+            body: Bytes::from(format!(r#"{{"destination":"{destination}"}}"#)),
+        }
+    }
+}
+
+type Responder = dyn Fn(&Recorded) -> Reply + Send + Sync;
+
+/// A fake upstream: counts and records every request, answers with a replaceable rule.
+#[derive(Clone)]
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    name: &'static str,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    count: Arc<AtomicUsize>,
+    responder: Arc<Mutex<Arc<Responder>>>,
+    _stop: Arc<oneshot::Sender<()>>,
+}
+
+impl FakeUpstream {
+    /// Starts a fake that answers 200 with `{"served_by": name}`.
+    pub async fn start(name: &'static str) -> FakeUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, mut stopped) = oneshot::channel();
+        let served_by = Bytes::from(format!(r#"{{"served_by":"{name}"}}"#));
+        let default: Arc<Responder> = Arc::new(move |_| Reply::Respond {
+            status: StatusCode::OK,
+            headers: vec![("content-type", "application/json".into())],
+            body: served_by.clone(),
+        });
+        let fake = FakeUpstream {
+            addr,
+            name,
+            requests: Arc::default(),
+            count: Arc::default(),
+            responder: Arc::new(Mutex::new(default)),
+            _stop: Arc::new(stop),
+        };
+        let serving = fake.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+                    _ = &mut stopped => return,
+                };
+                let fake = serving.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        let fake = fake.clone();
+                        async move { fake.serve(request).await }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        fake
+    }
+
+    /// Replaces how this fake answers.
+    pub fn respond(&self, rule: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) {
+        *self.responder.lock().unwrap() = Arc::new(rule);
+    }
+
+    /// Always answers `reply`.
+    pub fn always(&self, reply: Reply) {
+        self.respond(move |_| reply.clone());
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    pub fn last(&self) -> Recorded {
+        self.requests()
+            .pop()
+            .unwrap_or_else(|| panic!("{} received no request", self.name))
+    }
+
+    async fn serve(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, std::io::Error> {
+        let (parts, body) = request.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let recorded = Recorded {
+            method: parts.method,
+            uri: parts
+                .uri
+                .path_and_query()
+                .map(|pq| pq.to_string())
+                .unwrap_or_default(),
+            headers: parts.headers,
+            body,
+        };
+        let responder = self.responder.lock().unwrap().clone();
+        let mut reply = responder(&recorded);
+        self.requests.lock().unwrap().push(recorded);
+        self.count.fetch_add(1, Ordering::SeqCst);
+        loop {
+            match reply {
+                Reply::After(delay, inner) => {
+                    tokio::time::sleep(delay).await;
+                    reply = *inner;
+                }
+                Reply::Hang => std::future::pending::<()>().await,
+                // An error from the service makes hyper close the connection unanswered.
+                Reply::Drop => return Err(std::io::Error::other("dropping connection")),
+                Reply::Respond {
+                    status,
+                    headers,
+                    body,
+                } => {
+                    let mut response = Response::new(Full::new(body));
+                    *response.status_mut() = status;
+                    for (name, value) in headers {
+                        response.headers_mut().append(
+                            HeaderName::from_static(name),
+                            HeaderValue::from_str(&value).unwrap(),
+                        );
+                    }
+                    return Ok(response);
+                }
+            }
+        }
+    }
+}
+
+/// An address nothing listens on: connecting is refused.
+pub async fn refused_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// 32 random bytes, generated at test time, base64-encoded in a temp file that is removed
+/// when dropped.
+pub struct SecretFile {
+    pub path: PathBuf,
+    pub bytes: [u8; 32],
+}
+
+impl SecretFile {
+    pub fn new() -> SecretFile {
+        use base64::Engine as _;
+        use std::hash::{BuildHasher, Hasher};
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let mut bytes = [0u8; 32];
+        for chunk in bytes.chunks_mut(8) {
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_usize(SEQ.fetch_add(1, Ordering::SeqCst));
+            chunk.copy_from_slice(&hasher.finish().to_le_bytes());
+        }
+        let path = std::env::temp_dir().join(format!(
+            "iamproxy-test-{}-{}.secret",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::write(
+            &path,
+            base64::engine::general_purpose::STANDARD.encode(bytes),
+        )
+        .unwrap();
+        SecretFile { path, bytes }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SecretFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Fake Rails, IAM and pre-authorize backend, and a gateway in front of them.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub rails: FakeUpstream,
+    pub iam: FakeUpstream,
+    pub preauth: FakeUpstream,
+    pub secret: SecretFile,
+    shutdown: Option<oneshot::Sender<()>>,
+    pub finished: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Builder for [`TestGateway`]: `extra` TOML is appended to a config naming the fakes.
+pub struct GatewayBuilder {
+    extra: String,
+    iam_url: Option<String>,
+    with_iam: bool,
+}
+
+pub fn gateway() -> GatewayBuilder {
+    GatewayBuilder {
+        extra: String::new(),
+        iam_url: None,
+        with_iam: true,
+    }
+}
+
+impl GatewayBuilder {
+    /// Extra keys for the named table, e.g. `.set("iam", "timeout = \"200ms\"")`.
+    pub fn set(mut self, table: &str, line: &str) -> GatewayBuilder {
+        self.extra.push_str(&format!("\n[{table}]\n{line}\n"));
+        self
+    }
+
+    /// Point IAM somewhere other than its fake (e.g. a refused address).
+    pub fn iam_url(mut self, url: String) -> GatewayBuilder {
+        self.iam_url = Some(url);
+        self
+    }
+
+    /// No `[iam]` table at all.
+    pub fn without_iam(mut self) -> GatewayBuilder {
+        self.with_iam = false;
+        self
+    }
+
+    pub async fn start(self) -> TestGateway {
+        let rails = FakeUpstream::start("rails").await;
+        let iam = FakeUpstream::start("iam").await;
+        let preauth = FakeUpstream::start("preauthorize").await;
+        preauth.always(Reply::destination("rails"));
+        let secret = SecretFile::new();
+        let toml = self.toml(&rails, &iam, &preauth, &secret);
+        let config = iamproxy::Config::from_toml(&toml)
+            .unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"));
+        let gateway = iamproxy::Gateway::bind(config).await.unwrap();
+        let (addr, admin) = (gateway.local_addr(), gateway.admin_addr());
+        let (shutdown, stopped) = oneshot::channel::<()>();
+        let finished = tokio::spawn(gateway.serve(async {
+            let _ = stopped.await;
+        }));
+        TestGateway {
+            addr,
+            admin,
+            rails,
+            iam,
+            preauth,
+            secret,
+            shutdown: Some(shutdown),
+            finished: Some(finished),
+        }
+    }
+
+    /// The config text; tables named in `extra` are merged by emitting the base keys only
+    /// for tables `extra` does not mention.
+    fn toml(
+        &self,
+        rails: &FakeUpstream,
+        iam: &FakeUpstream,
+        preauth: &FakeUpstream,
+        secret: &SecretFile,
+    ) -> String {
+        let mut tables: Vec<(String, Vec<String>)> = vec![
+            (
+                "server".into(),
+                vec![
+                    "listen = \"127.0.0.1:0\"".into(),
+                    "admin_listen = \"127.0.0.1:0\"".into(),
+                ],
+            ),
+            ("rails".into(), vec![format!("url = \"{}\"", rails.url())]),
+            ("log".into(), vec!["level = \"warn\"".into()]),
+        ];
+        if self.with_iam {
+            let url = self.iam_url.clone().unwrap_or_else(|| iam.url());
+            tables.push(("iam".into(), vec![format!("url = \"{url}\"")]));
+            tables.push((
+                "preauthorize".into(),
+                vec![
+                    format!("url = \"{}/-/oauth/iam_routing\"", preauth.url()),
+                    format!("secret_file = \"{}\"", secret.path().display()),
+                ],
+            ));
+        }
+        // Merge `extra` lines into their tables.
+        let mut current: Option<String> = None;
+        for line in self.extra.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                current = Some(name.to_owned());
+                if !tables.iter().any(|(t, _)| t == name) {
+                    tables.push((name.to_owned(), Vec::new()));
+                }
+            } else if let Some(table) = &current {
+                let (_, lines) = tables.iter_mut().find(|(t, _)| t == table).unwrap();
+                let key = line.split('=').next().unwrap().trim();
+                lines.retain(|l| l.split('=').next().unwrap().trim() != key);
+                lines.push(line.to_owned());
+            }
+        }
+        tables
+            .into_iter()
+            .map(|(name, lines)| format!("[{name}]\n{}\n", lines.join("\n")))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl TestGateway {
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.addr, path_and_query)
+    }
+
+    /// Asks the gateway to shut down and waits until it has.
+    pub async fn stop(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(finished) = self.finished.take() {
+            finished.await.unwrap();
+        }
+    }
+
+    /// Requests the fake upstreams received, in total.
+    pub fn upstream_counts(&self) -> (usize, usize, usize) {
+        (self.rails.count(), self.iam.count(), self.preauth.count())
+    }
+}
+
+/// A response as the test client saw it.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Which fake served it, from the default `{"served_by": …}` body.
+    pub fn served_by(&self) -> String {
+        serde_json::from_slice::<serde_json::Value>(&self.body)
+            .ok()
+            .and_then(|v| v["served_by"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("<{}: {}>", self.status, self.text()))
+    }
+}
+
+/// A small HTTP/1.1 client with its own pool.
+#[derive(Clone)]
+pub struct TestClient {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for TestClient {
+    fn default() -> Self {
+        TestClient::new()
+    }
+}
+
+impl TestClient {
+    pub fn new() -> TestClient {
+        TestClient {
+            client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+        }
+    }
+
+    pub fn http2() -> TestClient {
+        TestClient {
+            client: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(HttpConnector::new()),
+        }
+    }
+
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Answer {
+        let response = self.client.request(request).await.expect("request failed");
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("body failed").to_bytes();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, url: &str) -> Answer {
+        self.send(Request::get(url).body(Full::default()).unwrap())
+            .await
+    }
+
+    /// POST with a form body.
+    pub async fn post_form(&self, url: &str, form: &str) -> Answer {
+        self.send(
+            Request::post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(Full::new(Bytes::from(form.to_owned())))
+                .unwrap(),
+        )
+        .await
+    }
+}
