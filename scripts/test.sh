@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Everything CI checks, runnable on a fresh machine that has only the Rust toolchain:
+# formatting, clippy with warnings as errors, and the whole test suite (unit tests beside
+# the code, integration tests on loopback sockets in tests/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+
+# Debian packages the tests need: `kill` (procps) to signal the gateway process.
+need_apt=()
+[ -x /bin/kill ] || [ -x /usr/bin/kill ] || need_apt+=(procps)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing ${need_apt[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+
+for component in rustfmt clippy; do
+  if ! rustup component list --installed 2>/dev/null | grep -q "^${component}"; then
+    log "installing rustup component ${component}"
+    rustup component add "${component}"
+  fi
+done
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy"
+cargo clippy --locked --all-targets -- -D warnings
+
+log "cargo test"
+cargo test --locked --all-targets
