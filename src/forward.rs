@@ -73,6 +73,9 @@ impl Head {
         } = parts;
         headers::remove_hop_by_hop(&mut headers);
         headers::remove_gateway_only(&mut headers);
+        // `Expect: 100-continue` is between the client and us, and hyper meets it when the
+        // body is first read; upstreams get the body without the handshake.
+        headers.remove(header::EXPECT);
         headers::set_forwarded_for(&mut headers, peer.ip(), trusted_peer);
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
         let request_id = headers
