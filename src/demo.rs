@@ -116,9 +116,10 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<(), Dem
         format: LogFormat::Text,
         level: tracing::Level::INFO,
     });
+    let shutdown = crate::shutdown_signal();
     let demo = start(listen, admin_listen).await?;
     println!("{}", demo.banner());
-    demo.serve(crate::shutdown_signal()).await;
+    demo.serve(shutdown).await;
     Ok(())
 }
 

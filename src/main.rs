@@ -67,7 +67,8 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             logging::init(&config.log);
-            match runtime.block_on(iamproxy::run(config, iamproxy::shutdown_signal())) {
+            let serve = async { iamproxy::run(config, iamproxy::shutdown_signal()).await };
+            match runtime.block_on(serve) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => fail(&error.to_string()),
             }

@@ -1,0 +1,507 @@
+//! The `iamproxy` binary run as a child process: `--version`, `--help`, `--check`, graceful
+//! shutdown on SIGTERM, and `iamproxy demo`.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use support::{Answer, FakeUpstream, Reply, SecretFile, TestClient};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Longest any step may take before the test fails instead of hanging.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+// ---- The binary as a child process ------------------------------------------------------
+
+/// A running `iamproxy`: stdout and stderr collected as they arrive, exit status published
+/// when it exits. Dropping it kills the process if it is still running, so a failing test
+/// leaves nothing behind.
+struct Iamproxy {
+    pid: u32,
+    stdout: watch::Receiver<String>,
+    stderr: watch::Receiver<String>,
+    exit: watch::Receiver<Option<ExitStatus>>,
+}
+
+impl Iamproxy {
+    fn start(args: &[&str]) -> Iamproxy {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_iamproxy"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start iamproxy");
+        let (stdout, stderr) = (collect(child.stdout.take()), collect(child.stderr.take()));
+        let (exited, exit) = watch::channel(None);
+        let pid = child.id();
+        std::thread::spawn(move || {
+            let status = child.wait().expect("wait for iamproxy");
+            // All output is in once the status is published.
+            let _ = stdout.1.join();
+            let _ = stderr.1.join();
+            exited.send_replace(Some(status));
+        });
+        Iamproxy {
+            pid,
+            stdout: stdout.0,
+            stderr: stderr.0,
+            exit,
+        }
+    }
+
+    /// Runs to completion: `iamproxy --version`, `--check`, …
+    async fn run(args: &[&str]) -> (Iamproxy, ExitStatus) {
+        let mut process = Iamproxy::start(args);
+        let status = process.exit_status(PATIENCE).await;
+        (process, status)
+    }
+
+    fn stdout(&self) -> String {
+        self.stdout.borrow().clone()
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.borrow().clone()
+    }
+
+    fn sigterm(&self) {
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM {} failed", self.pid);
+    }
+
+    /// Waits for the process to exit, failing the test after `within`.
+    async fn exit_status(&mut self, within: Duration) -> ExitStatus {
+        let exited = tokio::time::timeout(within, self.exit.wait_for(Option::is_some)).await;
+        match exited.map(|status| status.map(|status| status.expect("published"))) {
+            Ok(Ok(status)) => status,
+            _ => panic!(
+                "iamproxy still running after {within:?}; stderr:\n{}",
+                self.stderr()
+            ),
+        }
+    }
+
+    /// Waits until stdout holds `needle`, and returns all of stdout.
+    async fn stdout_containing(&mut self, needle: &str) -> String {
+        let found = self.stdout.wait_for(|out| out.contains(needle));
+        match tokio::time::timeout(PATIENCE, found)
+            .await
+            .map(|out| out.map(|out| out.clone()))
+        {
+            Ok(Ok(out)) => out,
+            _ => panic!(
+                "stdout never contained {needle:?}; stdout:\n{}\nstderr:\n{}",
+                self.stdout(),
+                self.stderr()
+            ),
+        }
+    }
+}
+
+impl Drop for Iamproxy {
+    fn drop(&mut self) {
+        if self.exit.borrow().is_none() {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(self.pid.to_string())
+                .status();
+        }
+    }
+}
+
+/// Reads a pipe line by line on its own thread, publishing what has arrived so far.
+fn collect(
+    pipe: Option<impl Read + Send + 'static>,
+) -> (watch::Receiver<String>, std::thread::JoinHandle<()>) {
+    let pipe = pipe.expect("piped");
+    let (sender, receiver) = watch::channel(String::new());
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            sender.send_modify(|text| {
+                text.push_str(&line);
+                text.push('\n');
+            });
+        }
+    });
+    (receiver, reader)
+}
+
+// ---- Files, ports and probes ------------------------------------------------------------
+
+/// A file under the temp dir, removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(contents: &str) -> TempFile {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "iamproxy-cli-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::write(&path, contents).unwrap();
+        TempFile(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().expect("temp paths are UTF-8")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A loopback address that was free a moment ago: the binary cannot report a port 0 choice.
+fn free_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// `GET path` on a fresh connection, or `None` when there is no (complete) answer.
+async fn try_get(addr: SocketAddr, path: &str) -> Option<Answer> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let uri = format!("http://{addr}{path}").parse().unwrap();
+    let (parts, body) = client.get(uri).await.ok()?.into_parts();
+    Some(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.ok()?.to_bytes(),
+    })
+}
+
+/// The status of `GET path` on a fresh connection, or `None` when there is no answer
+/// within a second.
+async fn probe(addr: SocketAddr, path: &str) -> Option<StatusCode> {
+    let answer = tokio::time::timeout(Duration::from_secs(1), try_get(addr, path)).await;
+    answer.ok().flatten().map(|answer| answer.status)
+}
+
+/// Checks `condition` every 20 ms until it holds, failing the test after `PATIENCE`.
+async fn poll_until<F>(what: &str, mut condition: impl FnMut() -> F)
+where
+    F: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---- Configurations ---------------------------------------------------------------------
+
+/// A complete config with IAM and pre-authorize; nothing listens at its URLs, which
+/// `--check` never contacts.
+fn valid_config(secret_file: &Path) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:8181"
+admin_listen = "127.0.0.1:9229"
+
+[rails]
+url = "http://127.0.0.1:8080"
+
+[iam]
+url = "http://127.0.0.1:9000"
+
+[preauthorize]
+url = "http://127.0.0.1:8080/-/oauth/iam_routing"
+secret_file = "{}"
+"#,
+        secret_file.display()
+    )
+}
+
+/// `iamproxy --config <text> --check`.
+async fn check(config: &str) -> (Iamproxy, ExitStatus) {
+    let file = TempFile::new(config);
+    Iamproxy::run(&["--config", file.path(), "--check"]).await
+}
+
+/// `check` for a config that must be rejected: exit 1 and the message on stderr.
+async fn rejected(config: &str) -> String {
+    let (process, status) = check(config).await;
+    assert_eq!(status.code(), Some(1), "stdout:\n{}", process.stdout());
+    process.stderr()
+}
+
+/// The binary serving in front of `rails`, ready (readiness answers 200).
+struct Serving {
+    process: Iamproxy,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    _config: TempFile,
+}
+
+async fn serve(rails: &FakeUpstream, server_keys: &str) -> Serving {
+    let (addr, admin) = (free_addr(), free_addr());
+    let config = TempFile::new(&format!(
+        "[server]\nlisten = \"{addr}\"\nadmin_listen = \"{admin}\"\n{server_keys}\n\
+         [rails]\nurl = \"{}\"\n\n[log]\nlevel = \"warn\"\n",
+        rails.url()
+    ));
+    let process = Iamproxy::start(&["--config", config.path()]);
+    poll_until("readiness answers 200", || async {
+        if let Some(status) = *process.exit.borrow() {
+            panic!(
+                "iamproxy exited with {status}; stderr:\n{}",
+                process.stderr()
+            );
+        }
+        probe(admin, "/-/readiness").await == Some(StatusCode::OK)
+    })
+    .await;
+    Serving {
+        process,
+        addr,
+        admin,
+        _config: config,
+    }
+}
+
+impl Serving {
+    /// Starts a request in the background and waits until Rails has received it.
+    async fn request_held_by(&self, rails: &FakeUpstream) -> JoinHandle<Option<Answer>> {
+        let addr = self.addr;
+        let request = tokio::spawn(async move { try_get(addr, "/api/v4/slow").await });
+        poll_until("rails has the request", || async { rails.count() == 1 }).await;
+        request
+    }
+}
+
+// ---- Command line -----------------------------------------------------------------------
+
+#[tokio::test]
+async fn version_prints_the_crate_version() {
+    let (process, status) = Iamproxy::run(&["--version"]).await;
+    assert!(status.success());
+    assert!(
+        process.stdout().contains(env!("CARGO_PKG_VERSION")),
+        "{}",
+        process.stdout()
+    );
+}
+
+#[tokio::test]
+async fn help_exits_zero() {
+    let (process, status) = Iamproxy::run(&["--help"]).await;
+    assert!(status.success());
+    assert!(
+        process.stdout().contains("--config"),
+        "{}",
+        process.stdout()
+    );
+}
+
+#[tokio::test]
+async fn check_accepts_a_valid_config() {
+    let secret = SecretFile::new();
+    let (process, status) = check(&valid_config(secret.path())).await;
+    assert!(status.success(), "stderr:\n{}", process.stderr());
+}
+
+#[tokio::test]
+async fn check_rejects_an_invalid_duration_naming_key_and_value() {
+    let secret = SecretFile::new();
+    let config = valid_config(secret.path()) + "\n[cache]\nttl = \"sixty\"\n";
+    let stderr = rejected(&config).await;
+    assert!(
+        stderr.contains(r#"cache.ttl: invalid duration "sixty""#),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn check_rejects_an_unknown_key_naming_it() {
+    let secret = SecretFile::new();
+    let config = valid_config(secret.path()) + "\n[cache]\nttl_seconds = 60\n";
+    let stderr = rejected(&config).await;
+    assert!(stderr.contains("ttl_seconds"), "{stderr}");
+}
+
+#[tokio::test]
+async fn check_rejects_a_secret_of_16_bytes_asking_for_32() {
+    let random = SecretFile::new();
+    let secret = TempFile::new(&STANDARD.encode(&random.bytes[..16]));
+    let stderr = rejected(&valid_config(&secret.0)).await;
+    assert!(stderr.contains("preauthorize.secret_file"), "{stderr}");
+    assert!(stderr.contains("32"), "{stderr}");
+}
+
+#[tokio::test]
+async fn check_fails_for_a_missing_config_file() {
+    let missing =
+        std::env::temp_dir().join(format!("iamproxy-cli-missing-{}.toml", std::process::id()));
+    let missing = missing.to_str().unwrap();
+    let (process, status) = Iamproxy::run(&["--config", missing, "--check"]).await;
+    assert_eq!(status.code(), Some(1));
+    assert!(process.stderr().contains(missing), "{}", process.stderr());
+}
+
+#[tokio::test]
+async fn example_config_passes_check_with_a_generated_secret() {
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/iamproxy.example.toml"
+    ))
+    .unwrap();
+    let secret = SecretFile::new();
+    let default_secret = r#"secret_file = "/etc/iamproxy/.gitlab_workhorse_secret""#;
+    assert!(example.contains(default_secret), "example changed shape");
+    let config = example.replace(
+        default_secret,
+        &format!("secret_file = \"{}\"", secret.path().display()),
+    );
+    let (process, status) = check(&config).await;
+    assert!(status.success(), "stderr:\n{}", process.stderr());
+}
+
+// ---- Graceful shutdown ------------------------------------------------------------------
+
+#[tokio::test]
+async fn sigterm_lets_a_slow_request_finish_then_exits_zero() {
+    let rails = FakeUpstream::start("rails").await;
+    rails.always(Reply::text(200, r#"{"served_by":"rails"}"#).after(Duration::from_millis(1500)));
+    let mut gw = serve(
+        &rails,
+        "graceful_shutdown_delay = \"0s\"\nshutdown_timeout = \"10s\"",
+    )
+    .await;
+    let slow = gw.request_held_by(&rails).await;
+
+    gw.process.sigterm();
+    let answer = tokio::time::timeout(PATIENCE, slow)
+        .await
+        .expect("slow request finishes")
+        .expect("slow request task")
+        .expect("slow request answered");
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.served_by(), "rails");
+    let status = gw.process.exit_status(PATIENCE).await;
+    assert!(
+        status.success(),
+        "{status}; stderr:\n{}",
+        gw.process.stderr()
+    );
+    assert!(
+        tokio::net::TcpStream::connect(gw.addr).await.is_err(),
+        "listener still accepts after exit"
+    );
+}
+
+#[tokio::test]
+async fn readiness_reports_503_during_the_graceful_delay_while_requests_are_served() {
+    let rails = FakeUpstream::start("rails").await;
+    let mut gw = serve(&rails, "graceful_shutdown_delay = \"1s\"").await;
+
+    gw.process.sigterm();
+    let admin = gw.admin;
+    poll_until("readiness answers 503", || async {
+        probe(admin, "/-/readiness").await == Some(StatusCode::SERVICE_UNAVAILABLE)
+    })
+    .await;
+    assert_eq!(probe(admin, "/-/liveness").await, Some(StatusCode::OK));
+    let answer = try_get(gw.addr, "/api/v4/version").await;
+    let answer = answer.expect("a new connection is served during the delay");
+    assert_eq!(answer.served_by(), "rails");
+
+    let status = gw.process.exit_status(PATIENCE).await;
+    assert!(
+        status.success(),
+        "{status}; stderr:\n{}",
+        gw.process.stderr()
+    );
+}
+
+#[tokio::test]
+async fn shutdown_timeout_bounds_exit_when_a_request_never_finishes() {
+    let rails = FakeUpstream::start("rails").await;
+    rails.always(Reply::Hang);
+    let mut gw = serve(&rails, "shutdown_timeout = \"500ms\"").await;
+    let _hanging = gw.request_held_by(&rails).await;
+
+    gw.process.sigterm();
+    let status = gw.process.exit_status(Duration::from_secs(3)).await;
+    assert!(
+        status.success(),
+        "{status}; stderr:\n{}",
+        gw.process.stderr()
+    );
+}
+
+// ---- Demo -------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn demo_routes_through_its_stand_ins_and_exits_on_sigterm() {
+    let (addr, admin) = (free_addr(), free_addr());
+    let mut demo = Iamproxy::start(&[
+        "demo",
+        "--listen",
+        &addr.to_string(),
+        "--admin-listen",
+        &admin.to_string(),
+    ]);
+    let banner = demo
+        .stdout_containing(&format!("admin on http://{admin}"))
+        .await;
+    assert!(
+        banner.contains(&format!("gateway on http://{addr}")),
+        "{banner}"
+    );
+
+    let client = TestClient::new();
+    let url = |path: &str| format!("http://{addr}{path}");
+    let authorize = client
+        .get(&url("/oauth/authorize?client_id=demo-iam"))
+        .await;
+    assert_eq!(authorize.served_by(), "iam");
+    let token = client
+        .post_form(
+            &url("/oauth/token"),
+            "grant_type=client_credentials&client_id=demo-app",
+        )
+        .await;
+    assert_eq!(token.served_by(), "rails");
+    let broken = client
+        .send(
+            Request::post(url("/oauth/token"))
+                .header(
+                    "authorization",
+                    format!("Basic {}", STANDARD.encode("demo-iam-broken:secret")),
+                )
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(Full::new(Bytes::from_static(
+                    b"grant_type=client_credentials",
+                )))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(broken.served_by(), "rails", "IAM's 503 replayed to Rails");
+    assert_eq!(probe(admin, "/-/readiness").await, Some(StatusCode::OK));
+
+    demo.sigterm();
+    let status = demo.exit_status(PATIENCE).await;
+    assert!(status.success(), "{status}; stderr:\n{}", demo.stderr());
+}

@@ -1,0 +1,374 @@
+//! Logs (DESIGN §8): secrets never reach a log line, and every request gets exactly one
+//! access line and every OAuth request one routing-decision line, as JSON.
+
+mod support;
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::Request;
+use iamproxy::config::{LogConfig, LogFormat};
+use serde_json::Value;
+use support::{gateway, Reply, TestClient, TestGateway};
+
+// ---- Capturing the gateway's logs -------------------------------------------------------
+
+/// Every line the gateway logged in this test binary, shared by all its tests.
+#[derive(Clone)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs, once per test binary, the subscriber production uses (JSON, down to debug so
+/// debug lines are checked too) writing into a shared buffer.
+fn captured() -> &'static Captured {
+    static CAPTURED: OnceLock<Captured> = OnceLock::new();
+    CAPTURED.get_or_init(|| {
+        let captured = Captured(Arc::default());
+        let sink = captured.clone();
+        let config = LogConfig {
+            format: LogFormat::Json,
+            level: tracing::Level::DEBUG,
+        };
+        let subscriber = iamproxy::logging::subscriber(&config, move || sink.clone());
+        tracing::subscriber::set_global_default(subscriber).expect("no other global subscriber");
+        captured
+    })
+}
+
+impl Captured {
+    /// Everything logged so far, by every test in this binary.
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).expect("logs are UTF-8")
+    }
+
+    /// Every line, parsed; each must be a JSON object with `time`, `level` and `msg`.
+    fn lines(&self) -> Vec<Value> {
+        self.text()
+            .lines()
+            .map(|line| {
+                let parsed: Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+                for key in ["time", "level", "msg"] {
+                    assert!(parsed.get(key).is_some(), "no {key:?} in log line: {line}");
+                }
+                parsed
+            })
+            .collect()
+    }
+
+    /// The lines of one request.
+    fn lines_of(&self, correlation_id: &str) -> Vec<Value> {
+        self.lines()
+            .into_iter()
+            .filter(|line| line["correlation_id"] == correlation_id)
+            .collect()
+    }
+}
+
+/// The one line with this `msg`.
+fn only<'a>(lines: &'a [Value], msg: &str) -> &'a Value {
+    let found: Vec<&Value> = lines.iter().filter(|line| line["msg"] == msg).collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "want exactly one {msg:?} line in {lines:#?}"
+    );
+    found[0]
+}
+
+fn count(lines: &[Value], msg: &str) -> usize {
+    lines.iter().filter(|line| line["msg"] == msg).count()
+}
+
+// ---- A request full of secrets ----------------------------------------------------------
+
+/// 32 hex digits, different on every call and every run.
+fn random_hex() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let half = || {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u8(0);
+        hasher.finish()
+    };
+    format!("{:016x}{:016x}", half(), half())
+}
+
+/// Every kind of secret DESIGN §8 names, with values generated at test time.
+struct Secrets {
+    client_id: String,
+    client_secret: String,
+    code: String,
+    code_verifier: String,
+    refresh_token: String,
+    access_token: String,
+    device_code: String,
+    token: String,
+    client_assertion: String,
+    password: String,
+    basic_password: String,
+    cookie: String,
+}
+
+impl Secrets {
+    fn new() -> Secrets {
+        let client_id = format!("app-{}", random_hex());
+        let claims = format!(
+            r#"{{"iss":"{client_id}","sub":"{client_id}","jti":"{}"}}"#,
+            random_hex()
+        );
+        let client_assertion = format!(
+            "{}.{}.{}",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256","typ":"JWT"}"#),
+            URL_SAFE_NO_PAD.encode(claims),
+            URL_SAFE_NO_PAD.encode(format!("signature-{}", random_hex())),
+        );
+        let secret = |kind: &str| format!("{kind}-{}", random_hex());
+        Secrets {
+            client_secret: secret("client-secret"),
+            code: secret("code"),
+            code_verifier: secret("verifier"),
+            refresh_token: secret("refresh"),
+            access_token: secret("access"),
+            device_code: secret("device"),
+            token: secret("token"),
+            client_assertion,
+            password: secret("password"),
+            basic_password: secret("basic"),
+            cookie: secret("cookie"),
+            client_id,
+        }
+    }
+
+    fn basic_credentials(&self) -> String {
+        STANDARD.encode(format!("{}:{}", self.client_id, self.basic_password))
+    }
+
+    /// `POST /oauth/token` with secrets in the query, the form body, `Authorization: Basic`
+    /// and `Cookie`; every client_id source agrees, so the client is known.
+    fn token_request(&self, gw: &TestGateway, correlation_id: &str) -> Request<Full<Bytes>> {
+        let query = format!(
+            "code={}&code_verifier={}&access_token={}",
+            self.code, self.code_verifier, self.access_token
+        );
+        let form = format!(
+            "grant_type=authorization_code&client_id={}&client_secret={}&refresh_token={}\
+             &device_code={}&token={}&client_assertion={}&password={}",
+            self.client_id,
+            self.client_secret,
+            self.refresh_token,
+            self.device_code,
+            self.token,
+            self.client_assertion,
+            self.password
+        );
+        Request::post(gw.url(&format!("/oauth/token?{query}")))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header(
+                "authorization",
+                format!("Basic {}", self.basic_credentials()),
+            )
+            .header("cookie", format!("_gitlab_session={}", self.cookie))
+            .header("x-request-id", correlation_id)
+            .body(Full::new(Bytes::from(form)))
+            .unwrap()
+    }
+
+    /// A non-OAuth request carrying a token in the query and a cookie.
+    fn api_request(&self, gw: &TestGateway, correlation_id: &str) -> Request<Full<Bytes>> {
+        Request::get(gw.url(&format!("/api/v4/user?private_token={}", self.token)))
+            .header("cookie", format!("_gitlab_session={}", self.cookie))
+            .header("x-request-id", correlation_id)
+            .body(Full::default())
+            .unwrap()
+    }
+
+    /// Everything that must never be logged, including encoded forms and JWT parts.
+    fn values(&self) -> Vec<(&'static str, String)> {
+        let signature = self.client_assertion.rsplit('.').next().unwrap().to_owned();
+        let claims = self.client_assertion.split('.').nth(1).unwrap().to_owned();
+        vec![
+            ("client_secret", self.client_secret.clone()),
+            ("code", self.code.clone()),
+            ("code_verifier", self.code_verifier.clone()),
+            ("refresh_token", self.refresh_token.clone()),
+            ("access_token", self.access_token.clone()),
+            ("device_code", self.device_code.clone()),
+            ("token", self.token.clone()),
+            ("client_assertion", self.client_assertion.clone()),
+            ("client_assertion claims", claims),
+            ("client_assertion signature", signature),
+            ("password", self.password.clone()),
+            ("Basic password", self.basic_password.clone()),
+            ("Basic credentials (base64)", self.basic_credentials()),
+            ("cookie", self.cookie.clone()),
+        ]
+    }
+
+    /// No secret appears anywhere in the captured output, whichever request logged it.
+    fn assert_never_logged(&self) {
+        let logs = captured().text();
+        for (what, value) in self.values() {
+            assert!(
+                !logs.contains(&value),
+                "{what} {value:?} was logged:\n{logs}"
+            );
+        }
+    }
+}
+
+/// A gateway that keeps the test's X-Request-Id, so its lines can be told apart from those
+/// of the tests running beside it.
+async fn gateway_keeping_request_ids() -> TestGateway {
+    captured();
+    gateway()
+        .set("server", r#"trusted_cidrs = ["127.0.0.1/32"]"#)
+        .start()
+        .await
+}
+
+/// What a request's access and routing-decision lines should say.
+struct Expected {
+    served_by: &'static str,
+    destination: &'static str,
+    fallback_reason: &'static str,
+    decided: &'static str,
+    reason: &'static str,
+}
+
+/// Sends the secret-laden token request through `gw` and checks its lines and that no
+/// secret reached the log. Returns the request's lines for further checks.
+async fn secrets_request_is_logged_safely(gw: TestGateway, expected: Expected) -> Vec<Value> {
+    let secrets = Secrets::new();
+    let correlation_id = format!("logs-{}", random_hex());
+    let answer = TestClient::new()
+        .send(secrets.token_request(&gw, &correlation_id))
+        .await;
+    assert_eq!(answer.served_by(), expected.served_by);
+
+    let lines = captured().lines_of(&correlation_id);
+    let access = only(&lines, "access");
+    for field in [
+        "correlation_id",
+        "method",
+        "path",
+        "status",
+        "duration_ms",
+        "destination",
+        "fallback_reason",
+        "client_id",
+    ] {
+        assert!(access.get(field).is_some(), "no {field} in {access}");
+    }
+    assert_eq!(access["method"], "POST");
+    assert_eq!(access["path"], "/oauth/token", "path without the query");
+    assert_eq!(access["status"], 200);
+    assert!(access["duration_ms"].is_number(), "{access}");
+    assert_eq!(access["destination"], expected.destination);
+    assert_eq!(access["fallback_reason"], expected.fallback_reason);
+    assert_eq!(access["client_id"], secrets.client_id.as_str());
+
+    let decision = only(&lines, "iamproxy: routing decision");
+    assert_eq!(decision["client_id"], secrets.client_id.as_str());
+    assert_eq!(decision["destination"], expected.decided);
+    assert_eq!(decision["reason"], expected.reason);
+
+    secrets.assert_never_logged();
+    gw.stop().await;
+    lines
+}
+
+// ---- Tests -------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn secrets_stay_out_of_logs_when_routed_to_iam() {
+    let gw = gateway_keeping_request_ids().await;
+    gw.preauth.always(Reply::destination("iam"));
+    let expected = Expected {
+        served_by: "iam",
+        destination: "iam",
+        fallback_reason: "",
+        decided: "iam",
+        reason: "preauthorize",
+    };
+    secrets_request_is_logged_safely(gw, expected).await;
+}
+
+#[tokio::test]
+async fn secrets_stay_out_of_logs_when_routed_to_rails() {
+    let gw = gateway_keeping_request_ids().await;
+    let expected = Expected {
+        served_by: "rails",
+        destination: "rails",
+        fallback_reason: "",
+        decided: "rails",
+        reason: "preauthorize",
+    };
+    secrets_request_is_logged_safely(gw, expected).await;
+}
+
+#[tokio::test]
+async fn secrets_stay_out_of_logs_when_iam_fails_and_rails_serves() {
+    let gw = gateway_keeping_request_ids().await;
+    gw.preauth.always(Reply::destination("iam"));
+    gw.iam.always(Reply::status(503));
+    let expected = Expected {
+        served_by: "rails",
+        destination: "rails",
+        fallback_reason: "status",
+        decided: "iam",
+        reason: "preauthorize",
+    };
+    secrets_request_is_logged_safely(gw, expected).await;
+}
+
+#[tokio::test]
+async fn preauthorize_error_logs_a_warning_naming_the_outcome_without_secrets() {
+    let gw = gateway_keeping_request_ids().await;
+    gw.preauth.always(Reply::status(500));
+    let expected = Expected {
+        served_by: "rails",
+        destination: "rails",
+        fallback_reason: "",
+        decided: "rails",
+        reason: "preauthorize_error",
+    };
+    let lines = secrets_request_is_logged_safely(gw, expected).await;
+    let warning = only(&lines, "iamproxy: pre-authorize failed, routing to rails");
+    assert_eq!(warning["level"], "warn");
+    assert_eq!(warning["outcome"], "bad_status");
+}
+
+#[tokio::test]
+async fn non_oauth_request_gets_an_access_line_and_no_routing_decision() {
+    let gw = gateway_keeping_request_ids().await;
+    let secrets = Secrets::new();
+    let correlation_id = format!("logs-{}", random_hex());
+    let answer = TestClient::new()
+        .send(secrets.api_request(&gw, &correlation_id))
+        .await;
+    assert_eq!(answer.served_by(), "rails");
+
+    let lines = captured().lines_of(&correlation_id);
+    let access = only(&lines, "access");
+    assert_eq!(access["method"], "GET");
+    assert_eq!(access["path"], "/api/v4/user");
+    assert_eq!(access["status"], 200);
+    assert_eq!(access["destination"], "rails");
+    assert_eq!(access["fallback_reason"], "");
+    assert_eq!(access["client_id"], "");
+    assert_eq!(count(&lines, "iamproxy: routing decision"), 0, "{lines:#?}");
+    secrets.assert_never_logged();
+    gw.stop().await;
+}
