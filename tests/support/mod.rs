@@ -495,3 +495,14 @@ impl TestClient {
         .await
     }
 }
+
+impl Recorded {
+    /// Every value of query parameter `name`, decoded (e.g. the pre-authorize `client_id`).
+    pub fn query_values(&self, name: &str) -> Vec<String> {
+        let query = self.uri.split_once('?').map_or("", |(_, query)| query);
+        form_urlencoded::parse(query.as_bytes())
+            .filter(|(key, _)| key == name)
+            .map(|(_, value)| value.into_owned())
+            .collect()
+    }
+}
