@@ -135,6 +135,7 @@ impl Demo {
             "iamproxy demo: gateway on http://{gw}, admin on http://{admin}
 stand-ins on loopback: Rails, IAM and the pre-authorize backend.
 clients: {IAM_CLIENT} -> IAM; {BROKEN_IAM_CLIENT} -> IAM, which answers 503, so Rails serves; any other -> Rails
+(5 IAM failures in a row open the circuit breaker: all IAM-bound traffic then goes to Rails for 10s)
 
 try:
   curl -s 'http://{gw}/oauth/authorize?client_id={IAM_CLIENT}&response_type=code'

@@ -99,6 +99,12 @@ impl Iamproxy {
         }
     }
 
+    /// Waits for the process to exit and asserts it exited 0.
+    async fn assert_exits_cleanly(&mut self) {
+        let status = self.exit_status(PATIENCE).await;
+        assert!(status.success(), "{status}; stderr:\n{}", self.stderr());
+    }
+
     /// Waits until stdout holds `needle`, and returns all of stdout.
     async fn stdout_containing(&mut self, needle: &str) -> String {
         let found = self.stdout.wait_for(|out| out.contains(needle));
@@ -399,12 +405,7 @@ async fn sigterm_lets_a_slow_request_finish_then_exits_zero() {
         .expect("slow request answered");
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.served_by(), "rails");
-    let status = gw.process.exit_status(PATIENCE).await;
-    assert!(
-        status.success(),
-        "{status}; stderr:\n{}",
-        gw.process.stderr()
-    );
+    gw.process.assert_exits_cleanly().await;
     assert!(
         tokio::net::TcpStream::connect(gw.addr).await.is_err(),
         "listener still accepts after exit"
@@ -427,12 +428,7 @@ async fn readiness_reports_503_during_the_graceful_delay_while_requests_are_serv
     let answer = answer.expect("a new connection is served during the delay");
     assert_eq!(answer.served_by(), "rails");
 
-    let status = gw.process.exit_status(PATIENCE).await;
-    assert!(
-        status.success(),
-        "{status}; stderr:\n{}",
-        gw.process.stderr()
-    );
+    gw.process.assert_exits_cleanly().await;
 }
 
 #[tokio::test]
@@ -502,6 +498,5 @@ async fn demo_routes_through_its_stand_ins_and_exits_on_sigterm() {
     assert_eq!(probe(admin, "/-/readiness").await, Some(StatusCode::OK));
 
     demo.sigterm();
-    let status = demo.exit_status(PATIENCE).await;
-    assert!(status.success(), "{status}; stderr:\n{}", demo.stderr());
+    demo.assert_exits_cleanly().await;
 }
