@@ -25,6 +25,7 @@ pub mod proxy;
 pub mod respond;
 pub mod server;
 pub mod state;
+pub mod upgrade;
 
 use std::future::Future;
 

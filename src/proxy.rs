@@ -1,7 +1,7 @@
 //! The request path. [`handle`] runs these phases in order, each a named function:
 //!
 //! 1. **classify** — is the path an OAuth endpoint? If not, [`pass_through`] streams it to
-//!    Rails untouched.
+//!    Rails untouched (tunnelling a WebSocket upgrade, see [`crate::upgrade`]).
 //! 2. **prepare** — clean the head once (hop-by-hop, gateway-only headers, forwarding
 //!    headers, correlation id); every upstream request is built from it.
 //! 3. **buffer** — read the OAuth body, up to `max_body_bytes` ([`buffer_body`]).
@@ -39,22 +39,27 @@ use crate::headers::X_REQUEST_ID;
 use crate::identify::{identify, Identity, RequestView};
 use crate::respond::ProxyError;
 use crate::state::{AppState, IamRoute};
+use crate::upgrade::{self, Upgrade};
 
 /// Serves one client request.
 pub async fn handle(
     state: &AppState,
     peer: SocketAddr,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
+    let endpoint = state.routes.classify(request.uri().path());
+    let upgrade = match endpoint {
+        None => upgrade::requested(&mut request),
+        Some(_) => None,
+    };
     let (parts, body) = request.into_parts();
-    let endpoint = state.routes.classify(parts.uri.path());
     let trusted = state.is_trusted(peer.ip());
     let head = Head::prepare(parts, peer, trusted, || state.request_ids.next());
     let mut access = AccessLog::new(&head, endpoint);
 
     let result = match endpoint {
-        None => pass_through(state, head, body).await,
+        None => pass_through(state, head, body, upgrade).await,
         Some(endpoint) => route_oauth(state, endpoint, head, body, &mut access).await,
     };
     let mut response = result.unwrap_or_else(ProxyError::into_response);
@@ -66,18 +71,27 @@ pub async fn handle(
     response
 }
 
-/// Non-OAuth traffic: streamed to Rails both ways, never buffered.
+/// Non-OAuth traffic: streamed to Rails both ways, never buffered; upgrades tunnelled.
 async fn pass_through(
     state: &AppState,
     mut head: Head,
     body: Incoming,
+    upgrade: Option<Upgrade>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
-    let headers = std::mem::take(&mut head.headers);
-    if body.is_end_stream() {
-        return to_rails(state, &head, headers, empty_body(), None).await;
+    let mut headers = std::mem::take(&mut head.headers);
+    if let Some(upgrade) = &upgrade {
+        upgrade.restore_request_headers(&mut headers);
     }
-    let (body, sent) = Streamed::new(body);
-    to_rails(state, &head, headers, Either::Left(body), Some(sent)).await
+    let response = if body.is_end_stream() {
+        rails_exchange(state, &head, headers, empty_body(), None).await?
+    } else {
+        let (body, sent) = Streamed::new(body);
+        rails_exchange(state, &head, headers, Either::Left(body), Some(sent)).await?
+    };
+    Ok(match upgrade {
+        Some(upgrade) => upgrade.relay(response),
+        None => downstream_response(response),
+    })
 }
 
 /// OAuth traffic: buffer, decide, forward.
@@ -101,7 +115,7 @@ async fn route_oauth(
         (Destination::Iam, Some(iam)) => to_iam(state, iam, head, body, access).await,
         _ => {
             let headers = std::mem::take(&mut head.headers);
-            to_rails(state, &head, headers, Either::Right(Full::new(body)), None).await
+            to_rails(state, &head, headers, body).await
         }
     }
 }
@@ -221,7 +235,7 @@ async fn to_iam(
         Err(reason) => {
             access.fallback = Some(reason);
             let headers = std::mem::take(&mut head.headers);
-            to_rails(state, &head, headers, Either::Right(Full::new(body)), None).await
+            to_rails(state, &head, headers, body).await
         }
     }
 }
@@ -276,17 +290,30 @@ async fn try_iam(
     }
 }
 
+/// A buffered OAuth request to Rails.
 async fn to_rails(
+    state: &AppState,
+    head: &Head,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let body = Either::Right(Full::new(body));
+    let response = rails_exchange(state, head, headers, body, None).await?;
+    Ok(downstream_response(response))
+}
+
+/// Sends to Rails and waits for its response headers, mapping failures to 502 / 504.
+async fn rails_exchange(
     state: &AppState,
     head: &Head,
     headers: HeaderMap,
     body: RequestBody,
     body_sent: Option<tokio::sync::oneshot::Receiver<()>>,
-) -> Result<Response<ResponseBody>, ProxyError> {
+) -> Result<Response<Incoming>, ProxyError> {
     let rails = &state.rails;
     let request = upstream_request(head, headers, &rails.upstream, HostRule::Keep, body);
     match forward::send(&rails.client, request, body_sent, rails.timeout).await {
-        Ok(response) => Ok(downstream_response(response)),
+        Ok(response) => Ok(response),
         Err(UpstreamError::Timeout) => {
             tracing::warn!(
                 correlation_id = log_str(&head.request_id),

@@ -164,7 +164,7 @@ pub async fn accept_until<M, S, B>(
         };
         let _ = stream.set_nodelay(true);
         let connection = builder
-            .serve_connection(TokioIo::new(stream), make(peer))
+            .serve_connection_with_upgrades(TokioIo::new(stream), make(peer))
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
