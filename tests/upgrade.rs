@@ -28,6 +28,17 @@ async fn read_head(stream: &mut TcpStream) -> String {
     String::from_utf8(head).expect("ASCII head")
 }
 
+/// Connects to `addr`, sends a raw request head, and returns the connection with the
+/// response head it got back.
+async fn exchange_head(addr: std::net::SocketAddr, request: &[u8]) -> (TcpStream, String) {
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    client.write_all(request).await.unwrap();
+    let head = tokio::time::timeout(PATIENCE, read_head(&mut client))
+        .await
+        .expect("response head within patience");
+    (client, head)
+}
+
 /// A Rails stand-in that accepts one WebSocket handshake, reports the request head it got,
 /// then echoes every byte back.
 async fn echoing_rails() -> (String, tokio::task::JoinHandle<String>) {
@@ -55,14 +66,7 @@ async fn websocket_upgrade_on_a_non_oauth_path_is_tunnelled_to_rails() {
         .start()
         .await;
 
-    let mut client = TcpStream::connect(gw.addr).await.unwrap();
-    client
-        .write_all(b"GET /-/cable HTTP/1.1\r\nHost: gitlab.example.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
-        .await
-        .unwrap();
-    let head = tokio::time::timeout(PATIENCE, read_head(&mut client))
-        .await
-        .expect("handshake answered");
+    let (mut client, head) = exchange_head(gw.addr, b"GET /-/cable HTTP/1.1\r\nHost: gitlab.example.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(
         head.to_ascii_lowercase().contains("upgrade: websocket"),
@@ -98,14 +102,7 @@ async fn websocket_upgrade_on_a_non_oauth_path_is_tunnelled_to_rails() {
 async fn upgrade_headers_on_an_oauth_path_are_dropped() {
     let gw = gateway().start().await;
     gw.preauth.always(Reply::destination("rails"));
-    let mut client = TcpStream::connect(gw.addr).await.unwrap();
-    client
-        .write_all(b"GET /oauth/authorize?client_id=app HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
-        .await
-        .unwrap();
-    let head = tokio::time::timeout(PATIENCE, read_head(&mut client))
-        .await
-        .expect("answered");
+    let (_client, head) = exchange_head(gw.addr, b"GET /oauth/authorize?client_id=app HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let seen = gw.rails.last();
     assert!(seen.headers.get("upgrade").is_none());
@@ -118,14 +115,11 @@ async fn a_refused_upgrade_is_relayed_as_a_plain_response() {
     let gw = gateway().start().await;
     gw.rails
         .always(Reply::text(426, "upgrade required elsewhere"));
-    let mut client = TcpStream::connect(gw.addr).await.unwrap();
-    client
-        .write_all(b"GET /-/cable HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
-        .await
-        .unwrap();
-    let head = tokio::time::timeout(PATIENCE, read_head(&mut client))
-        .await
-        .expect("answered");
+    let (_client, head) = exchange_head(
+        gw.addr,
+        b"GET /-/cable HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    )
+    .await;
     assert!(head.starts_with("HTTP/1.1 426"), "{head}");
     assert_eq!(gw.rails.last().headers["upgrade"], "websocket");
     gw.stop().await;
