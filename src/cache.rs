@@ -83,6 +83,12 @@ impl DecisionCache {
         self.cache.entry_count()
     }
 
+    /// The exact number of cached answers, once pending evictions have been applied.
+    pub async fn settled_entry_count(&self) -> u64 {
+        self.cache.run_pending_tasks().await;
+        self.cache.entry_count()
+    }
+
     #[cfg(test)]
     async fn settle(&self) {
         self.cache.run_pending_tasks().await;

@@ -6,7 +6,8 @@
 //! [`server`] accepts it, [`classify`] names the endpoint and applies flow continuity,
 //! [`identify`] finds the client application, [`cache`] and [`preauth`] decide where it
 //! goes, [`forward`] and [`headers`] build the upstream request, [`fallback`] replays it to
-//! Rails when IAM fails, [`respond`] maps errors to statuses and [`logging`] writes it down.
+//! Rails when IAM fails, [`respond`] maps errors to statuses, and [`logging`] and [`metrics`]
+//! write it down.
 //! [`proxy`] runs those steps in order.
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod forward;
 pub mod headers;
 pub mod identify;
 pub mod logging;
+pub mod metrics;
 pub mod preauth;
 pub mod proxy;
 pub mod respond;

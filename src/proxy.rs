@@ -8,7 +8,7 @@
 //! 4. **decide** — continuity rules, client identification, the decision cache and the
 //!    pre-authorize backend ([`decide`]).
 //! 5. **forward** — to Rails, or to IAM with fail-open replay to Rails ([`to_iam`]).
-//! 6. **log** — one access line.
+//! 6. **record** — one access line and the request metrics.
 //!
 //! Nothing here panics or hands a hyper error to the client: every outcome is a response,
 //! and [`ProxyError`] maps failures to statuses in one place.
@@ -37,6 +37,7 @@ use crate::forward::{
 };
 use crate::headers::X_REQUEST_ID;
 use crate::identify::{identify, Identity, RequestView};
+use crate::metrics::Upstream;
 use crate::respond::ProxyError;
 use crate::state::{AppState, IamRoute};
 use crate::upgrade::{self, Upgrade};
@@ -48,6 +49,7 @@ pub async fn handle(
     mut request: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
+    let _in_flight = state.metrics.in_flight();
     let endpoint = state.routes.classify(request.uri().path());
     let upgrade = match endpoint {
         None => upgrade::requested(&mut request),
@@ -67,7 +69,15 @@ pub async fn handle(
         .headers_mut()
         .entry(X_REQUEST_ID.clone())
         .or_insert_with(|| access.request_id.clone());
-    access.emit(response.status(), started.elapsed());
+    let elapsed = started.elapsed();
+    state.metrics.request(
+        endpoint,
+        access.destination,
+        &access.method,
+        response.status(),
+        elapsed,
+    );
+    access.emit(response.status(), elapsed);
     response
 }
 
@@ -176,6 +186,7 @@ async fn decide(
         Identity::Known { source, .. } => source.as_str(),
         Identity::Unknown(unknown) => unknown.as_str(),
     };
+    state.metrics.decision(decision);
     tracing::info!(
         correlation_id = log_str(&head.request_id),
         client_id = client_id.map_or("", |id| id.as_ref()),
@@ -195,8 +206,20 @@ async fn ask_cache(
     client_id: &str,
     request_id: &HeaderValue,
 ) -> Decision {
-    let fetch = iam.preauth.ask(client_id, request_id);
-    match state.cache.lookup(client_id, fetch).await {
+    let fetch = async {
+        let started = Instant::now();
+        let answer = iam.preauth.ask(client_id, request_id).await;
+        state
+            .metrics
+            .preauthorize(answer.as_ref().err(), started.elapsed());
+        answer
+    };
+    let lookup = state.cache.lookup(client_id, fetch).await;
+    match &lookup {
+        Lookup::Hit(_) => state.metrics.cache_hit(),
+        Lookup::Fetched(_) | Lookup::Failed(_) => state.metrics.cache_miss(),
+    }
+    match lookup {
         Lookup::Hit(destination) => Decision {
             destination,
             reason: Reason::Cache,
@@ -227,12 +250,13 @@ async fn to_iam(
     body: Bytes,
     access: &mut AccessLog,
 ) -> Result<Response<ResponseBody>, ProxyError> {
-    match try_iam(iam, &head, &body).await {
+    match try_iam(state, iam, &head, &body).await {
         Ok(response) => {
             access.destination = Destination::Iam;
             Ok(downstream_response(response))
         }
         Err(reason) => {
+            state.metrics.fallback(reason);
             access.fallback = Some(reason);
             let headers = std::mem::take(&mut head.headers);
             to_rails(state, &head, headers, body).await
@@ -241,6 +265,7 @@ async fn to_iam(
 }
 
 async fn try_iam(
+    state: &AppState,
     iam: &IamRoute,
     head: &Head,
     body: &Bytes,
@@ -268,6 +293,7 @@ async fn try_iam(
             Cow::Borrowed("no response headers in time"),
         ),
         Err(UpstreamError::Connect(error)) => {
+            state.metrics.connection_error(Upstream::Iam);
             (Err(FallbackReason::ConnectError), Cow::Owned(error))
         }
     };
@@ -278,6 +304,9 @@ async fn try_iam(
         }
         Err(reason) => {
             let opened = attempt.failed();
+            if opened {
+                state.metrics.breaker_opened();
+            }
             tracing::warn!(
                 correlation_id = log_str(&head.request_id),
                 reason = reason.as_str(),
@@ -323,6 +352,7 @@ async fn rails_exchange(
             Err(ProxyError::RailsTimeout)
         }
         Err(UpstreamError::Connect(error)) => {
+            state.metrics.connection_error(Upstream::Rails);
             tracing::warn!(
                 correlation_id = log_str(&head.request_id),
                 error = %error,

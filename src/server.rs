@@ -8,7 +8,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{Either, Full};
 use hyper::body::{Body, Incoming};
+use hyper::header::{self, HeaderValue};
 use hyper::service::{service_fn, Service};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -18,6 +21,7 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::forward::ResponseBody;
+use crate::metrics;
 use crate::proxy;
 use crate::respond::text_response;
 use crate::state::AppState;
@@ -175,27 +179,37 @@ pub async fn accept_until<M, S, B>(
     }
 }
 
-/// `/-/liveness` and `/-/readiness` on the admin listener.
+/// `/-/liveness`, `/-/readiness` and `/metrics` on the admin listener.
 async fn serve_admin(listener: TcpListener, state: Arc<AppState>, stop: impl Future) {
     let builder = connection_builder(state.config.server.header_read_timeout);
     let graceful = GracefulShutdown::new();
     let make = |_peer| {
         let state = state.clone();
         service_fn(move |request: Request<Incoming>| {
-            let response = admin_response(&state, request.uri().path());
-            async move { Ok::<_, Infallible>(response) }
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(admin_response(&state, request.uri().path()).await) }
         })
     };
     accept_until(&listener, &builder, &graceful, make, stop).await;
 }
 
-fn admin_response(state: &AppState, path: &str) -> Response<ResponseBody> {
+async fn admin_response(state: &AppState, path: &str) -> Response<ResponseBody> {
     match path {
         "/-/liveness" => text_response(StatusCode::OK, "ok\n"),
         "/-/readiness" if state.ready.load(Ordering::Acquire) => {
             text_response(StatusCode::OK, "ready\n")
         }
         "/-/readiness" => text_response(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+        "/metrics" => {
+            let mut response = Response::new(Either::Right(Full::new(Bytes::from(
+                state.render_metrics().await,
+            ))));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(metrics::CONTENT_TYPE),
+            );
+            response
+        }
         _ => text_response(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

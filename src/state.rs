@@ -13,6 +13,7 @@ use crate::config::{Config, Upstream};
 use crate::fallback::Breaker;
 use crate::forward::{pooled_client, HttpClient};
 use crate::headers::RequestIds;
+use crate::metrics::Metrics;
 use crate::preauth::PreauthClient;
 
 #[derive(Debug)]
@@ -24,6 +25,7 @@ pub struct AppState {
     pub iam: Option<IamRoute>,
     pub cache: DecisionCache,
     pub request_ids: RequestIds,
+    pub metrics: Metrics,
     /// Readiness: false once shutdown has begun.
     pub ready: AtomicBool,
 }
@@ -76,9 +78,17 @@ impl AppState {
             iam,
             cache: DecisionCache::new(&config.cache),
             request_ids: RequestIds::new(),
+            metrics: Metrics::new(),
             ready: AtomicBool::new(true),
             config,
         }
+    }
+
+    /// The `/metrics` exposition, with the cache and breaker gauges read now.
+    pub async fn render_metrics(&self) -> Vec<u8> {
+        let entries = self.cache.settled_entry_count().await;
+        let breaker = self.iam.as_ref().map(|iam| iam.breaker.state());
+        self.metrics.render(entries, breaker)
     }
 
     /// Whether a peer's `X-Forwarded-For` and `X-Request-Id` are believed.
