@@ -7,12 +7,16 @@ cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }
 
-# Debian packages the tests need: `kill` (procps) to signal the gateway process.
+# Debian packages the tests need: `kill` (procps) to signal the gateway process, and
+# `prometheus` for `promtool` (rule and metric checks) and the real server the
+# observability test scrapes the gateway with.
 need_apt=()
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || need_apt+=(procps)
+{ command -v promtool && command -v prometheus; } >/dev/null || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
 
 for component in rustfmt clippy; do
