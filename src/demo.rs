@@ -143,6 +143,7 @@ try:
   curl -s -X POST http://{gw}/oauth/token -u {BROKEN_IAM_CLIENT}:secret -d grant_type=client_credentials
   curl -s http://{gw}/api/v4/version
   curl -s http://{admin}/-/readiness
+  curl -s http://{admin}/metrics | grep ^iamproxy_
 
 Ctrl-C stops it."
         )

@@ -496,6 +496,11 @@ async fn demo_routes_through_its_stand_ins_and_exits_on_sigterm() {
         .await;
     assert_eq!(broken.served_by(), "rails", "IAM's 503 replayed to Rails");
     assert_eq!(probe(admin, "/-/readiness").await, Some(StatusCode::OK));
+    let metrics = client.get(&format!("http://{admin}/metrics")).await.text();
+    assert!(
+        metrics.contains("iamproxy_fallbacks_total{reason=\"status\"} 1\n"),
+        "the demo's replay shows in its metrics:\n{metrics}"
+    );
 
     demo.sigterm();
     demo.assert_exits_cleanly().await;
