@@ -3,6 +3,8 @@
 //! small client.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod metrics;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
