@@ -59,6 +59,12 @@ pub struct ServerConfig {
     /// An OAuth request body must arrive in full within this; a trickling client gets 408.
     pub body_read_timeout: Duration,
     pub max_body_bytes: u64,
+    /// Client connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Request line plus headers; larger gets 431 (HTTP/2: the header list size).
+    pub max_header_bytes: usize,
+    /// Path plus query; longer gets 414.
+    pub max_uri_bytes: usize,
     pub shutdown_timeout: Duration,
     pub graceful_shutdown_delay: Duration,
     /// Peers whose X-Forwarded-For / X-Request-Id are kept rather than replaced.
@@ -284,6 +290,15 @@ fn server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
     let body_read_timeout =
         positive_duration("server.body_read_timeout", raw.body_read_timeout, "30s")?;
     let max_body_bytes = positive_int("server.max_body_bytes", raw.max_body_bytes, 1_048_576)?;
+    let max_connections = positive_int("server.max_connections", raw.max_connections, 10_000)?;
+    let max_header_bytes = positive_int("server.max_header_bytes", raw.max_header_bytes, 65_536)?;
+    if max_header_bytes < MIN_HEADER_BYTES {
+        return Err(invalid(
+            "server.max_header_bytes",
+            format!("must be at least {MIN_HEADER_BYTES}, found {max_header_bytes}"),
+        ));
+    }
+    let max_uri_bytes = positive_int("server.max_uri_bytes", raw.max_uri_bytes, 16_384)?;
     let shutdown_timeout = duration("server.shutdown_timeout", raw.shutdown_timeout, "30s")?;
     let graceful_shutdown_delay = duration(
         "server.graceful_shutdown_delay",
@@ -303,6 +318,9 @@ fn server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
         header_read_timeout,
         body_read_timeout,
         max_body_bytes,
+        max_connections,
+        max_header_bytes,
+        max_uri_bytes,
         shutdown_timeout,
         graceful_shutdown_delay,
         trusted_cidrs,
@@ -445,6 +463,9 @@ fn positive_duration(
 }
 
 /// TOML integers are i64; taking them as such lets a negative value get our message, not serde's.
+/// hyper's HTTP/1 read buffer cannot be smaller than this.
+const MIN_HEADER_BYTES: usize = 8192;
+
 fn positive_int<T: TryFrom<i64>>(
     key: &str,
     raw: Option<i64>,
@@ -542,6 +563,9 @@ struct RawServer {
     header_read_timeout: Option<String>,
     body_read_timeout: Option<String>,
     max_body_bytes: Option<i64>,
+    max_connections: Option<i64>,
+    max_header_bytes: Option<i64>,
+    max_uri_bytes: Option<i64>,
     shutdown_timeout: Option<String>,
     graceful_shutdown_delay: Option<String>,
     trusted_cidrs: Option<Vec<String>>,
@@ -876,6 +900,20 @@ mod tests {
                 Err(format!("invalid duration {bad:?}"))
             );
         }
+    }
+
+    #[test]
+    fn header_limit_must_fit_hypers_minimum_buffer() {
+        let small = set(MINIMAL, "server", "max_header_bytes", "4096");
+        assert_eq!(
+            err(&small),
+            "server.max_header_bytes: must be at least 8192, found 4096"
+        );
+        let connections = set(MINIMAL, "server", "max_connections", "0");
+        assert_eq!(
+            err(&connections),
+            "server.max_connections: must be at least 1, found 0"
+        );
     }
 
     #[test]

@@ -21,12 +21,15 @@ use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::config::{Config, LogConfig, LogFormat, Secret};
 use crate::forward::ResponseBody;
 use crate::identify::{identify, Identity, RequestView};
 use crate::server::{accept_until, Gateway};
+
+/// The stand-ins serve one person trying the demo.
+const STAND_IN_CONNECTIONS: usize = 256;
 
 const IAM_CLIENT: &str = "demo-iam";
 const BROKEN_IAM_CLIENT: &str = "demo-iam-broken";
@@ -255,7 +258,8 @@ where
             })
         };
         let stopped = async move { while stop.changed().await.is_ok() {} };
-        accept_until(&listener, &builder, &graceful, make, stopped).await;
+        let connections = Arc::new(Semaphore::new(STAND_IN_CONNECTIONS));
+        accept_until(&listener, &builder, &graceful, &connections, make, stopped).await;
     });
     Ok(addr)
 }

@@ -60,7 +60,9 @@ pub async fn handle(
     let head = Head::prepare(parts, peer, trusted, || state.request_ids.next());
     let mut access = AccessLog::new(&head, endpoint);
 
+    let uri_bytes = head.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
     let result = match endpoint {
+        _ if uri_bytes > state.config.server.max_uri_bytes => Err(ProxyError::UriTooLong),
         None => pass_through(state, head, body, upgrade).await,
         Some(endpoint) => route_oauth(state, endpoint, head, body, &mut access).await,
     };

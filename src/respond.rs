@@ -16,6 +16,8 @@ pub enum ProxyError {
     BodyTimeout,
     /// The client's request body broke off or was malformed.
     BodyUnreadable,
+    /// Path plus query longer than `server.max_uri_bytes`.
+    UriTooLong,
     /// Rails refused, reset or closed the connection before answering.
     RailsUnavailable,
     /// Rails sent no response headers within `rails.timeout`.
@@ -28,6 +30,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BodyUnreadable => StatusCode::BAD_REQUEST,
+            ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::RailsUnavailable => StatusCode::BAD_GATEWAY,
             ProxyError::RailsTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -38,12 +41,16 @@ impl ProxyError {
             ProxyError::BodyTooLarge => "Request body too large\n",
             ProxyError::BodyTimeout => "Request body timeout\n",
             ProxyError::BodyUnreadable => "Bad request body\n",
+            ProxyError::UriTooLong => "URI too long\n",
             ProxyError::RailsUnavailable => "Bad Gateway\n",
             ProxyError::RailsTimeout => "Gateway Timeout\n",
         };
         let mut response = text_response(self.status(), text);
-        if self == ProxyError::BodyTooLarge || self == ProxyError::BodyTimeout {
-            // The rest of the body was not read: the connection cannot be reused.
+        if matches!(
+            self,
+            ProxyError::BodyTooLarge | ProxyError::BodyTimeout | ProxyError::UriTooLong
+        ) {
+            // The (rest of the) body was not read: the connection cannot be reused.
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -75,6 +82,7 @@ mod tests {
             (ProxyError::BodyTooLarge, 413),
             (ProxyError::BodyTimeout, 408),
             (ProxyError::BodyUnreadable, 400),
+            (ProxyError::UriTooLong, 414),
             (ProxyError::RailsUnavailable, 502),
             (ProxyError::RailsTimeout, 504),
         ];

@@ -18,8 +18,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
-use crate::config::Config;
+use crate::config::{Config, ServerConfig};
 use crate::forward::ResponseBody;
 use crate::metrics;
 use crate::proxy;
@@ -78,8 +79,9 @@ impl Gateway {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let Gateway { state, main, admin } = self;
         let server = &state.config.server;
-        let builder = connection_builder(server.header_read_timeout);
+        let builder = connection_builder(server);
         let graceful = GracefulShutdown::new();
+        let connections = Arc::new(Semaphore::new(server.max_connections));
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let admin_task = tokio::spawn(serve_admin(admin, state.clone(), async {
             let _ = admin_stopped.await;
@@ -94,14 +96,30 @@ impl Gateway {
         };
 
         tokio::pin!(shutdown);
-        accept_until(&main, &builder, &graceful, proxy_service, shutdown).await;
+        accept_until(
+            &main,
+            &builder,
+            &graceful,
+            &connections,
+            proxy_service,
+            shutdown,
+        )
+        .await;
         state.ready.store(false, Ordering::Release);
         tracing::info!(
             delay_ms = millis(server.graceful_shutdown_delay),
             "shutting down: readiness reports 503"
         );
         let delay = tokio::time::sleep(server.graceful_shutdown_delay);
-        accept_until(&main, &builder, &graceful, proxy_service, delay).await;
+        accept_until(
+            &main,
+            &builder,
+            &graceful,
+            &connections,
+            proxy_service,
+            delay,
+        )
+        .await;
         drop(main);
 
         let in_flight = graceful.count();
@@ -124,24 +142,33 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartE
         .map_err(|source| StartError::Bind { key, addr, source })
 }
 
-/// HTTP/1.1 with a header read timeout against slow clients, and h2c by prior knowledge.
-fn connection_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
+/// HTTP/1.1 with a header read timeout against slow clients (it also bounds how long an
+/// idle keep-alive connection waits for its next request), and h2c by prior knowledge.
+/// Headers over `max_header_bytes` (or more than hyper's 100 fields) get 431.
+fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(server.header_read_timeout)
+        .max_buf_size(server.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX));
     builder
 }
 
 /// Accepts connections until `stop` resolves, serving each with the service `make`
 /// builds for its peer. Every connection is watched by `graceful`, so a later
-/// `graceful.shutdown()` lets its in-flight requests finish.
+/// `graceful.shutdown()` lets its in-flight requests finish. Each connection holds one of
+/// `connections`' permits; when none is left, accepting waits and new connections queue
+/// in the kernel's backlog.
 pub async fn accept_until<M, S, B>(
     listener: &TcpListener,
     builder: &auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
+    connections: &Arc<Semaphore>,
     make: M,
     stop: impl Future,
 ) where
@@ -154,6 +181,13 @@ pub async fn accept_until<M, S, B>(
 {
     tokio::pin!(stop);
     loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return, // closed: never happens, the semaphore is ours
+            },
+            _ = &mut stop => return,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -175,14 +209,16 @@ pub async fn accept_until<M, S, B>(
             if let Err(error) = connection.await {
                 tracing::debug!(peer = %peer, error = %error, "connection ended with an error");
             }
+            drop(permit);
         });
     }
 }
 
 /// `/-/liveness`, `/-/readiness` and `/metrics` on the admin listener.
 async fn serve_admin(listener: TcpListener, state: Arc<AppState>, stop: impl Future) {
-    let builder = connection_builder(state.config.server.header_read_timeout);
+    let builder = connection_builder(&state.config.server);
     let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
     let make = |_peer| {
         let state = state.clone();
         service_fn(move |request: Request<Incoming>| {
@@ -190,8 +226,11 @@ async fn serve_admin(listener: TcpListener, state: Arc<AppState>, stop: impl Fut
             async move { Ok::<_, Infallible>(admin_response(&state, request.uri().path()).await) }
         })
     };
-    accept_until(&listener, &builder, &graceful, make, stop).await;
+    accept_until(&listener, &builder, &graceful, &connections, make, stop).await;
 }
+
+/// Scrapers and probes need few connections; a flood of them must not starve the process.
+const ADMIN_CONNECTIONS: usize = 64;
 
 async fn admin_response(state: &AppState, path: &str) -> Response<ResponseBody> {
     match path {

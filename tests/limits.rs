@@ -1,0 +1,135 @@
+//! Limits against clients that ask for too much: URI length (414), header size (431),
+//! concurrent connections (the rest wait), and how long an idle keep-alive connection is
+//! kept.
+
+mod support;
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use support::{gateway, TestClient};
+
+/// Sends `request` on `stream` and reads until the status line is in; returns the status.
+async fn exchange(stream: &mut TcpStream, request: &[u8]) -> u16 {
+    stream.write_all(request).await.unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("a response within 5 s")
+            .unwrap();
+        assert!(n > 0, "connection closed before a response");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let status = std::str::from_utf8(&head[9..12]).unwrap();
+    status.parse().unwrap()
+}
+
+fn get(path: &str, extra_headers: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nhost: gateway\r\n{extra_headers}\r\n").into_bytes()
+}
+
+#[tokio::test]
+async fn a_uri_over_max_uri_bytes_is_414_and_one_at_the_limit_is_served() {
+    let gw = gateway()
+        .set("server", "max_uri_bytes = 1024")
+        .start()
+        .await;
+    let client = TestClient::new();
+    let at_limit = format!("/oauth/authorize?client_id=x&state={}", "s".repeat(990));
+    let at_limit = &at_limit[..1024];
+    assert_eq!(client.get(&gw.url(at_limit)).await.status, 200);
+    let served = gw.upstream_counts();
+
+    let over = format!("{at_limit}s");
+    assert_eq!(client.get(&gw.url(&over)).await.status, 414);
+    let long_path = format!("/api/{}", "p".repeat(1100));
+    assert_eq!(client.get(&gw.url(&long_path)).await.status, 414);
+    assert_eq!(
+        gw.upstream_counts(),
+        served,
+        "no upstream saw the long URIs"
+    );
+}
+
+#[tokio::test]
+async fn headers_over_max_header_bytes_are_431_and_the_gateway_keeps_serving() {
+    let gw = gateway()
+        .set("server", "max_header_bytes = 8192")
+        .start()
+        .await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let big = format!("x-big: {}\r\n", "v".repeat(9000));
+    assert_eq!(
+        exchange(&mut stream, &get("/api/v4/version", &big)).await,
+        431
+    );
+
+    let mut many = String::new();
+    for i in 0..150 {
+        many.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    assert_eq!(
+        exchange(&mut stream, &get("/api/v4/version", &many)).await,
+        431
+    );
+    assert_eq!(gw.rails.count(), 0);
+
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let fits = format!("x-ok: {}\r\n", "v".repeat(4000));
+    assert_eq!(
+        exchange(&mut stream, &get("/api/v4/version", &fits)).await,
+        200
+    );
+}
+
+#[tokio::test]
+async fn connections_over_max_connections_wait_until_one_closes() {
+    let gw = gateway().set("server", "max_connections = 2").start().await;
+    let mut first = TcpStream::connect(gw.addr).await.unwrap();
+    let mut second = TcpStream::connect(gw.addr).await.unwrap();
+    assert_eq!(exchange(&mut first, &get("/one", "")).await, 200);
+    assert_eq!(exchange(&mut second, &get("/two", "")).await, 200);
+
+    // Both stay open (keep-alive): a third connection is not served...
+    let mut third = TcpStream::connect(gw.addr).await.unwrap();
+    third.write_all(&get("/three", "")).await.unwrap();
+    let mut buf = [0u8; 64];
+    let waited = tokio::time::timeout(Duration::from_millis(300), third.read(&mut buf)).await;
+    assert!(
+        waited.is_err(),
+        "a third connection was served beyond the limit"
+    );
+    assert_eq!(gw.rails.count(), 2);
+
+    // ...until one of the first two goes away.
+    drop(first);
+    let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .expect("served once a slot frees")
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+    assert_eq!(gw.rails.count(), 3);
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_header_read_timeout() {
+    let gw = gateway()
+        .set("server", "header_read_timeout = \"200ms\"")
+        .start()
+        .await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    assert_eq!(exchange(&mut stream, &get("/first", "")).await, 200);
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("the idle connection is closed well within 5 s");
+    assert!(
+        matches!(closed, Ok(0) | Err(_)),
+        "expected EOF, got {closed:?}"
+    );
+}
