@@ -89,6 +89,7 @@ pub struct Upstream {
 #[derive(Debug, Clone)]
 pub struct RailsConfig {
     pub url: Upstream,
+    pub connect_timeout: Duration,
     pub timeout: Duration,
 }
 
@@ -252,6 +253,11 @@ impl Config {
             .ok_or_else(|| invalid("rails", "required table is missing"))?;
         let rails = RailsConfig {
             url: upstream("rails.url", rails.url)?,
+            connect_timeout: positive_duration(
+                "rails.connect_timeout",
+                rails.connect_timeout,
+                "5s",
+            )?,
             timeout: positive_duration("rails.timeout", rails.timeout, "60s")?,
         };
         let iam = raw.iam.map(iam).transpose()?;
@@ -581,6 +587,7 @@ struct RawOauth {
 #[serde(deny_unknown_fields)]
 struct RawRails {
     url: Option<String>,
+    connect_timeout: Option<String>,
     timeout: Option<String>,
 }
 
@@ -841,6 +848,7 @@ mod tests {
             ("server", "body_read_timeout"),
             ("server", "shutdown_timeout"),
             ("server", "graceful_shutdown_delay"),
+            ("rails", "connect_timeout"),
             ("rails", "timeout"),
             ("iam", "connect_timeout"),
             ("iam", "timeout"),

@@ -31,14 +31,14 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// A keep-alive pool to one kind of upstream. Each upstream gets its own so that one slow
 /// upstream cannot starve the others of connections.
-pub fn pooled_client<B>(connect_timeout: Option<Duration>) -> Client<HttpConnector, B>
+pub fn pooled_client<B>(connect_timeout: Duration) -> Client<HttpConnector, B>
 where
     B: Body + Send + 'static,
     B::Data: Send,
 {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    connector.set_connect_timeout(connect_timeout);
+    connector.set_connect_timeout(Some(connect_timeout));
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)

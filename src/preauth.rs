@@ -93,7 +93,7 @@ impl std::fmt::Debug for PreauthClient {
 impl PreauthClient {
     pub fn new(config: &PreauthorizeConfig, max_lifetime: Duration) -> PreauthClient {
         PreauthClient {
-            client: crate::forward::pooled_client(Some(config.timeout)),
+            client: crate::forward::pooled_client(config.timeout),
             url: config.url.to_string(),
             key: EncodingKey::from_secret(config.secret.as_bytes()),
             timeout: config.timeout,

@@ -53,7 +53,7 @@ impl AppState {
         let rails = RailsRoute {
             upstream: config.rails.url.clone(),
             timeout: config.rails.timeout,
-            client: pooled_client(None),
+            client: pooled_client(config.rails.connect_timeout),
         };
         // Config validation guarantees [preauthorize] whenever [iam] is present.
         let iam = config
@@ -65,7 +65,7 @@ impl AppState {
                 timeout: iam.timeout,
                 fallback_statuses: iam.fallback_statuses.clone(),
                 token_prefixes: iam.token_prefixes.clone(),
-                client: pooled_client(Some(iam.connect_timeout)),
+                client: pooled_client(iam.connect_timeout),
                 breaker: Breaker::new(
                     iam.circuit_breaker.consecutive_failures,
                     iam.circuit_breaker.open_for,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use support::{gateway, TestClient};
+use support::{gateway, Reply, TestClient};
 
 /// Sends `request` on `stream` and reads until the status line is in; returns the status.
 async fn exchange(stream: &mut TcpStream, request: &[u8]) -> u16 {
@@ -132,4 +132,77 @@ async fn an_idle_keep_alive_connection_is_closed_after_header_read_timeout() {
         matches!(closed, Ok(0) | Err(_)),
         "expected EOF, got {closed:?}"
     );
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_request_cancels_the_upstream_exchange() {
+    let gw = gateway().set("iam", "timeout = \"30s\"").start().await;
+    gw.preauth.always(Reply::destination("iam"));
+    gw.iam.always(Reply::Hang);
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let body = "grant_type=client_credentials&client_id=app-1";
+    let request = format!(
+        "POST /oauth/token HTTP/1.1\r\nhost: gateway\r\ncontent-type: \
+         application/x-www-form-urlencoded\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let in_flight =
+        |scrape: &support::metrics::Scrape| scrape.value("iamproxy_requests_in_flight", &[]);
+    poll_until("IAM holds the request", || async { gw.iam.count() == 1 }).await;
+    assert_eq!(in_flight(&support::metrics::scrape(gw.admin).await), 1.0);
+
+    drop(stream);
+    poll_until("the request is dropped", || async {
+        in_flight(&support::metrics::scrape(gw.admin).await) == 0.0
+    })
+    .await;
+    assert_eq!(gw.rails.count(), 0, "a cancelled request is not replayed");
+}
+
+async fn poll_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..100 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[tokio::test]
+async fn connecting_to_a_rails_that_never_accepts_is_bounded_by_rails_connect_timeout() {
+    // A listener that never accepts, its backlog filled: further connects hang in SYN.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let stuck = socket.listen(1).unwrap();
+    let stuck_addr = stuck.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        match tokio::time::timeout(Duration::from_millis(100), TcpStream::connect(stuck_addr)).await
+        {
+            Ok(Ok(stream)) => fillers.push(stream),
+            _ => break,
+        }
+    }
+    let gw = gateway()
+        .set(
+            "rails",
+            &format!("url = \"http://{stuck_addr}\"\nconnect_timeout = \"200ms\""),
+        )
+        .start()
+        .await;
+    let started = std::time::Instant::now();
+    let answer = TestClient::new().get(&gw.url("/api/v4/version")).await;
+    assert_eq!(answer.status, 502);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "connect gave up after {took:?}, not rails.connect_timeout"
+    );
+    drop(fillers);
 }
