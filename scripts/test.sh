@@ -34,3 +34,14 @@ cargo clippy --locked --all-targets -- -D warnings
 
 log "cargo test"
 cargo test --locked --all-targets
+
+# Fuzzing needs nightly and cargo-fuzz (fuzz/README.md); CI's stable-only toolchain skips it.
+if cargo +nightly --version >/dev/null 2>&1 && cargo fuzz --version >/dev/null 2>&1; then
+  fuzz_targets=$(cargo +nightly fuzz list)
+  for target in ${fuzz_targets}; do
+    log "cargo fuzz run ${target} (30 s)"
+    cargo +nightly fuzz run "${target}" -- -max_total_time=30
+  done
+else
+  echo "fuzzing skipped: the toolchain lacks nightly or cargo-fuzz (cargo +nightly fuzz run <target>, see fuzz/README.md)"
+fi

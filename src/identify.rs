@@ -256,6 +256,11 @@ fn jwt_issuer(jwt: &str) -> Option<String> {
         return None;
     };
     let payload = URL_SAFE_NO_PAD.decode(payload).ok()?;
+    // RFC 7519 §7.2: the claims are a JSON object. A derived struct would also accept an
+    // array, reading `["app", "app"]` as iss = sub = "app".
+    if payload.trim_ascii_start().first() != Some(&b'{') {
+        return None;
+    }
     match serde_json::from_slice(&payload).ok()? {
         Claims {
             iss: Some(iss),

@@ -1,0 +1,153 @@
+//! Turns fuzzer bytes into what the gateway's parsers read, deterministically, and checks
+//! what must hold whatever they read (DESIGN §2–§4).
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::{Method, StatusCode};
+use iamproxy::classify::{continuity, Endpoint};
+use iamproxy::identify::{identify, Identity, RequestView, Source};
+use iamproxy::preauth::parse_answer;
+
+const FORM: &str = "application/x-www-form-urlencoded";
+const MAX_CLIENT_ID_BYTES: usize = 255;
+
+/// A request as identification sees it: method, query, headers and buffered body.
+#[derive(Debug)]
+pub struct Request {
+    pub method: Method,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    /// Byte 0 picks the method (bits 0–1) and the Content-Type (bits 2–4); the rest is
+    /// `query NUL authorization NUL body`, where the authorization part holds one header
+    /// per line and a missing part is absent. Invalid header values are left out.
+    pub fn from_bytes(data: &[u8]) -> Request {
+        let Some((&selector, rest)) = data.split_first() else {
+            return Request::new(Method::GET);
+        };
+        let method = match selector & 3 {
+            0 => Method::GET,
+            1 => Method::POST,
+            2 => Method::PUT,
+            _ => Method::HEAD,
+        };
+        let mut request = Request::new(method);
+        let content_types: &[&str] = match (selector >> 2) & 7 {
+            0 => &[],
+            1 => &[FORM],
+            2 => &["application/x-www-form-urlencoded; charset=utf-8"],
+            3 => &["APPLICATION/X-WWW-FORM-URLENCODED"],
+            4 => &["application/json"],
+            5 => &[FORM, FORM],
+            _ => &["multipart/form-data; boundary=x"],
+        };
+        for content_type in content_types {
+            request
+                .headers
+                .append(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        }
+        let mut parts = rest.splitn(3, |&b| b == 0);
+        request.query = parts
+            .next()
+            .map(|q| String::from_utf8_lossy(q).into_owned());
+        for line in parts.next().unwrap_or_default().split(|&b| b == b'\n') {
+            request.authorization(line);
+        }
+        request.body = parts.next().unwrap_or_default().to_vec();
+        request
+    }
+
+    pub fn new(method: Method) -> Request {
+        Request {
+            method,
+            query: None,
+            headers: HeaderMap::new(),
+            body: Vec::new(),
+        }
+    }
+
+    /// Adds an `Authorization` header, unless `value` could never be one.
+    pub fn authorization(&mut self, value: &[u8]) {
+        if let Ok(value) = HeaderValue::from_bytes(value) {
+            self.headers.append(AUTHORIZATION, value);
+        }
+    }
+
+    pub fn view(&self) -> RequestView<'_> {
+        RequestView {
+            method: &self.method,
+            query: self.query.as_deref(),
+            headers: &self.headers,
+            body: &self.body,
+        }
+    }
+
+    /// Identifies the client and applies flow continuity for every endpoint. A known client
+    /// has an id DESIGN §2 allows; the source is returned for targets that expect one.
+    pub fn check(&self) -> Option<Source> {
+        let view = self.view();
+        let prefixes = ["giat_".to_owned(), "ory_".to_owned()];
+        for endpoint in Endpoint::ALL {
+            let _ = continuity(endpoint, &view, &prefixes);
+        }
+        match identify(&view) {
+            Identity::Known { client_id, source } => {
+                assert!(!client_id.is_empty(), "empty id from {source:?}");
+                assert!(
+                    client_id.len() <= MAX_CLIENT_ID_BYTES,
+                    "long id from {source:?}"
+                );
+                assert!(
+                    client_id.bytes().all(|b| (0x20..=0x7e).contains(&b)),
+                    "unprintable id {client_id:?} from {source:?}"
+                );
+                Some(source)
+            }
+            Identity::Unknown(_) => None,
+        }
+    }
+}
+
+/// Byte 0 bit 0 clear means status 200, else bytes 0–1 pick any status from 100 to 999;
+/// byte 2 is the lifetime cap in seconds; the rest is
+/// `content-type NUL cache-control NUL body`. An Ok answer needs a 200 and a JSON content
+/// type, and never outlives the cap.
+pub fn check_answer(data: &[u8]) {
+    let [low, high, cap, rest @ ..] = data else {
+        return;
+    };
+    let status = if low & 1 == 0 {
+        StatusCode::OK
+    } else {
+        let code = 100 + u16::from_le_bytes([*low, *high]) % 900;
+        StatusCode::from_u16(code).expect("100..=999 is a status")
+    };
+    let max_lifetime = Duration::from_secs(u64::from(*cap));
+    let mut parts = rest.splitn(3, |&b| b == 0);
+    let mut headers = HeaderMap::new();
+    for name in [CONTENT_TYPE, CACHE_CONTROL] {
+        if let Some(Ok(value)) = parts.next().map(HeaderValue::from_bytes) {
+            headers.append(name, value);
+        }
+    }
+    let body = parts.next().unwrap_or_default();
+    if let Ok(answer) = parse_answer(status, &headers, body, max_lifetime) {
+        assert_eq!(status, StatusCode::OK);
+        let content_type = headers[CONTENT_TYPE]
+            .to_str()
+            .expect("accepted, so readable");
+        let media_type = content_type.split(';').next().unwrap_or_default().trim();
+        assert!(
+            ["application/json", "application/vnd.gitlab-workhorse+json"]
+                .iter()
+                .any(|accepted| media_type.eq_ignore_ascii_case(accepted)),
+            "accepted {content_type:?}"
+        );
+        assert!(answer.lifetime <= max_lifetime);
+    }
+}
