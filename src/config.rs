@@ -103,7 +103,7 @@ pub struct IamConfig {
     pub circuit_breaker: BreakerConfig,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BreakerConfig {
     pub consecutive_failures: NonZeroU32,
     pub open_for: Duration,
@@ -145,7 +145,7 @@ impl fmt::Debug for Secret {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheConfig {
     pub ttl: Duration,
     pub max_entries: u64,

@@ -3,6 +3,8 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -174,22 +176,49 @@ pub fn downstream_response(response: Response<Incoming>) -> Response<ResponseBod
     Response::from_parts(parts, Either::Left(body))
 }
 
-/// A client body streamed upstream that reports when it has been sent in full.
+/// A client body streamed upstream that reports when it has been sent in full, and
+/// whether it ended because the client's body was broken.
 #[derive(Debug)]
 pub struct Streamed {
     inner: Incoming,
     sent: Option<oneshot::Sender<()>>,
+    client_failed: Arc<AtomicBool>,
+}
+
+/// How a [`Streamed`] body is getting on.
+#[derive(Debug)]
+pub struct Progress {
+    sent: Option<oneshot::Receiver<()>>,
+    client_failed: Arc<AtomicBool>,
+}
+
+impl Progress {
+    /// Resolves once the body has ended, completely or not; for [`send`]'s clock.
+    pub fn take_sent(&mut self) -> Option<oneshot::Receiver<()>> {
+        self.sent.take()
+    }
+
+    /// The client's body broke off or was malformed (e.g. a bad chunk): a failed upstream
+    /// exchange is then the client's doing, not the upstream's.
+    pub fn client_failed(&self) -> bool {
+        self.client_failed.load(Ordering::Acquire)
+    }
 }
 
 impl Streamed {
-    pub fn new(inner: Incoming) -> (Streamed, oneshot::Receiver<()>) {
+    pub fn new(inner: Incoming) -> (Streamed, Progress) {
         let (tx, rx) = oneshot::channel();
+        let client_failed = Arc::new(AtomicBool::new(false));
         (
             Streamed {
                 inner,
                 sent: Some(tx),
+                client_failed: client_failed.clone(),
             },
-            rx,
+            Progress {
+                sent: Some(rx),
+                client_failed,
+            },
         )
     }
 }
@@ -203,6 +232,9 @@ impl Body for Streamed {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = polled {
+            self.client_failed.store(true, Ordering::Release);
+        }
         if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
             if let Some(sent) = self.sent.take() {
                 let _ = sent.send(());

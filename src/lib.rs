@@ -30,6 +30,7 @@ pub mod state;
 pub mod upgrade;
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 
 pub use config::Config;
 pub use server::{Gateway, StartError};
@@ -38,9 +39,67 @@ pub use server::{Gateway, StartError};
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Binds the listeners and serves until `shutdown` resolves and in-flight requests drain.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    Gateway::bind(config).await?.serve(shutdown).await;
+/// SIGHUP re-reads `config_path` and swaps the new configuration in (see
+/// [`server::Reloader::apply`]); an invalid file is logged and the running configuration
+/// stays. `log_level` is the process's log handle from [`logging::init`], if it owns one.
+pub async fn run(
+    config_path: &Path,
+    config: Config,
+    log_level: Option<logging::LogLevel>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Installed before serving: SIGHUP's default action would end the process.
+    let hangups = signal(SignalKind::hangup());
+    let log_format = config.log.format;
+    let gateway = Gateway::bind(config).await?;
+    let mut reloader = gateway.reloader();
+    if let Some(level) = log_level {
+        reloader = reloader.with_logs(level, log_format);
+    }
+    let reloads = match hangups {
+        Ok(hangups) => Some(tokio::spawn(reload_on_sighup(
+            config_path.to_owned(),
+            hangups,
+            reloader,
+        ))),
+        Err(error) => {
+            tracing::warn!(error = %error, "cannot install the SIGHUP handler: no config reload");
+            None
+        }
+    };
+    gateway.serve(shutdown).await;
+    if let Some(reloads) = reloads {
+        reloads.abort();
+    }
     Ok(())
+}
+
+async fn reload_on_sighup(
+    path: PathBuf,
+    mut hangups: tokio::signal::unix::Signal,
+    reloader: server::Reloader,
+) {
+    while hangups.recv().await.is_some() {
+        let config = match Config::load(&path) {
+            Ok(config) => config,
+            Err(error) => {
+                tracing::error!(
+                    path = %path.display(),
+                    error = %error,
+                    "config reload failed: the running configuration stays"
+                );
+                continue;
+            }
+        };
+        for key in reloader.apply(config) {
+            tracing::warn!(
+                key,
+                "config reload: this key keeps its old value until a restart"
+            );
+        }
+        tracing::info!(path = %path.display(), "config reloaded");
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not

@@ -5,13 +5,18 @@
 //! the validated client id and the gateway's own fields, never headers or bodies.
 
 use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 
 use tracing::field::{Field, Visit};
-use tracing::{Event, Subscriber};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::{Layer, Registry};
 
 use crate::config::{LogConfig, LogFormat};
 
@@ -21,20 +26,71 @@ pub fn subscriber<W>(config: &LogConfig, writer: W) -> Box<dyn Subscriber + Send
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
-    let builder = tracing_subscriber::fmt()
-        .with_max_level(config.level)
+    subscriber_with_level(config, writer).0
+}
+
+/// [`subscriber`], and the handle that changes its level while it runs.
+pub fn subscriber_with_level<W>(
+    config: &LogConfig,
+    writer: W,
+) -> (Box<dyn Subscriber + Send + Sync>, LogLevel)
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    let level = LogLevel::new(config.level);
+    let current = level.clone();
+    // Checked per event with one atomic load: no lock, and nothing to rebuild on a change.
+    let filter = filter_fn(move |metadata| current.enables(*metadata.level()));
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_ansi(false);
-    match config.format {
-        LogFormat::Json => Box::new(builder.event_format(JsonLines).finish()),
-        LogFormat::Text => Box::new(builder.with_target(false).finish()),
+    let subscriber: Box<dyn Subscriber + Send + Sync> = match config.format {
+        LogFormat::Json => {
+            Box::new(Registry::default().with(layer.event_format(JsonLines).with_filter(filter)))
+        }
+        LogFormat::Text => {
+            Box::new(Registry::default().with(layer.with_target(false).with_filter(filter)))
+        }
+    };
+    (subscriber, level)
+}
+
+/// Installs the process-wide subscriber, logging to stderr. The returned handle changes
+/// its level (a config reload); `None` if a subscriber was installed already.
+pub fn init(config: &LogConfig) -> Option<LogLevel> {
+    let (subscriber, level) = subscriber_with_level(config, std::io::stderr);
+    tracing::subscriber::set_global_default(subscriber)
+        .ok()
+        .map(|()| level)
+}
+
+/// The most verbose level a subscriber writes, changeable while it runs.
+#[derive(Debug, Clone)]
+pub struct LogLevel(Arc<AtomicU8>);
+
+impl LogLevel {
+    fn new(level: Level) -> LogLevel {
+        LogLevel(Arc::new(AtomicU8::new(rank(level))))
+    }
+
+    pub fn set(&self, level: Level) {
+        self.0.store(rank(level), Ordering::Relaxed);
+    }
+
+    fn enables(&self, level: Level) -> bool {
+        rank(level) <= self.0.load(Ordering::Relaxed)
     }
 }
 
-/// Installs the process-wide subscriber, logging to stderr.
-pub fn init(config: &LogConfig) {
-    // Fails only if one is installed already, as in tests that set their own.
-    let _ = tracing::subscriber::set_global_default(subscriber(config, std::io::stderr));
+/// ERROR 0 … TRACE 4: higher is more verbose.
+fn rank(level: Level) -> u8 {
+    match level {
+        Level::ERROR => 0,
+        Level::WARN => 1,
+        Level::INFO => 2,
+        Level::DEBUG => 3,
+        Level::TRACE => 4,
+    }
 }
 
 /// One JSON object per line.
@@ -138,6 +194,44 @@ mod tests {
         tracing::subscriber::with_default(subscriber, emit);
         let bytes = buffer.0.lock().unwrap().clone();
         String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn a_level_change_takes_effect_on_the_running_subscriber() {
+        let buffer = Buffer::default();
+        let sink = buffer.clone();
+        let config = LogConfig {
+            format: LogFormat::Json,
+            level: tracing::Level::INFO,
+        };
+        let (subscriber, level) = subscriber_with_level(&config, move || sink.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..2 {
+                tracing::debug!("debug before");
+                level.set(tracing::Level::DEBUG);
+                tracing::debug!("debug after");
+                level.set(tracing::Level::WARN);
+                tracing::info!("info at warn");
+                tracing::warn!("warn at warn");
+                level.set(tracing::Level::INFO);
+            }
+        });
+        let out = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let messages: Vec<&str> = out
+            .lines()
+            .map(|line| {
+                line.split("\"msg\":\"")
+                    .nth(1)
+                    .unwrap()
+                    .split('"')
+                    .next()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(
+            messages,
+            ["debug after", "warn at warn", "debug after", "warn at warn"]
+        );
     }
 
     #[test]

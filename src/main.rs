@@ -66,8 +66,10 @@ fn main() -> ExitCode {
                 println!("{}: configuration is valid", path.display());
                 return ExitCode::SUCCESS;
             }
-            logging::init(&config.log);
-            let serve = async { iamproxy::run(config, iamproxy::shutdown_signal()).await };
+            let log_level = logging::init(&config.log);
+            let serve = async {
+                iamproxy::run(&path, config, log_level, iamproxy::shutdown_signal()).await
+            };
             match runtime.block_on(serve) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => fail(&error.to_string()),

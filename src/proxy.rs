@@ -32,8 +32,8 @@ use crate::classify::{continuity, Endpoint};
 use crate::decision::{Decision, Destination, Reason};
 use crate::fallback::FallbackReason;
 use crate::forward::{
-    self, downstream_response, upstream_request, Head, HostRule, RequestBody, ResponseBody,
-    Streamed, UpstreamError,
+    self, downstream_response, upstream_request, Head, HostRule, Progress, RequestBody,
+    ResponseBody, Streamed, UpstreamError,
 };
 use crate::headers::X_REQUEST_ID;
 use crate::identify::{identify, Identity, RequestView};
@@ -97,8 +97,8 @@ async fn pass_through(
     let response = if body.is_end_stream() {
         rails_exchange(state, &head, headers, empty_body(), None).await?
     } else {
-        let (body, sent) = Streamed::new(body);
-        rails_exchange(state, &head, headers, Either::Left(body), Some(sent)).await?
+        let (body, progress) = Streamed::new(body);
+        rails_exchange(state, &head, headers, Either::Left(body), Some(progress)).await?
     };
     Ok(match upgrade {
         Some(upgrade) => upgrade.relay(response),
@@ -339,11 +339,12 @@ async fn rails_exchange(
     head: &Head,
     headers: HeaderMap,
     body: RequestBody,
-    body_sent: Option<tokio::sync::oneshot::Receiver<()>>,
+    mut progress: Option<Progress>,
 ) -> Result<Response<Incoming>, ProxyError> {
     let rails = &state.rails;
     let request = upstream_request(head, headers, &rails.upstream, HostRule::Keep, body);
-    match forward::send(&rails.client, request, body_sent, rails.timeout).await {
+    let sent = progress.as_mut().and_then(Progress::take_sent);
+    match forward::send(&rails.client, request, sent, rails.timeout).await {
         Ok(response) => Ok(response),
         Err(UpstreamError::Timeout) => {
             tracing::warn!(
@@ -352,6 +353,12 @@ async fn rails_exchange(
                 "rails sent no response headers in time"
             );
             Err(ProxyError::RailsTimeout)
+        }
+        // A broken client body aborts the upstream request too: the client's fault.
+        Err(UpstreamError::Connect(_))
+            if progress.as_ref().is_some_and(Progress::client_failed) =>
+        {
+            Err(ProxyError::BodyUnreadable)
         }
         Err(UpstreamError::Connect(error)) => {
             state.metrics.connection_error(Upstream::Rails);

@@ -4,10 +4,11 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Incoming};
@@ -20,8 +21,9 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::config::{Config, ServerConfig};
+use crate::config::{Config, LogFormat, ServerConfig};
 use crate::forward::ResponseBody;
+use crate::logging::LogLevel;
 use crate::metrics;
 use crate::proxy;
 use crate::respond::text_response;
@@ -41,9 +43,25 @@ pub enum StartError {
 /// A gateway whose listeners are bound but not yet serving. Binding first lets callers
 /// (tests, the demo) learn the real addresses when they asked for port 0.
 pub struct Gateway {
-    state: Arc<AppState>,
+    live: Arc<Live>,
+    /// What the listeners were started with; see [`Reloader::apply`].
+    started: ServerConfig,
     main: TcpListener,
     admin: TcpListener,
+}
+
+/// What every request reads first: the current state, swapped whole by a reload, so a
+/// request sees one configuration from start to end.
+pub struct Live {
+    state: ArcSwap<AppState>,
+    /// Readiness: false once shutdown has begun.
+    ready: AtomicBool,
+}
+
+impl Live {
+    pub fn current(&self) -> Arc<AppState> {
+        self.state.load_full()
+    }
 }
 
 impl Gateway {
@@ -51,46 +69,61 @@ impl Gateway {
         let main = bind("server.listen", config.server.listen).await?;
         let admin = bind("server.admin_listen", config.server.admin_listen).await?;
         Ok(Gateway {
-            state: Arc::new(AppState::new(config)),
+            started: config.server.clone(),
+            live: Arc::new(Live {
+                state: ArcSwap::from_pointee(AppState::new(config)),
+                ready: AtomicBool::new(true),
+            }),
             main,
             admin,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.main
-            .local_addr()
-            .unwrap_or(self.state.config.server.listen)
+        self.main.local_addr().unwrap_or(self.started.listen)
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin
-            .local_addr()
-            .unwrap_or(self.state.config.server.admin_listen)
+        self.admin.local_addr().unwrap_or(self.started.admin_listen)
     }
 
-    pub fn state(&self) -> &Arc<AppState> {
-        &self.state
+    pub fn state(&self) -> Arc<AppState> {
+        self.live.current()
+    }
+
+    /// Applies new configurations to this gateway while it serves.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            live: self.live.clone(),
+            started: self.started.clone(),
+            log: None,
+        }
     }
 
     /// Serves until `shutdown` resolves, then: readiness turns 503; connections are still
     /// accepted for `graceful_shutdown_delay` so load balancers can notice; the listener
-    /// closes; in-flight requests get `shutdown_timeout` to finish.
+    /// closes; in-flight requests get `shutdown_timeout` to finish. Both durations are
+    /// read from the configuration current when shutdown begins.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let Gateway { state, main, admin } = self;
-        let server = &state.config.server;
-        let builder = connection_builder(server);
+        let Gateway {
+            live,
+            started,
+            main,
+            admin,
+        } = self;
+        let builder = connection_builder(&started);
         let graceful = GracefulShutdown::new();
-        let connections = Arc::new(Semaphore::new(server.max_connections));
+        let connections = Arc::new(Semaphore::new(started.max_connections));
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-        let admin_task = tokio::spawn(serve_admin(admin, state.clone(), async {
+        let admin_builder = connection_builder(&started);
+        let admin_task = tokio::spawn(serve_admin(admin, live.clone(), admin_builder, async {
             let _ = admin_stopped.await;
         }));
 
         let proxy_service = |peer: SocketAddr| {
-            let state = state.clone();
+            let live = live.clone();
             service_fn(move |request| {
-                let state = state.clone();
+                let state = live.current();
                 async move { Ok::<_, Infallible>(proxy::handle(&state, peer, request).await) }
             })
         };
@@ -105,7 +138,8 @@ impl Gateway {
             shutdown,
         )
         .await;
-        state.ready.store(false, Ordering::Release);
+        live.ready.store(false, Ordering::Release);
+        let server = live.current().config.server.clone();
         tracing::info!(
             delay_ms = millis(server.graceful_shutdown_delay),
             "shutting down: readiness reports 503"
@@ -134,6 +168,69 @@ impl Gateway {
         let _ = stop_admin.send(());
         let _ = admin_task.await;
     }
+}
+
+/// Swaps a new configuration into a serving gateway.
+#[derive(Clone)]
+pub struct Reloader {
+    live: Arc<Live>,
+    started: ServerConfig,
+    /// The process's logs, when this gateway owns them: their level reloads, their format
+    /// does not.
+    log: Option<(LogLevel, LogFormat)>,
+}
+
+impl Reloader {
+    /// Also applies `log.level` to the process's logs, started with `format`.
+    pub fn with_logs(mut self, level: LogLevel, format: LogFormat) -> Reloader {
+        self.log = Some((level, format));
+        self
+    }
+
+    /// Swaps `config` in: requests that start from now on use it, requests in flight
+    /// finish with the one they started with, and no connection is dropped. Settings the
+    /// listeners were built with cannot change without a restart; their keys are
+    /// returned, and they keep their old values.
+    pub fn apply(&self, config: Config) -> Vec<&'static str> {
+        let mut needs_restart = listener_changes(&self.started, &config.server);
+        if let Some((level, format)) = &self.log {
+            level.set(config.log.level);
+            if *format != config.log.format {
+                needs_restart.push("log.format");
+            }
+        }
+        let next = self.live.current().reloaded(config);
+        self.live.state.store(Arc::new(next));
+        needs_restart
+    }
+}
+
+/// The keys whose values the listeners were built with and so keep until a restart.
+fn listener_changes(started: &ServerConfig, new: &ServerConfig) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    let mut check = |key, changed| {
+        if changed {
+            keys.push(key);
+        }
+    };
+    check("server.listen", started.listen != new.listen);
+    check(
+        "server.admin_listen",
+        started.admin_listen != new.admin_listen,
+    );
+    check(
+        "server.header_read_timeout",
+        started.header_read_timeout != new.header_read_timeout,
+    );
+    check(
+        "server.max_connections",
+        started.max_connections != new.max_connections,
+    );
+    check(
+        "server.max_header_bytes",
+        started.max_header_bytes != new.max_header_bytes,
+    );
+    keys
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -215,15 +312,19 @@ pub async fn accept_until<M, S, B>(
 }
 
 /// `/-/liveness`, `/-/readiness` and `/metrics` on the admin listener.
-async fn serve_admin(listener: TcpListener, state: Arc<AppState>, stop: impl Future) {
-    let builder = connection_builder(&state.config.server);
+async fn serve_admin(
+    listener: TcpListener,
+    live: Arc<Live>,
+    builder: auto::Builder<TokioExecutor>,
+    stop: impl Future,
+) {
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
     let make = |_peer| {
-        let state = state.clone();
+        let live = live.clone();
         service_fn(move |request: Request<Incoming>| {
-            let state = state.clone();
-            async move { Ok::<_, Infallible>(admin_response(&state, request.uri().path()).await) }
+            let live = live.clone();
+            async move { Ok::<_, Infallible>(admin_response(&live, request.uri().path()).await) }
         })
     };
     accept_until(&listener, &builder, &graceful, &connections, make, stop).await;
@@ -232,16 +333,16 @@ async fn serve_admin(listener: TcpListener, state: Arc<AppState>, stop: impl Fut
 /// Scrapers and probes need few connections; a flood of them must not starve the process.
 const ADMIN_CONNECTIONS: usize = 64;
 
-async fn admin_response(state: &AppState, path: &str) -> Response<ResponseBody> {
+async fn admin_response(live: &Live, path: &str) -> Response<ResponseBody> {
     match path {
         "/-/liveness" => text_response(StatusCode::OK, "ok\n"),
-        "/-/readiness" if state.ready.load(Ordering::Acquire) => {
+        "/-/readiness" if live.ready.load(Ordering::Acquire) => {
             text_response(StatusCode::OK, "ready\n")
         }
         "/-/readiness" => text_response(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
         "/metrics" => {
             let mut response = Response::new(Either::Right(Full::new(Bytes::from(
-                state.render_metrics().await,
+                live.current().render_metrics().await,
             ))));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -2,7 +2,7 @@
 //! decision cache and the breaker, in one `Arc` and nowhere else.
 
 use std::net::IpAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::StatusCode;
@@ -25,9 +25,8 @@ pub struct AppState {
     pub iam: Option<IamRoute>,
     pub cache: DecisionCache,
     pub request_ids: RequestIds,
-    pub metrics: Metrics,
-    /// Readiness: false once shutdown has begun.
-    pub ready: AtomicBool,
+    /// Outlives reloads: counters keep counting across them.
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Debug)]
@@ -44,12 +43,25 @@ pub struct IamRoute {
     pub fallback_statuses: Vec<StatusCode>,
     pub token_prefixes: Vec<String>,
     pub client: HttpClient,
-    pub breaker: Breaker,
+    /// Kept across a reload that leaves IAM's URL and breaker settings alone.
+    pub breaker: Arc<Breaker>,
     pub preauth: PreauthClient,
 }
 
 impl AppState {
     pub fn new(config: Config) -> AppState {
+        AppState::build(config, None)
+    }
+
+    /// The state for a reloaded `config`. The metrics carry over; so do the cached
+    /// decisions when the `[cache]` settings are unchanged, and the breaker (with its
+    /// failure count) when IAM's URL and breaker settings are. Upstream connection pools
+    /// are new: requests in flight finish on the old ones.
+    pub fn reloaded(&self, config: Config) -> AppState {
+        AppState::build(config, Some(self))
+    }
+
+    fn build(config: Config, previous: Option<&AppState>) -> AppState {
         let rails = RailsRoute {
             upstream: config.rails.url.clone(),
             timeout: config.rails.timeout,
@@ -60,26 +72,41 @@ impl AppState {
             .iam
             .as_ref()
             .zip(config.preauthorize.as_ref())
-            .map(|(iam, preauth)| IamRoute {
-                upstream: iam.url.clone(),
-                timeout: iam.timeout,
-                fallback_statuses: iam.fallback_statuses.clone(),
-                token_prefixes: iam.token_prefixes.clone(),
-                client: pooled_client(iam.connect_timeout),
-                breaker: Breaker::new(
-                    iam.circuit_breaker.consecutive_failures,
-                    iam.circuit_breaker.open_for,
-                ),
-                preauth: PreauthClient::new(preauth, config.cache.ttl),
+            .map(|(iam, preauth)| {
+                let same_breaker = previous
+                    .and_then(|previous| previous.config.iam.as_ref().zip(previous.iam.as_ref()))
+                    .filter(|(old, _)| {
+                        old.url.uri == iam.url.uri && old.circuit_breaker == iam.circuit_breaker
+                    })
+                    .map(|(_, route)| route.breaker.clone());
+                IamRoute {
+                    upstream: iam.url.clone(),
+                    timeout: iam.timeout,
+                    fallback_statuses: iam.fallback_statuses.clone(),
+                    token_prefixes: iam.token_prefixes.clone(),
+                    client: pooled_client(iam.connect_timeout),
+                    breaker: same_breaker.unwrap_or_else(|| {
+                        Arc::new(Breaker::new(
+                            iam.circuit_breaker.consecutive_failures,
+                            iam.circuit_breaker.open_for,
+                        ))
+                    }),
+                    preauth: PreauthClient::new(preauth, config.cache.ttl),
+                }
             });
+        let cache = previous
+            .filter(|previous| previous.config.cache == config.cache)
+            .map_or_else(
+                || DecisionCache::new(&config.cache),
+                |previous| previous.cache.clone(),
+            );
         AppState {
             routes: RouteTable::new(&config.oauth.paths),
             rails,
             iam,
-            cache: DecisionCache::new(&config.cache),
+            cache,
             request_ids: RequestIds::new(),
-            metrics: Metrics::new(),
-            ready: AtomicBool::new(true),
+            metrics: previous.map_or_else(Arc::default, |previous| previous.metrics.clone()),
             config,
         }
     }
@@ -98,5 +125,44 @@ impl AppState {
             .trusted_cidrs
             .iter()
             .any(|cidr| cidr.contains(ip))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Lookup;
+    use crate::decision::Destination;
+    use crate::preauth::Answer;
+
+    fn config(cache_ttl: &str) -> Config {
+        Config::from_toml(&format!(
+            "[rails]\nurl = \"http://127.0.0.1:1\"\n[cache]\nttl = \"{cache_ttl}\"\n"
+        ))
+        .unwrap()
+    }
+
+    async fn cached(state: &AppState) -> bool {
+        let fetch = async {
+            Ok(Answer {
+                destination: Destination::Iam,
+                lifetime: Duration::from_secs(60),
+            })
+        };
+        matches!(state.cache.lookup("app", fetch).await, Lookup::Hit(_))
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_metrics_always_and_decisions_while_cache_settings_stay() {
+        let state = AppState::new(config("60s"));
+        assert!(!cached(&state).await, "first lookup fetches");
+
+        let same = state.reloaded(config("60s"));
+        assert!(Arc::ptr_eq(&state.metrics, &same.metrics));
+        assert!(cached(&same).await, "unchanged [cache]: decisions kept");
+
+        let changed = same.reloaded(config("30s"));
+        assert!(Arc::ptr_eq(&state.metrics, &changed.metrics));
+        assert!(!cached(&changed).await, "changed [cache]: a new cache");
     }
 }

@@ -79,12 +79,16 @@ impl Iamproxy {
     }
 
     fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    fn signal(&self, name: &str) {
         let sent = Command::new("kill")
-            .arg("-TERM")
+            .arg(format!("-{name}"))
             .arg(self.pid.to_string())
             .status()
             .expect("run kill");
-        assert!(sent.success(), "kill -TERM {} failed", self.pid);
+        assert!(sent.success(), "kill -{name} {} failed", self.pid);
     }
 
     /// Waits for the process to exit, failing the test after `within`.
@@ -258,16 +262,12 @@ struct Serving {
     process: Iamproxy,
     addr: SocketAddr,
     admin: SocketAddr,
-    _config: TempFile,
+    config: TempFile,
 }
 
 async fn serve(rails: &FakeUpstream, server_keys: &str) -> Serving {
     let (addr, admin) = (free_addr(), free_addr());
-    let config = TempFile::new(&format!(
-        "[server]\nlisten = \"{addr}\"\nadmin_listen = \"{admin}\"\n{server_keys}\n\
-         [rails]\nurl = \"{}\"\n\n[log]\nlevel = \"warn\"\n",
-        rails.url()
-    ));
+    let config = TempFile::new(&serving_config(addr, admin, server_keys, rails));
     let process = Iamproxy::start(&["--config", config.path()]);
     poll_until("readiness answers 200", || async {
         if let Some(status) = *process.exit.borrow() {
@@ -283,8 +283,21 @@ async fn serve(rails: &FakeUpstream, server_keys: &str) -> Serving {
         process,
         addr,
         admin,
-        _config: config,
+        config,
     }
+}
+
+fn serving_config(
+    addr: SocketAddr,
+    admin: SocketAddr,
+    server_keys: &str,
+    rails: &FakeUpstream,
+) -> String {
+    format!(
+        "[server]\nlisten = \"{addr}\"\nadmin_listen = \"{admin}\"\n{server_keys}\n\
+         [rails]\nurl = \"{}\"\n\n[log]\nlevel = \"warn\"\n",
+        rails.url()
+    )
 }
 
 impl Serving {
@@ -382,6 +395,55 @@ async fn example_config_passes_check_with_a_generated_secret() {
     );
     let (process, status) = check(&config).await;
     assert!(status.success(), "stderr:\n{}", process.stderr());
+}
+
+// ---- Reload -----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn sighup_swaps_in_a_valid_config_and_keeps_the_running_one_when_invalid() {
+    let old_rails = FakeUpstream::start("old-rails").await;
+    let new_rails = FakeUpstream::start("new-rails").await;
+    old_rails
+        .always(Reply::text(200, r#"{"served_by":"old-rails"}"#).after(Duration::from_millis(800)));
+    let gw = serve(&old_rails, "").await;
+    let held = gw.request_held_by(&old_rails).await;
+
+    std::fs::write(
+        &gw.config.0,
+        serving_config(gw.addr, gw.admin, "", &new_rails),
+    )
+    .unwrap();
+    gw.process.signal("HUP");
+    poll_until("new requests reach the new Rails", || async {
+        try_get(gw.addr, "/api/v4/version")
+            .await
+            .is_some_and(|answer| answer.served_by() == "new-rails")
+    })
+    .await;
+    let held = tokio::time::timeout(PATIENCE, held)
+        .await
+        .expect("the request in flight finishes")
+        .expect("request task")
+        .expect("answered");
+    assert_eq!(held.served_by(), "old-rails", "in flight across the reload");
+
+    let invalid = serving_config(gw.addr, gw.admin, "max_body_bytes = 0", &old_rails);
+    std::fs::write(&gw.config.0, invalid).unwrap();
+    gw.process.signal("HUP");
+    poll_until("the failed reload is logged", || async {
+        gw.process.stderr().contains("config reload failed")
+    })
+    .await;
+    let stderr = gw.process.stderr();
+    assert!(
+        stderr.contains("server.max_body_bytes: must be at least 1, found 0"),
+        "the log names the key and the reason:\n{stderr}"
+    );
+    let answer = try_get(gw.addr, "/api/v4/version")
+        .await
+        .expect("still serving");
+    assert_eq!(answer.served_by(), "new-rails", "the running config stays");
+    assert!(gw.process.exit.borrow().is_none(), "still running");
 }
 
 // ---- Graceful shutdown ------------------------------------------------------------------
