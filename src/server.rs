@@ -207,30 +207,28 @@ impl Reloader {
 
 /// The keys whose values the listeners were built with and so keep until a restart.
 fn listener_changes(started: &ServerConfig, new: &ServerConfig) -> Vec<&'static str> {
-    let mut keys = Vec::new();
-    let mut check = |key, changed| {
-        if changed {
-            keys.push(key);
-        }
-    };
-    check("server.listen", started.listen != new.listen);
-    check(
-        "server.admin_listen",
-        started.admin_listen != new.admin_listen,
-    );
-    check(
-        "server.header_read_timeout",
-        started.header_read_timeout != new.header_read_timeout,
-    );
-    check(
-        "server.max_connections",
-        started.max_connections != new.max_connections,
-    );
-    check(
-        "server.max_header_bytes",
-        started.max_header_bytes != new.max_header_bytes,
-    );
-    keys
+    [
+        ("server.listen", started.listen != new.listen),
+        (
+            "server.admin_listen",
+            started.admin_listen != new.admin_listen,
+        ),
+        (
+            "server.header_read_timeout",
+            started.header_read_timeout != new.header_read_timeout,
+        ),
+        (
+            "server.max_connections",
+            started.max_connections != new.max_connections,
+        ),
+        (
+            "server.max_header_bytes",
+            started.max_header_bytes != new.max_header_bytes,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(key, changed)| changed.then_some(key))
+    .collect()
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -356,4 +354,28 @@ async fn admin_response(live: &Live, path: &str) -> Response<ResponseBody> {
 
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(extra: &str) -> ServerConfig {
+        Config::from_toml(&format!(
+            "[server]\n{extra}\n[rails]\nurl = \"http://127.0.0.1:1\"\n"
+        ))
+        .unwrap()
+        .server
+    }
+
+    #[test]
+    fn only_listener_bound_keys_are_reported_as_needing_a_restart() {
+        let started = server("");
+        assert!(listener_changes(&started, &server("max_body_bytes = 10")).is_empty());
+        let changed = server("listen = \"127.0.0.1:1\"\nmax_connections = 5");
+        assert_eq!(
+            listener_changes(&started, &changed),
+            ["server.listen", "server.max_connections"]
+        );
+    }
 }
