@@ -4,6 +4,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
@@ -11,9 +12,11 @@ use base64::Engine as _;
 use hyper::header::HeaderValue;
 use hyper::http::uri::{Authority, Scheme};
 use hyper::{StatusCode, Uri};
+use rustls::ClientConfig;
 use serde::Deserialize;
 
 use crate::classify::Endpoint;
+use crate::tls::{self, ServerTls, TlsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -27,6 +30,12 @@ pub enum ConfigError {
     Parse(String),
     #[error("{key}: {reason}")]
     Invalid { key: String, reason: String },
+}
+
+impl From<TlsError> for ConfigError {
+    fn from(error: TlsError) -> ConfigError {
+        invalid(error.key, error.reason)
+    }
 }
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -55,7 +64,11 @@ pub struct Config {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// A request's headers must arrive within this from its first byte (a new
+    /// connection's, from accept, TLS handshake included).
     pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request in flight is closed after this.
+    pub idle_timeout: Duration,
     /// An OAuth request body must arrive in full within this; a trickling client gets 408.
     pub body_read_timeout: Duration,
     pub max_body_bytes: u64,
@@ -69,6 +82,8 @@ pub struct ServerConfig {
     pub graceful_shutdown_delay: Duration,
     /// Peers whose X-Forwarded-For / X-Request-Id are kept rather than replaced.
     pub trusted_cidrs: Vec<Cidr>,
+    /// Present: the main listener speaks only HTTPS.
+    pub tls: Option<ServerTls>,
 }
 
 #[derive(Debug, Clone)]
@@ -76,14 +91,16 @@ pub struct OauthConfig {
     pub paths: Vec<(String, Endpoint)>,
 }
 
-/// An origin to forward to. A missing port means 80; `authority` stays as written so the
-/// `Host` header matches what the operator configured.
+/// An origin to forward to. A missing port means 80 (443 for https); `authority` stays
+/// as written so the `Host` header matches what the operator configured.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    /// `http://authority/`.
+    /// `http://authority/` or `https://authority/`.
     pub uri: Uri,
     pub authority: Authority,
     pub host: HeaderValue,
+    /// What the upstream's certificate must chain to; unused for `http`.
+    pub tls: Arc<ClientConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +132,8 @@ pub struct PreauthorizeConfig {
     pub url: Uri,
     pub secret: Secret,
     pub timeout: Duration,
+    /// What the backend's certificate must chain to; unused for `http`.
+    pub tls: Arc<ClientConfig>,
 }
 
 /// The 32-byte key that signs pre-authorize JWTs. Deliberately no `Display`, and a
@@ -252,7 +271,7 @@ impl Config {
             .rails
             .ok_or_else(|| invalid("rails", "required table is missing"))?;
         let rails = RailsConfig {
-            url: upstream("rails.url", rails.url)?,
+            url: upstream(("rails.url", rails.url), ("rails.ca_file", rails.ca_file))?,
             connect_timeout: positive_duration(
                 "rails.connect_timeout",
                 rails.connect_timeout,
@@ -293,6 +312,7 @@ fn server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
     }
     let header_read_timeout =
         positive_duration("server.header_read_timeout", raw.header_read_timeout, "10s")?;
+    let idle_timeout = positive_duration("server.idle_timeout", raw.idle_timeout, "60s")?;
     let body_read_timeout =
         positive_duration("server.body_read_timeout", raw.body_read_timeout, "30s")?;
     let max_body_bytes = positive_int("server.max_body_bytes", raw.max_body_bytes, 1_048_576)?;
@@ -318,10 +338,12 @@ fn server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
         .enumerate()
         .map(|(i, s)| Cidr::parse(s).map_err(|r| invalid(format!("server.trusted_cidrs[{i}]"), r)))
         .collect::<Result<_, _>>()?;
+    let tls = raw.tls.map(server_tls).transpose()?;
     Ok(ServerConfig {
         listen,
         admin_listen,
         header_read_timeout,
+        idle_timeout,
         body_read_timeout,
         max_body_bytes,
         max_connections,
@@ -330,7 +352,19 @@ fn server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
         shutdown_timeout,
         graceful_shutdown_delay,
         trusted_cidrs,
+        tls,
     })
+}
+
+fn server_tls(raw: RawServerTls) -> Result<ServerTls, ConfigError> {
+    const CERTIFICATE: &str = "server.tls.certificate_file";
+    const KEY: &str = "server.tls.key_file";
+    let certificate_file = required(CERTIFICATE, raw.certificate_file)?;
+    let key_file = required(KEY, raw.key_file)?;
+    Ok(ServerTls::load(
+        (CERTIFICATE, Path::new(&certificate_file)),
+        (KEY, Path::new(&key_file)),
+    )?)
 }
 
 fn oauth(raw: RawOauth) -> Result<OauthConfig, ConfigError> {
@@ -381,7 +415,7 @@ fn iam(raw: RawIam) -> Result<IamConfig, ConfigError> {
         5,
     )?;
     Ok(IamConfig {
-        url: upstream("iam.url", raw.url)?,
+        url: upstream(("iam.url", raw.url), ("iam.ca_file", raw.ca_file))?,
         connect_timeout: positive_duration("iam.connect_timeout", raw.connect_timeout, "1s")?,
         timeout: positive_duration("iam.timeout", raw.timeout, "10s")?,
         fallback_statuses: statuses
@@ -413,6 +447,7 @@ fn iam(raw: RawIam) -> Result<IamConfig, ConfigError> {
 
 fn preauthorize(raw: RawPreauthorize) -> Result<PreauthorizeConfig, ConfigError> {
     let url = http_uri("preauthorize.url", raw.url)?;
+    let tls = upstream_tls(&url, "preauthorize.ca_file", raw.ca_file)?;
     let key = "preauthorize.secret_file";
     let path = required(key, raw.secret_file)?;
     let bytes =
@@ -424,6 +459,7 @@ fn preauthorize(raw: RawPreauthorize) -> Result<PreauthorizeConfig, ConfigError>
         url,
         secret,
         timeout: positive_duration("preauthorize.timeout", raw.timeout, "500ms")?,
+        tls,
     })
 }
 
@@ -490,14 +526,14 @@ fn socket_addr(key: &str, raw: Option<String>, default: &str) -> Result<SocketAd
         .map_err(|_| invalid(key, format!("invalid socket address {text:?}")))
 }
 
-/// An absolute `http` URL with a host and no query; https arrives with TLS support.
+/// An absolute `http` or `https` URL with a host and no query.
 fn http_uri(key: &str, raw: Option<String>) -> Result<Uri, ConfigError> {
     let text = required(key, raw)?;
     let uri: Uri = text
         .parse()
         .map_err(|e| invalid(key, format!("invalid URL {text:?}: {e}")))?;
-    if uri.scheme() != Some(&Scheme::HTTP) {
-        return Err(invalid(key, "scheme must be http"));
+    if uri.scheme() != Some(&Scheme::HTTP) && uri.scheme() != Some(&Scheme::HTTPS) {
+        return Err(invalid(key, "scheme must be http or https"));
     }
     match uri.authority() {
         None => return Err(invalid(key, "must have a host")),
@@ -519,8 +555,31 @@ fn http_uri(key: &str, raw: Option<String>) -> Result<Uri, ConfigError> {
     Ok(uri)
 }
 
-fn upstream(key: &str, raw: Option<String>) -> Result<Upstream, ConfigError> {
+/// Trust for an `https` URL: `ca_file`'s certificates, or the system's roots.
+fn upstream_tls(
+    url: &Uri,
+    ca_key: &'static str,
+    ca_file: Option<String>,
+) -> Result<Arc<ClientConfig>, ConfigError> {
+    if url.scheme() != Some(&Scheme::HTTPS) {
+        return match ca_file {
+            Some(_) => Err(invalid(ca_key, "is only used with an https URL")),
+            None => Ok(tls::unused_client_config()),
+        };
+    }
+    Ok(tls::client_config(
+        ca_key,
+        ca_file.as_deref().map(Path::new),
+    )?)
+}
+
+fn upstream(
+    (key, raw): (&str, Option<String>),
+    (ca_key, ca_file): (&'static str, Option<String>),
+) -> Result<Upstream, ConfigError> {
     let uri = http_uri(key, raw)?;
+    let tls = upstream_tls(&uri, ca_key, ca_file)?;
+    let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
     if !matches!(uri.path(), "" | "/") {
         return Err(invalid(key, "must not have a path"));
     }
@@ -531,7 +590,7 @@ fn upstream(key: &str, raw: Option<String>) -> Result<Upstream, ConfigError> {
     let host = HeaderValue::from_str(authority.as_str())
         .map_err(|_| invalid(key, "host is not a valid Host header"))?;
     let uri = Uri::builder()
-        .scheme(Scheme::HTTP)
+        .scheme(scheme)
         .authority(authority.clone())
         .path_and_query("/")
         .build()
@@ -540,6 +599,7 @@ fn upstream(key: &str, raw: Option<String>) -> Result<Upstream, ConfigError> {
         uri,
         authority,
         host,
+        tls,
     })
 }
 
@@ -567,6 +627,7 @@ struct RawServer {
     listen: Option<String>,
     admin_listen: Option<String>,
     header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
     body_read_timeout: Option<String>,
     max_body_bytes: Option<i64>,
     max_connections: Option<i64>,
@@ -575,6 +636,14 @@ struct RawServer {
     shutdown_timeout: Option<String>,
     graceful_shutdown_delay: Option<String>,
     trusted_cidrs: Option<Vec<String>>,
+    tls: Option<RawServerTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServerTls {
+    certificate_file: Option<String>,
+    key_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -587,6 +656,7 @@ struct RawOauth {
 #[serde(deny_unknown_fields)]
 struct RawRails {
     url: Option<String>,
+    ca_file: Option<String>,
     connect_timeout: Option<String>,
     timeout: Option<String>,
 }
@@ -595,6 +665,7 @@ struct RawRails {
 #[serde(deny_unknown_fields)]
 struct RawIam {
     url: Option<String>,
+    ca_file: Option<String>,
     connect_timeout: Option<String>,
     timeout: Option<String>,
     fallback_statuses: Option<Vec<i64>>,
@@ -614,6 +685,7 @@ struct RawBreaker {
 #[serde(deny_unknown_fields)]
 struct RawPreauthorize {
     url: Option<String>,
+    ca_file: Option<String>,
     secret_file: Option<String>,
     timeout: Option<String>,
 }
@@ -976,10 +1048,10 @@ mod tests {
     }
 
     #[test]
-    fn upstream_url_must_be_a_plain_http_origin() {
+    fn upstream_url_must_be_an_http_or_https_origin() {
         for (url, reason) in [
-            ("https://rails", "scheme must be http"),
-            ("127.0.0.1:8080", "scheme must be http"),
+            ("ftp://rails", "scheme must be http or https"),
+            ("127.0.0.1:8080", "scheme must be http or https"),
             ("http://:8080", "must have a host"),
             ("http://rails/api", "must not have a path"),
             ("http://rails/?a=1", "must not have a query or fragment"),
@@ -995,8 +1067,87 @@ mod tests {
         );
         assert_eq!(err("[rails]\n"), "rails.url: required key is missing");
         assert_eq!(err("[cache]\n"), "rails: required table is missing");
-        let iam = with_iam("/unused", "").replace("http://127.0.0.1:9000", "https://iam");
-        assert_eq!(err(&iam), "iam.url: scheme must be http");
+        let iam = with_iam("/unused", "").replace("http://127.0.0.1:9000", "ws://iam");
+        assert_eq!(err(&iam), "iam.url: scheme must be http or https");
+    }
+
+    #[test]
+    fn ca_file_is_read_for_https_and_refused_for_http() {
+        let missing = "/nonexistent/iamproxy-ca.pem";
+        let https = format!("[rails]\nurl = \"https://rails\"\nca_file = \"{missing}\"\n");
+        assert!(
+            err(&https).starts_with(&format!("rails.ca_file: cannot read {missing}: ")),
+            "{}",
+            err(&https)
+        );
+        let garbage = TempFile::with(b"not a certificate\n");
+        let https = https.replace(missing, garbage.path());
+        assert_eq!(
+            err(&https),
+            format!("rails.ca_file: no PEM certificate in {}", garbage.path())
+        );
+        let http = format!("[rails]\nurl = \"http://rails\"\nca_file = \"{missing}\"\n");
+        assert_eq!(err(&http), "rails.ca_file: is only used with an https URL");
+    }
+
+    #[test]
+    fn https_upstreams_keep_their_scheme_and_trust_the_ca_file() {
+        let ca = rcgen::generate_simple_self_signed(vec!["iam.internal".to_string()]).unwrap();
+        let ca_file = TempFile::with(ca.cert.pem().as_bytes());
+        let secret = secret_file(32);
+        let text = with_iam(secret.path(), &format!("ca_file = '{}'\n", ca_file.path()))
+            .replace("http://127.0.0.1:9000", "https://iam.internal")
+            .replace("http://127.0.0.1:8080/-/", "https://rails.internal/-/")
+            .replace(
+                "[iam]\n",
+                &format!("[iam]\nca_file = '{}'\n", ca_file.path()),
+            );
+        let config = Config::from_toml(&text).unwrap();
+        let iam = config.iam.unwrap();
+        assert_eq!(iam.url.uri, "https://iam.internal/");
+        assert_eq!(iam.url.host, "iam.internal");
+        let preauthorize = config.preauthorize.unwrap();
+        assert_eq!(preauthorize.url.scheme_str(), Some("https"));
+    }
+
+    #[test]
+    fn server_tls_names_the_key_of_the_file_at_fault() {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let cert_file = TempFile::with(cert.cert.pem().as_bytes());
+        let key_file = TempFile::with(cert.signing_key.serialize_pem().as_bytes());
+        let other_key = TempFile::with(other.signing_key.serialize_pem().as_bytes());
+        let with_tls = |cert: &str, key: &str| {
+            format!("[server.tls]\ncertificate_file = '{cert}'\nkey_file = '{key}'\n{MINIMAL}")
+        };
+        let ok = Config::from_toml(&with_tls(cert_file.path(), key_file.path())).unwrap();
+        let tls = ok.server.tls.expect("tls is configured");
+        assert_eq!(tls.certificate_file.to_str(), Some(cert_file.path()));
+        assert_eq!(
+            tls.config.alpn_protocols,
+            [b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+
+        let msg = err(&with_tls(cert_file.path(), other_key.path()));
+        assert!(
+            msg.starts_with("server.tls.key_file: does not fit the certificate"),
+            "{msg}"
+        );
+        let msg = err(&with_tls(key_file.path(), key_file.path()));
+        assert_eq!(
+            msg,
+            format!(
+                "server.tls.certificate_file: no PEM certificate in {}",
+                key_file.path()
+            )
+        );
+        let msg = err(&with_tls(cert_file.path(), cert_file.path()));
+        assert!(
+            msg.starts_with("server.tls.key_file: no usable PEM private key"),
+            "{msg}"
+        );
+        let msg = err(&format!("[server.tls]\ncertificate_file = 'x'\n{MINIMAL}"));
+        assert_eq!(msg, "server.tls.key_file: required key is missing");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full};
@@ -19,11 +20,11 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::{Config, LogConfig, LogFormat, Secret};
+use crate::connection::{Draining, Timeouts};
 use crate::forward::ResponseBody;
 use crate::identify::{identify, Identity, RequestView};
 use crate::server::{accept_until, Gateway};
@@ -231,6 +232,11 @@ fn json_response(status: StatusCode, body: String) -> Response<ResponseBody> {
     response
 }
 
+const STAND_IN_TIMEOUTS: Timeouts = Timeouts {
+    handshake_and_header_read: Duration::from_secs(10),
+    idle: Duration::from_secs(60),
+};
+
 /// Serves `answer` on a fresh loopback port until the demo's stop sender is dropped.
 async fn stand_in<F>(mut stop: watch::Receiver<()>, answer: F) -> Result<SocketAddr, std::io::Error>
 where
@@ -241,8 +247,8 @@ where
     let answer = Arc::new(answer);
     tokio::spawn(async move {
         let builder = auto::Builder::new(TokioExecutor::new());
-        let graceful = GracefulShutdown::new();
-        let make = |_peer| {
+        let draining = Draining::default();
+        let make = move |_conn| {
             let answer = answer.clone();
             service_fn(move |request: Request<Incoming>| {
                 let answer = answer.clone();
@@ -259,7 +265,16 @@ where
         };
         let stopped = async move { while stop.changed().await.is_ok() {} };
         let connections = Arc::new(Semaphore::new(STAND_IN_CONNECTIONS));
-        accept_until(&listener, &builder, &graceful, &connections, make, stopped).await;
+        let settings = || (None, STAND_IN_TIMEOUTS);
+        accept_until(
+            &listener,
+            (&builder, &settings),
+            &draining,
+            &connections,
+            make,
+            stopped,
+        )
+        .await;
     });
     Ok(addr)
 }

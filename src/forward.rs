@@ -14,33 +14,46 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, Uri, Version};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::ClientConfig;
 use tokio::sync::oneshot;
 
 use crate::config::Upstream;
-use crate::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
+use crate::headers::{self, X_FORWARDED_HOST, X_REQUEST_ID};
 
 /// A request body going upstream: streamed from the client, or buffered (OAuth requests,
 /// which may be replayed).
 pub type RequestBody = Either<Streamed, Full<Bytes>>;
 /// A response body going to the client: streamed from upstream, or made by the gateway.
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
-pub type HttpClient = Client<HttpConnector, RequestBody>;
+/// Plain TCP for `http` upstreams, TLS for `https` ones.
+pub type Connector = HttpsConnector<HttpConnector>;
+pub type HttpClient = Client<Connector, RequestBody>;
 
 /// How long an idle upstream connection stays pooled.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// A keep-alive pool to one kind of upstream. Each upstream gets its own so that one slow
-/// upstream cannot starve the others of connections.
-pub fn pooled_client<B>(connect_timeout: Duration) -> Client<HttpConnector, B>
+/// upstream cannot starve the others of connections. `tls` decides which certificates an
+/// `https` upstream may present; `connect_timeout` bounds the TCP connect, and the TLS
+/// handshake counts against the request's own timeout.
+pub fn pooled_client<B>(connect_timeout: Duration, tls: &ClientConfig) -> Client<Connector, B>
 where
     B: Body + Send + 'static,
     B::Data: Send,
 {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
+    let mut tcp = HttpConnector::new();
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(connect_timeout));
+    // The https connector needs to see the scheme: http stays plain TCP.
+    tcp.enforce_http(false);
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config(tls.clone())
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(tcp);
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
@@ -60,13 +73,18 @@ pub struct Head {
     pub request_id: HeaderValue,
 }
 
+/// The client end of the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct Downstream {
+    pub addr: SocketAddr,
+    /// It spoke TLS to us.
+    pub https: bool,
+    /// In `server.trusted_cidrs`: its forwarding headers are kept.
+    pub trusted: bool,
+}
+
 impl Head {
-    pub fn prepare(
-        parts: Parts,
-        peer: SocketAddr,
-        trusted_peer: bool,
-        new_id: impl FnOnce() -> HeaderValue,
-    ) -> Head {
+    pub fn prepare(parts: Parts, client: Downstream, new_id: impl FnOnce() -> HeaderValue) -> Head {
         let Parts {
             method,
             uri,
@@ -78,11 +96,11 @@ impl Head {
         // `Expect: 100-continue` is between the client and us, and hyper meets it when the
         // body is first read; upstreams get the body without the handshake.
         headers.remove(header::EXPECT);
-        headers::set_forwarded_for(&mut headers, peer.ip(), trusted_peer);
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        headers::set_forwarded_for(&mut headers, client.addr.ip(), client.trusted);
+        headers::set_forwarded_proto(&mut headers, client.https, client.trusted);
         let request_id = headers
             .get(&X_REQUEST_ID)
-            .filter(|id| trusted_peer && headers::is_acceptable_request_id(id))
+            .filter(|id| client.trusted && headers::is_acceptable_request_id(id))
             .cloned()
             .unwrap_or_else(new_id);
         headers.insert(X_REQUEST_ID.clone(), request_id.clone());
@@ -276,6 +294,7 @@ mod tests {
             host: HeaderValue::from_str(authority.as_str()).unwrap(),
             authority,
             uri,
+            tls: crate::tls::unused_client_config(),
         }
     }
 
@@ -289,9 +308,12 @@ mod tests {
             builder = builder.header("host", host);
         }
         let (parts, ()) = builder.body(()).unwrap().into_parts();
-        Head::prepare(parts, "192.0.2.7:5000".parse().unwrap(), false, || {
-            HeaderValue::from_static("generated")
-        })
+        let client = Downstream {
+            addr: "192.0.2.7:5000".parse().unwrap(),
+            https: false,
+            trusted: false,
+        };
+        Head::prepare(parts, client, || HeaderValue::from_static("generated"))
     }
 
     fn empty() -> RequestBody {

@@ -89,6 +89,18 @@ pub fn set_forwarded_for(headers: &mut HeaderMap, peer: IpAddr, keep_client_chai
     }
 }
 
+/// `X-Forwarded-Proto`: the scheme the client used with us. A trusted peer (a load
+/// balancer that terminated TLS) knows better, and its `http` or `https` is kept.
+pub fn set_forwarded_proto(headers: &mut HeaderMap, https: bool, trusted_peer: bool) {
+    let forwarded = headers
+        .get(&X_FORWARDED_PROTO)
+        .filter(|_| trusted_peer)
+        .filter(|v| matches!(v.as_bytes(), b"http" | b"https"))
+        .cloned();
+    let ours = HeaderValue::from_static(if https { "https" } else { "http" });
+    headers.insert(X_FORWARDED_PROTO.clone(), forwarded.unwrap_or(ours));
+}
+
 /// Generates correlation ids: a random per-process prefix and a counter, so ids are
 /// unique without a syscall or a lock per request.
 #[derive(Debug)]
@@ -197,6 +209,21 @@ mod tests {
         let mut headers = map(&[("X-Forwarded-For", "203.0.113.9")]);
         set_forwarded_for(&mut headers, "10.0.0.1".parse().unwrap(), true);
         assert_eq!(headers[&X_FORWARDED_FOR], "203.0.113.9, 10.0.0.1");
+    }
+
+    #[test]
+    fn forwarded_proto_is_ours_unless_a_trusted_peer_says_http_or_https() {
+        let proto = |client: &str, https: bool, trusted: bool| {
+            let mut headers = map(&[("X-Forwarded-Proto", client)]);
+            set_forwarded_proto(&mut headers, https, trusted);
+            assert_eq!(headers.get_all(&X_FORWARDED_PROTO).iter().count(), 1);
+            headers[&X_FORWARDED_PROTO].to_str().unwrap().to_string()
+        };
+        assert_eq!(proto("https", false, false), "http");
+        assert_eq!(proto("http", true, false), "https");
+        assert_eq!(proto("https", false, true), "https");
+        assert_eq!(proto("gopher", true, true), "https");
+        assert_eq!(proto("gopher", false, true), "http");
     }
 
     #[test]

@@ -14,6 +14,7 @@
 pub mod cache;
 pub mod classify;
 pub mod config;
+pub mod connection;
 pub mod decision;
 pub mod demo;
 pub mod fallback;
@@ -27,6 +28,7 @@ pub mod proxy;
 pub mod respond;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod upgrade;
 
 use std::future::Future;

@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use tracing::field::{Field, Visit};
-use tracing::{Event, Level, Subscriber};
-use tracing_subscriber::filter::filter_fn;
+use tracing::subscriber::Interest;
+use tracing::{Event, Level, Metadata, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::layer::{Context, Filter, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{Layer, Registry};
 
@@ -38,9 +38,7 @@ where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
     let level = LogLevel::new(config.level);
-    let current = level.clone();
-    // Checked per event with one atomic load: no lock, and nothing to rebuild on a change.
-    let filter = filter_fn(move |metadata| current.enables(*metadata.level()));
+    let filter = level.clone();
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_ansi(false);
@@ -79,6 +77,19 @@ impl LogLevel {
 
     fn enables(&self, level: Level) -> bool {
         rank(level) <= self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Checked per event with one atomic load: no lock, and nothing to rebuild on a change.
+/// Every callsite is "sometimes" interesting, so tracing never caches an answer that a
+/// later reload would make wrong.
+impl<S> Filter<S> for LogLevel {
+    fn enabled(&self, metadata: &Metadata<'_>, _: &Context<'_, S>) -> bool {
+        self.enables(*metadata.level())
+    }
+
+    fn callsite_enabled(&self, _: &'static Metadata<'static>) -> Interest {
+        Interest::sometimes()
     }
 }
 

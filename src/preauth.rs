@@ -7,13 +7,14 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, StatusCode, Uri};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::client::legacy::Client;
 use jsonwebtoken::{EncodingKey, Header};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::Serialize;
 
 use crate::config::PreauthorizeConfig;
 use crate::decision::Destination;
+use crate::forward::Connector;
 use crate::headers::X_REQUEST_ID;
 
 static GITLAB_WORKHORSE: HeaderName = HeaderName::from_static("gitlab-workhorse");
@@ -73,7 +74,7 @@ struct Claims {
 /// A pooled client of its own, so a slow pre-authorize backend never holds connections
 /// the proxied traffic needs.
 pub struct PreauthClient {
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<Connector, Empty<Bytes>>,
     url: String,
     key: EncodingKey,
     timeout: Duration,
@@ -93,7 +94,7 @@ impl std::fmt::Debug for PreauthClient {
 impl PreauthClient {
     pub fn new(config: &PreauthorizeConfig, max_lifetime: Duration) -> PreauthClient {
         PreauthClient {
-            client: crate::forward::pooled_client(config.timeout),
+            client: crate::forward::pooled_client(config.timeout, &config.tls),
             url: config.url.to_string(),
             key: EncodingKey::from_secret(config.secret.as_bytes()),
             timeout: config.timeout,

@@ -18,7 +18,6 @@
 //! failure after that point cannot be replayed to Rails: the client sees a truncated body.
 
 use std::borrow::Cow;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -29,10 +28,11 @@ use hyper::{Method, Request, Response, StatusCode, Uri};
 
 use crate::cache::Lookup;
 use crate::classify::{continuity, Endpoint};
+use crate::connection::Conn;
 use crate::decision::{Decision, Destination, Reason};
 use crate::fallback::FallbackReason;
 use crate::forward::{
-    self, downstream_response, upstream_request, Head, HostRule, Progress, RequestBody,
+    self, downstream_response, upstream_request, Downstream, Head, HostRule, Progress, RequestBody,
     ResponseBody, Streamed, UpstreamError,
 };
 use crate::headers::X_REQUEST_ID;
@@ -45,19 +45,23 @@ use crate::upgrade::{self, Upgrade};
 /// Serves one client request.
 pub async fn handle(
     state: &AppState,
-    peer: SocketAddr,
+    conn: &Conn,
     mut request: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     let _in_flight = state.metrics.in_flight();
     let endpoint = state.routes.classify(request.uri().path());
     let upgrade = match endpoint {
-        None => upgrade::requested(&mut request),
+        None => upgrade::requested(&mut request, conn),
         Some(_) => None,
     };
     let (parts, body) = request.into_parts();
-    let trusted = state.is_trusted(peer.ip());
-    let head = Head::prepare(parts, peer, trusted, || state.request_ids.next());
+    let client = Downstream {
+        addr: conn.peer,
+        https: conn.https,
+        trusted: state.is_trusted(conn.peer.ip()),
+    };
+    let head = Head::prepare(parts, client, || state.request_ids.next());
     let mut access = AccessLog::new(&head, endpoint);
 
     let uri_bytes = head.uri.path_and_query().map_or(0, |pq| pq.as_str().len());

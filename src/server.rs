@@ -1,5 +1,5 @@
-//! Listeners: accepting connections (HTTP/1.1 and cleartext HTTP/2 on one port), the
-//! admin endpoints, and graceful shutdown.
+//! Listeners: accepting connections (HTTP/1.1 and HTTP/2 on one port, over TLS when
+//! `[server.tls]` is set), the admin endpoints, and graceful shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,13 +15,14 @@ use hyper::body::{Body, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::service::{service_fn, Service};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, LogFormat, ServerConfig};
+use crate::connection::{self, Conn, Draining, Timeouts};
 use crate::forward::ResponseBody;
 use crate::logging::LogLevel;
 use crate::metrics;
@@ -112,7 +113,7 @@ impl Gateway {
             admin,
         } = self;
         let builder = connection_builder(&started);
-        let graceful = GracefulShutdown::new();
+        let draining = Draining::default();
         let connections = Arc::new(Semaphore::new(started.max_connections));
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let admin_builder = connection_builder(&started);
@@ -120,21 +121,41 @@ impl Gateway {
             let _ = admin_stopped.await;
         }));
 
-        let proxy_service = |peer: SocketAddr| {
+        // Each connection is served with the configuration current when it was accepted:
+        // a reload changes the certificate and the timeouts for the next ones.
+        let listener = || {
+            let state = live.current();
+            let server = &state.config.server;
+            // The listener keeps the scheme it started with; see `listener_changes`.
+            let tls = started
+                .tls
+                .as_ref()
+                .map(|started| server.tls.as_ref().unwrap_or(started))
+                .map(|tls| TlsAcceptor::from(tls.config.clone()));
+            (tls, timeouts(server))
+        };
+        let proxy_service = {
             let live = live.clone();
-            service_fn(move |request| {
-                let state = live.current();
-                async move { Ok::<_, Infallible>(proxy::handle(&state, peer, request).await) }
-            })
+            move |conn: Arc<Conn>| {
+                let live = live.clone();
+                service_fn(move |request| {
+                    let state = live.current();
+                    let conn = conn.clone();
+                    async move {
+                        let _in_flight = conn.request_started();
+                        Ok::<_, Infallible>(proxy::handle(&state, &conn, request).await)
+                    }
+                })
+            }
         };
 
         tokio::pin!(shutdown);
         accept_until(
             &main,
-            &builder,
-            &graceful,
+            (&builder, &listener),
+            &draining,
             &connections,
-            proxy_service,
+            proxy_service.clone(),
             shutdown,
         )
         .await;
@@ -147,8 +168,8 @@ impl Gateway {
         let delay = tokio::time::sleep(server.graceful_shutdown_delay);
         accept_until(
             &main,
-            &builder,
-            &graceful,
+            (&builder, &listener),
+            &draining,
             &connections,
             proxy_service,
             delay,
@@ -156,9 +177,12 @@ impl Gateway {
         .await;
         drop(main);
 
-        let in_flight = graceful.count();
-        tracing::info!(connections = in_flight, "listener closed, draining");
-        match tokio::time::timeout(server.shutdown_timeout, graceful.shutdown()).await {
+        let in_flight = draining.count();
+        tracing::info!(
+            connections = in_flight,
+            "listener closed, draining connections and tunnels"
+        );
+        match tokio::time::timeout(server.shutdown_timeout, draining.drain()).await {
             Ok(()) => tracing::info!("drained, exiting"),
             Err(_) => tracing::warn!(
                 timeout_ms = millis(server.shutdown_timeout),
@@ -213,10 +237,7 @@ fn listener_changes(started: &ServerConfig, new: &ServerConfig) -> Vec<&'static 
             "server.admin_listen",
             started.admin_listen != new.admin_listen,
         ),
-        (
-            "server.header_read_timeout",
-            started.header_read_timeout != new.header_read_timeout,
-        ),
+        ("server.tls", started.tls.is_some() != new.tls.is_some()),
         (
             "server.max_connections",
             started.max_connections != new.max_connections,
@@ -237,15 +258,15 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartE
         .map_err(|source| StartError::Bind { key, addr, source })
 }
 
-/// HTTP/1.1 with a header read timeout against slow clients (it also bounds how long an
-/// idle keep-alive connection waits for its next request), and h2c by prior knowledge.
-/// Headers over `max_header_bytes` (or more than hyper's 100 fields) get 431.
+/// HTTP/1.1, and HTTP/2 (by ALPN over TLS, by prior knowledge in cleartext). Headers over
+/// `max_header_bytes` (or more than hyper's 100 fields) get 431. The header read and idle
+/// timeouts are [`connection`]'s, not hyper's: hyper's header timer also runs while a
+/// keep-alive connection waits for its next request, which would make the two one.
 fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(server.header_read_timeout)
         .max_buf_size(server.max_header_bytes);
     builder
         .http2()
@@ -254,20 +275,30 @@ fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+fn timeouts(server: &ServerConfig) -> Timeouts {
+    Timeouts {
+        handshake_and_header_read: server.header_read_timeout,
+        idle: server.idle_timeout,
+    }
+}
+
 /// Accepts connections until `stop` resolves, serving each with the service `make`
-/// builds for its peer. Every connection is watched by `graceful`, so a later
-/// `graceful.shutdown()` lets its in-flight requests finish. Each connection holds one of
-/// `connections`' permits; when none is left, accepting waits and new connections queue
-/// in the kernel's backlog.
+/// builds for it, with the TLS acceptor and timeouts `settings` gives at accept. Every
+/// connection holds a token of `draining`, so a later `draining.drain()` lets its
+/// in-flight requests finish. Each connection holds one of `connections`' permits; when
+/// none is left, accepting waits and new connections queue in the kernel's backlog.
 pub async fn accept_until<M, S, B>(
     listener: &TcpListener,
-    builder: &auto::Builder<TokioExecutor>,
-    graceful: &GracefulShutdown,
+    (builder, settings): (
+        &auto::Builder<TokioExecutor>,
+        &(dyn Fn() -> (Option<TlsAcceptor>, Timeouts) + Sync),
+    ),
+    draining: &Draining,
     connections: &Arc<Semaphore>,
     make: M,
     stop: impl Future,
 ) where
-    M: Fn(SocketAddr) -> S,
+    M: Fn(Arc<Conn>) -> S + Clone + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
     B: Body + Send + 'static,
@@ -296,14 +327,18 @@ pub async fn accept_until<M, S, B>(
             _ = &mut stop => return,
         };
         let _ = stream.set_nodelay(true);
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), make(peer))
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let (tls, timeouts) = settings();
+        let serving = connection::serve(
+            stream,
+            peer,
+            tls,
+            builder.clone(),
+            timeouts,
+            draining.token(),
+            make.clone(),
+        );
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(peer = %peer, error = %error, "connection ended with an error");
-            }
+            serving.await;
             drop(permit);
         });
     }
@@ -316,16 +351,32 @@ async fn serve_admin(
     builder: auto::Builder<TokioExecutor>,
     stop: impl Future,
 ) {
-    let graceful = GracefulShutdown::new();
+    let draining = Draining::default();
     let connections = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
-    let make = |_peer| {
+    let settings = || (None, timeouts(&live.current().config.server));
+    let make = {
         let live = live.clone();
-        service_fn(move |request: Request<Incoming>| {
+        move |conn: Arc<Conn>| {
             let live = live.clone();
-            async move { Ok::<_, Infallible>(admin_response(&live, request.uri().path()).await) }
-        })
+            service_fn(move |request: Request<Incoming>| {
+                let live = live.clone();
+                let conn = conn.clone();
+                async move {
+                    let _in_flight = conn.request_started();
+                    Ok::<_, Infallible>(admin_response(&live, request.uri().path()).await)
+                }
+            })
+        }
     };
-    accept_until(&listener, &builder, &graceful, &connections, make, stop).await;
+    accept_until(
+        &listener,
+        (&builder, &settings),
+        &draining,
+        &connections,
+        make,
+        stop,
+    )
+    .await;
 }
 
 /// Scrapers and probes need few connections; a flood of them must not starve the process.

@@ -65,7 +65,7 @@ impl AppState {
         let rails = RailsRoute {
             upstream: config.rails.url.clone(),
             timeout: config.rails.timeout,
-            client: pooled_client(config.rails.connect_timeout),
+            client: pooled_client(config.rails.connect_timeout, &config.rails.url.tls),
         };
         // Config validation guarantees [preauthorize] whenever [iam] is present.
         let iam = config
@@ -84,7 +84,7 @@ impl AppState {
                     timeout: iam.timeout,
                     fallback_statuses: iam.fallback_statuses.clone(),
                     token_prefixes: iam.token_prefixes.clone(),
-                    client: pooled_client(iam.connect_timeout),
+                    client: pooled_client(iam.connect_timeout, &iam.url.tls),
                     breaker: same_breaker.unwrap_or_else(|| {
                         Arc::new(Breaker::new(
                             iam.circuit_breaker.consecutive_failures,

@@ -9,6 +9,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 
+use crate::connection::{Conn, Drain};
 use crate::forward::{downstream_response, ResponseBody};
 
 /// A client's request to switch protocols.
@@ -16,11 +17,13 @@ use crate::forward::{downstream_response, ResponseBody};
 pub struct Upgrade {
     protocol: HeaderValue,
     client: OnUpgrade,
+    /// Shutdown waits for the tunnel as it does for a connection.
+    drain: Drain,
 }
 
 /// The upgrade the client asks for, if any: HTTP/1.1 with `Connection: upgrade` and an
 /// `Upgrade` header. Must run before the request is taken apart.
-pub fn requested(request: &mut Request<Incoming>) -> Option<Upgrade> {
+pub fn requested(request: &mut Request<Incoming>, conn: &Conn) -> Option<Upgrade> {
     if request.version() != Version::HTTP_11 {
         return None;
     }
@@ -35,6 +38,7 @@ pub fn requested(request: &mut Request<Incoming>) -> Option<Upgrade> {
     asks.then(|| Upgrade {
         protocol,
         client: hyper::upgrade::on(request),
+        drain: conn.drain(),
     })
 }
 
@@ -46,7 +50,8 @@ impl Upgrade {
     }
 
     /// Relays Rails' answer. On 101 the connections are spliced in a task of their own,
-    /// which ends when either side closes.
+    /// which ends when either side closes, or when shutdown begins: a tunnel has no
+    /// request boundary to finish at, and WebSocket clients reconnect.
     pub fn relay(self, mut response: Response<Incoming>) -> Response<ResponseBody> {
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             return downstream_response(response);
@@ -59,14 +64,19 @@ impl Upgrade {
         if let Some(protocol) = protocol {
             headers.insert(header::UPGRADE, protocol);
         }
+        let mut drain = self.drain;
         tokio::spawn(async move {
             match tokio::try_join!(self.client, upstream) {
                 Ok((client, upstream)) => {
                     let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                        () = drain.started() => {}
+                    }
                 }
                 Err(error) => tracing::debug!(error = %error, "upgrade did not complete"),
             }
+            drop(drain);
         });
         response
     }

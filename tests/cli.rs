@@ -3,11 +3,9 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
@@ -17,176 +15,11 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use support::process::{free_addr, Iamproxy, TempFile, PATIENCE};
 use support::{Answer, FakeUpstream, Reply, SecretFile, TestClient};
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// Longest any step may take before the test fails instead of hanging.
-const PATIENCE: Duration = Duration::from_secs(10);
-
-// ---- The binary as a child process ------------------------------------------------------
-
-/// A running `iamproxy`: stdout and stderr collected as they arrive, exit status published
-/// when it exits. Dropping it kills the process if it is still running, so a failing test
-/// leaves nothing behind.
-struct Iamproxy {
-    pid: u32,
-    stdout: watch::Receiver<String>,
-    stderr: watch::Receiver<String>,
-    exit: watch::Receiver<Option<ExitStatus>>,
-}
-
-impl Iamproxy {
-    fn start(args: &[&str]) -> Iamproxy {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_iamproxy"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start iamproxy");
-        let (stdout, stderr) = (collect(child.stdout.take()), collect(child.stderr.take()));
-        let (exited, exit) = watch::channel(None);
-        let pid = child.id();
-        std::thread::spawn(move || {
-            let status = child.wait().expect("wait for iamproxy");
-            // All output is in once the status is published.
-            let _ = stdout.1.join();
-            let _ = stderr.1.join();
-            exited.send_replace(Some(status));
-        });
-        Iamproxy {
-            pid,
-            stdout: stdout.0,
-            stderr: stderr.0,
-            exit,
-        }
-    }
-
-    /// Runs to completion: `iamproxy --version`, `--check`, …
-    async fn run(args: &[&str]) -> (Iamproxy, ExitStatus) {
-        let mut process = Iamproxy::start(args);
-        let status = process.exit_status(PATIENCE).await;
-        (process, status)
-    }
-
-    fn stdout(&self) -> String {
-        self.stdout.borrow().clone()
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.borrow().clone()
-    }
-
-    fn sigterm(&self) {
-        self.signal("TERM");
-    }
-
-    fn signal(&self, name: &str) {
-        let sent = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.pid.to_string())
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -{name} {} failed", self.pid);
-    }
-
-    /// Waits for the process to exit, failing the test after `within`.
-    async fn exit_status(&mut self, within: Duration) -> ExitStatus {
-        let exited = tokio::time::timeout(within, self.exit.wait_for(Option::is_some)).await;
-        match exited.map(|status| status.map(|status| status.expect("published"))) {
-            Ok(Ok(status)) => status,
-            _ => panic!(
-                "iamproxy still running after {within:?}; stderr:\n{}",
-                self.stderr()
-            ),
-        }
-    }
-
-    /// Waits for the process to exit and asserts it exited 0.
-    async fn assert_exits_cleanly(&mut self) {
-        let status = self.exit_status(PATIENCE).await;
-        assert!(status.success(), "{status}; stderr:\n{}", self.stderr());
-    }
-
-    /// Waits until stdout holds `needle`, and returns all of stdout.
-    async fn stdout_containing(&mut self, needle: &str) -> String {
-        let found = self.stdout.wait_for(|out| out.contains(needle));
-        match tokio::time::timeout(PATIENCE, found)
-            .await
-            .map(|out| out.map(|out| out.clone()))
-        {
-            Ok(Ok(out)) => out,
-            _ => panic!(
-                "stdout never contained {needle:?}; stdout:\n{}\nstderr:\n{}",
-                self.stdout(),
-                self.stderr()
-            ),
-        }
-    }
-}
-
-impl Drop for Iamproxy {
-    fn drop(&mut self) {
-        if self.exit.borrow().is_none() {
-            let _ = Command::new("kill")
-                .arg("-KILL")
-                .arg(self.pid.to_string())
-                .status();
-        }
-    }
-}
-
-/// Reads a pipe line by line on its own thread, publishing what has arrived so far.
-fn collect(
-    pipe: Option<impl Read + Send + 'static>,
-) -> (watch::Receiver<String>, std::thread::JoinHandle<()>) {
-    let pipe = pipe.expect("piped");
-    let (sender, receiver) = watch::channel(String::new());
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            sender.send_modify(|text| {
-                text.push_str(&line);
-                text.push('\n');
-            });
-        }
-    });
-    (receiver, reader)
-}
-
-// ---- Files, ports and probes ------------------------------------------------------------
-
-/// A file under the temp dir, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(contents: &str) -> TempFile {
-        static SEQ: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "iamproxy-cli-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::write(&path, contents).unwrap();
-        TempFile(path)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().expect("temp paths are UTF-8")
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// A loopback address that was free a moment ago: the binary cannot report a port 0 choice.
-fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
-}
+// ---- Probes ----------------------------------------------------------------------------
 
 /// `GET path` on a fresh connection, or `None` when there is no (complete) answer.
 async fn try_get(addr: SocketAddr, path: &str) -> Option<Answer> {
@@ -444,6 +277,48 @@ async fn sighup_swaps_in_a_valid_config_and_keeps_the_running_one_when_invalid()
         .expect("still serving");
     assert_eq!(answer.served_by(), "new-rails", "the running config stays");
     assert!(gw.process.exit.borrow().is_none(), "still running");
+}
+
+#[tokio::test]
+async fn sighup_log_level_applies_to_log_statements_that_already_ran() {
+    let quiet_rails = FakeUpstream::start("quiet-rails").await;
+    let loud_rails = FakeUpstream::start("loud-rails").await;
+    let gw = serve(&loud_rails, "").await;
+    let at = |level: &str, rails: &FakeUpstream| {
+        serving_config(gw.addr, gw.admin, "", rails)
+            .replace("level = \"warn\"", &format!("level = \"{level}\""))
+    };
+    // Each reload also moves Rails, so a request answered by the new one proves it applied.
+    let reload_to = |level: &'static str, rails: &'static str, config: String| {
+        std::fs::write(&gw.config.0, config).unwrap();
+        gw.process.signal("HUP");
+        poll_until(level, move || async move {
+            try_get(gw.addr, "/api/v4/version")
+                .await
+                .is_some_and(|answer| answer.served_by() == rails)
+        })
+    };
+
+    reload_to("info", "loud-rails", at("info", &loud_rails)).await;
+    assert!(try_get(gw.addr, "/first-at-info").await.is_some());
+    poll_until("the access line at info", || async {
+        gw.process.stderr().contains("/first-at-info")
+    })
+    .await;
+
+    reload_to("warn", "quiet-rails", at("warn", &quiet_rails)).await;
+    assert!(try_get(gw.addr, "/at-warn").await.is_some());
+    reload_to("info again", "loud-rails", at("info", &loud_rails)).await;
+    assert!(try_get(gw.addr, "/back-at-info").await.is_some());
+    poll_until("the access line at info again", || async {
+        gw.process.stderr().contains("/back-at-info")
+    })
+    .await;
+    let stderr = gw.process.stderr();
+    assert!(
+        !stderr.contains("/at-warn"),
+        "the access statement, already run at info, was silenced at warn:\n{stderr}"
+    );
 }
 
 // ---- Graceful shutdown ------------------------------------------------------------------

@@ -186,7 +186,7 @@ async fn untrusted_peer_gets_its_own_address_and_a_generated_request_id() {
 }
 
 #[tokio::test]
-async fn trusted_peer_keeps_its_forwarded_for_chain_and_request_id() {
+async fn trusted_peer_keeps_its_forwarded_for_chain_proto_and_request_id() {
     let gw = gateway()
         .set("server", "trusted_cidrs = [\"127.0.0.1/32\"]")
         .start()
@@ -194,7 +194,10 @@ async fn trusted_peer_keeps_its_forwarded_for_chain_and_request_id() {
     let answer = send(with_client_forwarding_headers(gw.url("/api/v4/projects"))).await;
     let headers = gw.rails.last().headers;
     assert_eq!(headers["x-forwarded-for"], "6.6.6.6, 127.0.0.1");
-    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert_eq!(
+        headers["x-forwarded-proto"], "https",
+        "a trusted load balancer that terminated TLS knows the scheme"
+    );
     assert_eq!(headers["x-request-id"], "client-chosen-1");
     assert_eq!(answer.headers["x-request-id"], "client-chosen-1");
     gw.stop().await;

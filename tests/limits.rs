@@ -116,22 +116,64 @@ async fn connections_over_max_connections_wait_until_one_closes() {
     assert_eq!(gw.rails.count(), 3);
 }
 
-#[tokio::test]
-async fn an_idle_keep_alive_connection_is_closed_after_header_read_timeout() {
-    let gw = gateway()
-        .set("server", "header_read_timeout = \"200ms\"")
-        .start()
-        .await;
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    assert_eq!(exchange(&mut stream, &get("/first", "")).await, 200);
+/// Reads until the gateway closes the connection, failing after `within`.
+async fn closed_within(stream: &mut TcpStream, within: Duration) {
     let mut buf = [0u8; 64];
-    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+    let closed = tokio::time::timeout(within, stream.read(&mut buf))
         .await
-        .expect("the idle connection is closed well within 5 s");
+        .unwrap_or_else(|_| panic!("the connection is still open after {within:?}"));
     assert!(
         matches!(closed, Ok(0) | Err(_)),
         "expected EOF, got {closed:?}"
     );
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout_not_header_read_timeout() {
+    let gw = gateway()
+        .set(
+            "server",
+            "header_read_timeout = \"200ms\"\nidle_timeout = \"1500ms\"",
+        )
+        .start()
+        .await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    assert_eq!(exchange(&mut stream, &get("/first", "")).await, 200);
+    // Well past the header read timeout, well before the idle timeout: still usable.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(exchange(&mut stream, &get("/second", "")).await, 200);
+    closed_within(&mut stream, Duration::from_secs(10)).await;
+    assert_eq!(gw.rails.count(), 2);
+}
+
+#[tokio::test]
+async fn a_request_head_that_stalls_is_closed_after_header_read_timeout() {
+    let gw = gateway()
+        .set("server", "header_read_timeout = \"300ms\"")
+        .start()
+        .await;
+    // On a fresh connection, and on a keep-alive one after its first request.
+    let mut fresh = TcpStream::connect(gw.addr).await.unwrap();
+    fresh.write_all(b"GET /slow HTTP/1.1\r\nHo").await.unwrap();
+    let mut reused = TcpStream::connect(gw.addr).await.unwrap();
+    assert_eq!(exchange(&mut reused, &get("/first", "")).await, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    reused.write_all(b"GET /slow HTTP/1.1\r\nHo").await.unwrap();
+    eprintln!("fresh");
+    closed_within(&mut fresh, Duration::from_secs(5)).await;
+    eprintln!("reused");
+    closed_within(&mut reused, Duration::from_secs(5)).await;
+    assert_eq!(gw.rails.count(), 1, "the stalled heads never reached Rails");
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_after_header_read_timeout() {
+    let gw = gateway()
+        .set("server", "header_read_timeout = \"300ms\"")
+        .start()
+        .await;
+    let mut silent = TcpStream::connect(gw.addr).await.unwrap();
+    closed_within(&mut silent, Duration::from_secs(5)).await;
 }
 
 #[tokio::test]
@@ -205,4 +247,41 @@ async fn connecting_to_a_rails_that_never_accepts_is_bounded_by_rails_connect_ti
         "connect gave up after {took:?}, not rails.connect_timeout"
     );
     drop(fillers);
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_after_idle_timeout() {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let gw = gateway()
+        .set(
+            "server",
+            "header_read_timeout = \"200ms\"\nidle_timeout = \"1500ms\"",
+        )
+        .start()
+        .await;
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let get = |path: &str| {
+        hyper::Request::get(format!("http://{}{path}", gw.addr))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let first = sender.send_request(get("/first")).await.unwrap();
+    assert_eq!(first.status(), 200);
+    // HTTP/2 has no header read clock between requests: only the idle one.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let second = sender.send_request(get("/second")).await.unwrap();
+    assert_eq!(second.status(), 200);
+    tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("the gateway closes the idle HTTP/2 connection")
+        .unwrap()
+        .expect("with a GOAWAY, not an error");
+    assert_eq!(gw.rails.count(), 2);
 }

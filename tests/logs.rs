@@ -3,79 +3,14 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex, OnceLock};
-
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Request;
-use iamproxy::config::{LogConfig, LogFormat};
 use serde_json::Value;
+use support::logs::Captured;
 use support::{gateway, Reply, TestClient, TestGateway};
-
-// ---- Capturing the gateway's logs -------------------------------------------------------
-
-/// Every line the gateway logged in this test binary, shared by all its tests.
-#[derive(Clone)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Installs, once per test binary, the subscriber production uses (JSON, down to debug so
-/// debug lines are checked too) writing into a shared buffer.
-fn captured() -> &'static Captured {
-    static CAPTURED: OnceLock<Captured> = OnceLock::new();
-    CAPTURED.get_or_init(|| {
-        let captured = Captured(Arc::default());
-        let sink = captured.clone();
-        let config = LogConfig {
-            format: LogFormat::Json,
-            level: tracing::Level::DEBUG,
-        };
-        let subscriber = iamproxy::logging::subscriber(&config, move || sink.clone());
-        tracing::subscriber::set_global_default(subscriber).expect("no other global subscriber");
-        captured
-    })
-}
-
-impl Captured {
-    /// Everything logged so far, by every test in this binary.
-    fn text(&self) -> String {
-        String::from_utf8(self.0.lock().unwrap().clone()).expect("logs are UTF-8")
-    }
-
-    /// Every line, parsed; each must be a JSON object with `time`, `level` and `msg`.
-    fn lines(&self) -> Vec<Value> {
-        self.text()
-            .lines()
-            .map(|line| {
-                let parsed: Value = serde_json::from_str(line)
-                    .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
-                for key in ["time", "level", "msg"] {
-                    assert!(parsed.get(key).is_some(), "no {key:?} in log line: {line}");
-                }
-                parsed
-            })
-            .collect()
-    }
-
-    /// The lines of one request.
-    fn lines_of(&self, correlation_id: &str) -> Vec<Value> {
-        self.lines()
-            .into_iter()
-            .filter(|line| line["correlation_id"] == correlation_id)
-            .collect()
-    }
-}
 
 /// The one line with this `msg`.
 fn only<'a>(lines: &'a [Value], msg: &str) -> &'a Value {
@@ -218,7 +153,7 @@ impl Secrets {
 
     /// No secret appears anywhere in the captured output, whichever request logged it.
     fn assert_never_logged(&self) {
-        let logs = captured().text();
+        let logs = Captured::global().text();
         for (what, value) in self.values() {
             assert!(
                 !logs.contains(&value),
@@ -231,7 +166,7 @@ impl Secrets {
 /// A gateway that keeps the test's X-Request-Id, so its lines can be told apart from those
 /// of the tests running beside it.
 async fn gateway_keeping_request_ids() -> TestGateway {
-    captured();
+    Captured::global();
     gateway()
         .set("server", r#"trusted_cidrs = ["127.0.0.1/32"]"#)
         .start()
@@ -257,7 +192,7 @@ async fn secrets_request_is_logged_safely(gw: TestGateway, expected: Expected) -
         .await;
     assert_eq!(answer.served_by(), expected.served_by);
 
-    let lines = captured().lines_of(&correlation_id);
+    let lines = Captured::global().lines_of(&correlation_id);
     let access = only(&lines, "access");
     for field in [
         "correlation_id",
@@ -360,7 +295,7 @@ async fn non_oauth_request_gets_an_access_line_and_no_routing_decision() {
         .await;
     assert_eq!(answer.served_by(), "rails");
 
-    let lines = captured().lines_of(&correlation_id);
+    let lines = Captured::global().lines_of(&correlation_id);
     let access = only(&lines, "access");
     assert_eq!(access["method"], "GET");
     assert_eq!(access["path"], "/api/v4/user");

@@ -124,3 +124,30 @@ async fn a_refused_upgrade_is_relayed_as_a_plain_response() {
     assert_eq!(gw.rails.last().headers["upgrade"], "websocket");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn shutdown_closes_open_tunnels_and_waits_for_them_not_for_shutdown_timeout() {
+    let (rails_url, rails) = echoing_rails().await;
+    let gw = gateway()
+        .set("rails", &format!("url = \"{rails_url}\""))
+        .set("server", "shutdown_timeout = \"60s\"")
+        .start()
+        .await;
+    let (mut client, head) = exchange_head(gw.addr, b"GET /-/cable HTTP/1.1\r\nHost: gitlab.example.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    client.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    client.read_exact(&mut echoed).await.unwrap();
+
+    // Well inside the 60 s shutdown_timeout: the tunnel does not hold the exit.
+    tokio::time::timeout(PATIENCE, gw.stop())
+        .await
+        .expect("shutdown closes the tunnel instead of waiting out shutdown_timeout");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(PATIENCE, client.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the client side of the tunnel is closed");
+    tokio::time::timeout(PATIENCE, rails)
+        .await
+        .expect("the Rails side of the tunnel is closed")
+        .unwrap();
+}

@@ -3,7 +3,10 @@
 //! small client.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod logs;
 pub mod metrics;
+pub mod process;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -97,6 +100,8 @@ pub struct FakeUpstream {
     pub addr: SocketAddr,
     name: &'static str,
     requests: Arc<Mutex<Vec<Recorded>>>,
+    /// Off: requests are counted, not kept (long runs).
+    remember: Arc<std::sync::atomic::AtomicBool>,
     count: Arc<AtomicUsize>,
     responder: Arc<Mutex<Arc<Responder>>>,
     _stop: Arc<oneshot::Sender<()>>,
@@ -118,6 +123,7 @@ impl FakeUpstream {
             addr,
             name,
             requests: Arc::default(),
+            remember: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             count: Arc::default(),
             responder: Arc::new(Mutex::new(default)),
             _stop: Arc::new(stop),
@@ -158,6 +164,11 @@ impl FakeUpstream {
         format!("http://{}", self.addr)
     }
 
+    /// From now on requests are only counted: `requests()` and `last()` see none of them.
+    pub fn count_only(&self) {
+        self.remember.store(false, Ordering::Relaxed);
+    }
+
     pub fn count(&self) -> usize {
         self.count.load(Ordering::SeqCst)
     }
@@ -194,7 +205,9 @@ impl FakeUpstream {
         };
         let responder = self.responder.lock().unwrap().clone();
         let mut reply = responder(&recorded);
-        self.requests.lock().unwrap().push(recorded);
+        if self.remember.load(Ordering::Relaxed) {
+            self.requests.lock().unwrap().push(recorded);
+        }
         self.count.fetch_add(1, Ordering::SeqCst);
         loop {
             match reply {
@@ -281,8 +294,31 @@ pub struct TestGateway {
     pub iam: FakeUpstream,
     pub preauth: FakeUpstream,
     pub secret: SecretFile,
+    /// The configuration it started with, as TOML.
+    pub toml: String,
+    pub reloader: iamproxy::server::Reloader,
     shutdown: Option<oneshot::Sender<()>>,
     pub finished: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The fakes a [`TestGateway`] talks to.
+pub struct GatewayFakes {
+    pub rails: FakeUpstream,
+    pub iam: FakeUpstream,
+    pub preauth: FakeUpstream,
+}
+
+impl GatewayFakes {
+    /// The pre-authorize fake sends everyone to Rails until told otherwise.
+    pub async fn start() -> GatewayFakes {
+        let preauth = FakeUpstream::start("preauthorize").await;
+        preauth.always(Reply::destination("rails"));
+        GatewayFakes {
+            rails: FakeUpstream::start("rails").await,
+            iam: FakeUpstream::start("iam").await,
+            preauth,
+        }
+    }
 }
 
 /// Builder for [`TestGateway`]: `extra` TOML is appended to a config naming the fakes.
@@ -320,16 +356,23 @@ impl GatewayBuilder {
     }
 
     pub async fn start(self) -> TestGateway {
-        let rails = FakeUpstream::start("rails").await;
-        let iam = FakeUpstream::start("iam").await;
-        let preauth = FakeUpstream::start("preauthorize").await;
-        preauth.always(Reply::destination("rails"));
+        self.start_with(GatewayFakes::start().await).await
+    }
+
+    /// With fakes started beforehand, e.g. to put something in front of them.
+    pub async fn start_with(self, fakes: GatewayFakes) -> TestGateway {
+        let GatewayFakes {
+            rails,
+            iam,
+            preauth,
+        } = fakes;
         let secret = SecretFile::new();
         let toml = self.toml(&rails, &iam, &preauth, &secret);
         let config = iamproxy::Config::from_toml(&toml)
             .unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"));
         let gateway = iamproxy::Gateway::bind(config).await.unwrap();
         let (addr, admin) = (gateway.local_addr(), gateway.admin_addr());
+        let reloader = gateway.reloader();
         let (shutdown, stopped) = oneshot::channel::<()>();
         let finished = tokio::spawn(gateway.serve(async {
             let _ = stopped.await;
@@ -341,6 +384,8 @@ impl GatewayBuilder {
             iam,
             preauth,
             secret,
+            toml,
+            reloader,
             shutdown: Some(shutdown),
             finished: Some(finished),
         }

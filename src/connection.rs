@@ -1,0 +1,463 @@
+//! One client connection from accept to close: the optional TLS handshake, the timeouts
+//! that bound a connection nobody is using, and the drain that shutdown waits on.
+//!
+//! Two clocks run while no request is in flight:
+//! - **header read**: from the first byte of a request (or from accept, for the first
+//!   one) its headers must arrive within `server.header_read_timeout`, else the
+//!   connection is closed. Against slow-header clients; HTTP/1 only, since HTTP/2 clients
+//!   legitimately send frames between requests.
+//! - **idle**: a connection with no request for `server.idle_timeout` is closed
+//!   gracefully (HTTP/2 gets a GOAWAY).
+//!
+//! A request in flight stops both: a slow upstream is bounded by its own timeout.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::body::{Body, Incoming};
+use hyper::service::Service;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+
+/// Starts shutdown and waits for every [`Drain`] token to be dropped: one per connection,
+/// and one per tunnel a connection became.
+#[derive(Debug)]
+pub struct Draining(watch::Sender<bool>);
+
+/// Held by whatever shutdown must wait for; tells its holder when shutdown has begun.
+#[derive(Debug, Clone)]
+pub struct Drain(watch::Receiver<bool>);
+
+impl Default for Draining {
+    fn default() -> Draining {
+        Draining(watch::Sender::new(false))
+    }
+}
+
+impl Draining {
+    pub fn token(&self) -> Drain {
+        Drain(self.0.subscribe())
+    }
+
+    /// Connections and tunnels still open.
+    pub fn count(&self) -> usize {
+        self.0.receiver_count()
+    }
+
+    /// Tells every holder to finish up, and resolves once all have.
+    pub async fn drain(&self) {
+        self.0.send_replace(true);
+        self.0.closed().await;
+    }
+}
+
+impl Drain {
+    /// Resolves once shutdown has begun.
+    pub async fn started(&mut self) {
+        // An error means the gateway is gone, which is shutdown too.
+        let _ = self.0.wait_for(|started| *started).await;
+    }
+}
+
+/// The timeouts of a connection with no request in flight; read from the configuration
+/// current at accept.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub handshake_and_header_read: Duration,
+    pub idle: Duration,
+}
+
+/// What a request knows of the connection it arrived on.
+#[derive(Debug)]
+pub struct Conn {
+    pub peer: SocketAddr,
+    /// TLS on the client side: `X-Forwarded-Proto: https`.
+    pub https: bool,
+    activity: Arc<Activity>,
+    drain: Drain,
+}
+
+impl Conn {
+    /// Marks a request in flight until the guard drops; services call it first.
+    pub fn request_started(&self) -> InFlight {
+        self.activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.activity.head_since.store(NONE, Ordering::Release);
+        InFlight(self.activity.clone())
+    }
+
+    /// A token that keeps shutdown waiting, for work that outlives the request (tunnels).
+    pub fn drain(&self) -> Drain {
+        self.drain.clone()
+    }
+}
+
+/// See [`Conn::request_started`].
+#[derive(Debug)]
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        activity.idle_since.store(activity.now(), Ordering::Release);
+        if activity.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            activity.changed.notify_one();
+        }
+    }
+}
+
+/// Milliseconds since the connection was accepted; `NONE` is "not running".
+const NONE: u64 = u64::MAX;
+
+#[derive(Debug)]
+struct Activity {
+    accepted: Instant,
+    in_flight: AtomicUsize,
+    /// When the connection last had no request in flight.
+    idle_since: AtomicU64,
+    /// When the first byte of the next request arrived.
+    head_since: AtomicU64,
+    /// How many bytes of the HTTP/2 preface the connection began with: all of them is
+    /// HTTP/2, [`HTTP1`] once a byte differed.
+    preface: AtomicU8,
+    /// Wakes the watchdog when a clock starts.
+    changed: Notify,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+const HTTP2: u8 = H2_PREFACE.len() as u8;
+const HTTP1: u8 = u8::MAX;
+
+impl Activity {
+    fn new(http2: bool) -> Activity {
+        Activity {
+            accepted: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            head_since: AtomicU64::new(0),
+            preface: AtomicU8::new(if http2 { HTTP2 } else { 0 }),
+            changed: Notify::new(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.accepted.elapsed().as_millis()).unwrap_or(NONE - 1)
+    }
+
+    fn at(&self, millis: u64) -> Instant {
+        self.accepted + Duration::from_millis(millis)
+    }
+
+    /// Bytes arrived: if no request is in flight, a new one has begun.
+    fn on_read(&self, bytes: &[u8]) {
+        // Reads of one connection never overlap, so load-then-store is enough.
+        let matched = self.preface.load(Ordering::Relaxed);
+        if matched < HTTP2 {
+            let rest = &H2_PREFACE[usize::from(matched)..];
+            let n = bytes.len().min(rest.len());
+            let next = if bytes[..n] == rest[..n] {
+                // n <= 16, so this fits.
+                matched + n as u8
+            } else {
+                HTTP1
+            };
+            self.preface.store(next, Ordering::Relaxed);
+        }
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            let now = self.now();
+            let started =
+                self.head_since
+                    .compare_exchange(NONE, now, Ordering::AcqRel, Ordering::Relaxed);
+            if started.is_ok() {
+                self.changed.notify_one();
+            }
+        }
+    }
+
+    /// When this connection next expires, and why, given what it is doing now. `None`
+    /// while a request is in flight.
+    fn deadline(&self, timeouts: Timeouts) -> Option<(Instant, Expiry)> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let head_since = self.head_since.load(Ordering::Acquire);
+        if head_since != NONE && self.preface.load(Ordering::Relaxed) != HTTP2 {
+            let at = self.at(head_since) + timeouts.handshake_and_header_read;
+            return Some((at, Expiry::HeaderRead));
+        }
+        let idle_since = self.idle_since.load(Ordering::Acquire);
+        Some((self.at(idle_since) + timeouts.idle, Expiry::Idle))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    HeaderRead,
+    Idle,
+}
+
+/// Resolves when the connection has been idle, or slow sending headers, for too long.
+async fn expired(activity: &Activity, timeouts: Timeouts) -> Expiry {
+    loop {
+        // A clock that starts after this look wakes us through `changed`'s permit.
+        match activity.deadline(timeouts) {
+            None => activity.changed.notified().await,
+            Some((at, why)) if at <= Instant::now() => return why,
+            Some((at, _)) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at) => {}
+                    () = activity.changed.notified() => {}
+                }
+            }
+        }
+    }
+}
+
+/// A stream that tells its [`Activity`] when bytes arrive.
+struct Watched<I> {
+    inner: I,
+    activity: Arc<Activity>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.on_read(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Serves one accepted connection to the end: TLS first when `tls` is set, then HTTP/1.1
+/// or HTTP/2 with upgrades, under the idle and header-read clocks. Shutdown (through
+/// `drain`) closes it gracefully: the request in flight finishes, keep-alive ends.
+pub async fn serve<M, S, B>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    builder: auto::Builder<TokioExecutor>,
+    timeouts: Timeouts,
+    drain: Drain,
+    make: M,
+) where
+    M: FnOnce(Arc<Conn>) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = std::convert::Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match tls {
+        None => {
+            let activity = Arc::new(Activity::new(false));
+            let conn = Conn {
+                peer,
+                https: false,
+                activity: activity.clone(),
+                drain: drain.clone(),
+            };
+            let io = Watched {
+                inner: stream,
+                activity: activity.clone(),
+            };
+            run(io, activity, builder, timeouts, drain, make(Arc::new(conn))).await;
+        }
+        Some(acceptor) => {
+            let handshake = acceptor.accept(stream);
+            let stream =
+                match tokio::time::timeout(timeouts.handshake_and_header_read, handshake).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        tracing::debug!(peer = %peer, error = %error, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(peer = %peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+            let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            let activity = Arc::new(Activity::new(http2));
+            let conn = Conn {
+                peer,
+                https: true,
+                activity: activity.clone(),
+                drain: drain.clone(),
+            };
+            let io = Watched {
+                inner: stream,
+                activity: activity.clone(),
+            };
+            run(io, activity, builder, timeouts, drain, make(Arc::new(conn))).await;
+        }
+    }
+}
+
+async fn run<I, S, B>(
+    io: I,
+    activity: Arc<Activity>,
+    builder: auto::Builder<TokioExecutor>,
+    timeouts: Timeouts,
+    mut drain: Drain,
+    service: S,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = std::convert::Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let mut draining = false;
+    // Once closed for idleness, a connection gets one more clock to go: HTTP/1 keeps a
+    // connection open that holds part of a request head.
+    let mut idle_closed = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(error = %error, "connection ended with an error");
+                }
+                return;
+            }
+            () = drain.started(), if !draining => {
+                connection.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            expiry = expired(&activity, timeouts) => match expiry {
+                Expiry::Idle if !idle_closed => {
+                    connection.as_mut().graceful_shutdown();
+                    idle_closed = true;
+                    activity.idle_since.store(activity.now(), Ordering::Release);
+                }
+                // Half a request head, or a connection that outstayed its close: nothing
+                // left to finish gracefully.
+                _ => {
+                    tracing::debug!(?expiry, "closing a connection with no request in flight");
+                    return;
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUTS: Timeouts = Timeouts {
+        handshake_and_header_read: Duration::from_secs(10),
+        idle: Duration::from_secs(60),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_connection_must_send_headers_within_the_header_read_timeout() {
+        let activity = Activity::new(false);
+        let (at, why) = activity.deadline(TIMEOUTS).unwrap();
+        assert_eq!(why, Expiry::HeaderRead);
+        assert_eq!(at, activity.accepted + Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_request_the_idle_clock_runs_until_the_next_byte() {
+        let activity = Arc::new(Activity::new(false));
+        activity.on_read(b"GET / HTTP/1.1\r\n");
+        let conn = Conn {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            https: false,
+            activity: activity.clone(),
+            drain: Draining::default().token(),
+        };
+        let request = conn.request_started();
+        assert_eq!(activity.deadline(TIMEOUTS), None, "nothing runs in flight");
+        tokio::time::advance(Duration::from_secs(100)).await;
+        drop(request);
+        let (at, why) = activity.deadline(TIMEOUTS).unwrap();
+        assert_eq!(why, Expiry::Idle);
+        assert_eq!(at, Instant::now() + Duration::from_secs(60));
+
+        tokio::time::advance(Duration::from_secs(5)).await;
+        activity.on_read(b"G");
+        let (at, why) = activity.deadline(TIMEOUTS).unwrap();
+        assert_eq!(why, Expiry::HeaderRead);
+        assert_eq!(at, Instant::now() + Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_frames_between_requests_do_not_start_the_header_clock() {
+        let activity = Activity::new(false);
+        activity.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        let (_, why) = activity.deadline(TIMEOUTS).unwrap();
+        assert_eq!(why, Expiry::Idle);
+        activity.on_read(b"ping frame");
+        assert_eq!(activity.deadline(TIMEOUTS).unwrap().1, Expiry::Idle);
+    }
+
+    #[tokio::test]
+    async fn draining_waits_for_every_token() {
+        let draining = Draining::default();
+        let mut token = draining.token();
+        assert_eq!(draining.count(), 1);
+        let holder = tokio::spawn(async move {
+            token.started().await;
+            drop(token);
+        });
+        tokio::time::timeout(Duration::from_secs(5), draining.drain())
+            .await
+            .expect("drained once the token is dropped");
+        holder.await.unwrap();
+        assert_eq!(draining.count(), 0);
+    }
+}

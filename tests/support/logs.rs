@@ -1,0 +1,82 @@
+//! The gateway's logs as a test sees them: JSON lines from the subscriber production uses,
+//! written to memory.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use iamproxy::config::{LogConfig, LogFormat};
+use serde_json::Value;
+use tracing::subscriber::DefaultGuard;
+
+/// Every line logged while capturing.
+#[derive(Clone, Default)]
+pub struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// The production subscriber (JSON, down to debug so debug lines are checked too)
+    /// writing here.
+    fn subscriber(&self) -> Box<dyn tracing::Subscriber + Send + Sync> {
+        let sink = self.clone();
+        let config = LogConfig {
+            format: LogFormat::Json,
+            level: tracing::Level::DEBUG,
+        };
+        iamproxy::logging::subscriber(&config, move || sink.clone())
+    }
+
+    /// Installed once per test binary as the global subscriber, shared by all its tests.
+    pub fn global() -> &'static Captured {
+        static CAPTURED: OnceLock<Captured> = OnceLock::new();
+        CAPTURED.get_or_init(|| {
+            let captured = Captured::default();
+            tracing::subscriber::set_global_default(captured.subscriber())
+                .expect("no other global subscriber");
+            captured
+        })
+    }
+
+    /// Captures what this thread logs until the guard drops: in a `#[tokio::test]` (a
+    /// current-thread runtime), everything the test and the gateway it started log.
+    pub fn scoped() -> (Captured, DefaultGuard) {
+        let captured = Captured::default();
+        let guard = tracing::subscriber::set_default(captured.subscriber());
+        (captured, guard)
+    }
+
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).expect("logs are UTF-8")
+    }
+
+    /// Every line, parsed; each must be a JSON object with `time`, `level` and `msg`.
+    pub fn lines(&self) -> Vec<Value> {
+        self.text()
+            .lines()
+            .map(|line| {
+                let parsed: Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+                for key in ["time", "level", "msg"] {
+                    assert!(parsed.get(key).is_some(), "no {key:?} in log line: {line}");
+                }
+                parsed
+            })
+            .collect()
+    }
+
+    /// The lines of one request.
+    pub fn lines_of(&self, correlation_id: &str) -> Vec<Value> {
+        self.lines()
+            .into_iter()
+            .filter(|line| line["correlation_id"] == correlation_id)
+            .collect()
+    }
+}
