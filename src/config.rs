@@ -1,5 +1,6 @@
 //! Configuration: the TOML file read in two stages, raw serde structs then a validated, typed `Config`.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
@@ -16,6 +17,7 @@ use rustls::ClientConfig;
 use serde::Deserialize;
 
 use crate::classify::Endpoint;
+use crate::rollout::{Mode, PercentageOfActors, RoutingConfig};
 use crate::tls::{self, ServerTls, TlsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +59,7 @@ pub struct Config {
     /// Always present when `iam` is; allowed but unused without it.
     pub preauthorize: Option<PreauthorizeConfig>,
     pub cache: CacheConfig,
+    pub routing: RoutingConfig,
     pub log: LogConfig,
 }
 
@@ -295,6 +298,7 @@ impl Config {
             iam,
             preauthorize,
             cache,
+            routing: routing(raw.routing)?,
             log: log(raw.log)?,
         })
     }
@@ -463,6 +467,107 @@ fn preauthorize(raw: RawPreauthorize) -> Result<PreauthorizeConfig, ConfigError>
     })
 }
 
+fn routing(raw: RawRouting) -> Result<RoutingConfig, ConfigError> {
+    let mode = match raw.mode.as_deref() {
+        None | Some("preauthorize") => Mode::Preauthorize,
+        Some("rails") => Mode::Rails,
+        Some("iam") => Mode::Iam,
+        Some(_) => {
+            let reason = r#"must be "preauthorize", "rails" or "iam""#;
+            return Err(invalid("routing.mode", reason));
+        }
+    };
+    let max: usize = positive_int(
+        "routing.max_forced_clients",
+        raw.max_forced_clients,
+        DEFAULT_MAX_FORCED_CLIENTS,
+    )?;
+    let force_iam = client_list("routing.force_iam", raw.force_iam, max)?;
+    let force_rails = client_list("routing.force_rails", raw.force_rails, max)?;
+    if let Some(both) = force_rails.iter().find(|id| force_iam.contains(*id)) {
+        return Err(invalid(
+            "routing.force_rails",
+            format!("{both:?} is also in routing.force_iam"),
+        ));
+    }
+    let percentage = raw.percentage_of_actors.map(percentage).transpose()?;
+    Ok(RoutingConfig {
+        mode,
+        force_iam,
+        force_rails,
+        percentage,
+    })
+}
+
+/// Seed 002's limit on an allowlist: long lists belong in Flipper, not in a config file.
+const DEFAULT_MAX_FORCED_CLIENTS: usize = 200;
+
+fn client_list(
+    key: &str,
+    raw: Option<Vec<String>>,
+    max: usize,
+) -> Result<HashSet<String>, ConfigError> {
+    let ids = raw.unwrap_or_default();
+    if ids.len() > max {
+        return Err(invalid(
+            key,
+            format!(
+                "{} client ids, more than routing.max_forced_clients ({max})",
+                ids.len()
+            ),
+        ));
+    }
+    let mut set = HashSet::with_capacity(ids.len());
+    for (i, id) in ids.into_iter().enumerate() {
+        if id.is_empty() || id.chars().any(char::is_control) {
+            return Err(invalid(
+                format!("{key}[{i}]"),
+                "must be a non-empty client id without control characters",
+            ));
+        }
+        if set.contains(&id) {
+            return Err(invalid(format!("{key}[{i}]"), format!("duplicate {id:?}")));
+        }
+        set.insert(id);
+    }
+    Ok(set)
+}
+
+fn percentage(raw: RawPercentage) -> Result<PercentageOfActors, ConfigError> {
+    const KEY: &str = "routing.percentage_of_actors";
+    let flag = required(&format!("{KEY}.flag"), raw.flag)?;
+    if flag.is_empty() {
+        return Err(invalid(format!("{KEY}.flag"), "must not be empty"));
+    }
+    let actor = raw.actor.unwrap_or_else(|| {
+        format!(
+            "Authn::OauthApplication:{}",
+            PercentageOfActors::PLACEHOLDER
+        )
+    });
+    let placeholder = PercentageOfActors::PLACEHOLDER;
+    let Some((prefix, suffix)) = actor
+        .split_once(placeholder)
+        .filter(|(_, suffix)| !suffix.contains(placeholder))
+    else {
+        let reason = format!("must contain {placeholder} exactly once");
+        return Err(invalid(format!("{KEY}.actor"), reason));
+    };
+    let percent = raw
+        .percent
+        .ok_or_else(|| invalid(format!("{KEY}.percent"), "required key is missing"))?;
+    if !(0.0..=100.0).contains(&percent) {
+        let reason = format!("must be from 0 to 100, found {percent}");
+        return Err(invalid(format!("{KEY}.percent"), reason));
+    }
+    Ok(PercentageOfActors {
+        flag,
+        actor_prefix: prefix.to_string(),
+        actor_suffix: suffix.to_string(),
+        percent,
+    })
+}
+
 fn log(raw: RawLog) -> Result<LogConfig, ConfigError> {
     let format = match raw.format.as_deref() {
         None | Some("json") => LogFormat::Json,
@@ -618,6 +723,8 @@ struct RawConfig {
     #[serde(default)]
     cache: RawCache,
     #[serde(default)]
+    routing: RawRouting,
+    #[serde(default)]
     log: RawLog,
 }
 
@@ -695,6 +802,24 @@ struct RawPreauthorize {
 struct RawCache {
     ttl: Option<String>,
     max_entries: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRouting {
+    mode: Option<String>,
+    force_iam: Option<Vec<String>>,
+    force_rails: Option<Vec<String>>,
+    max_forced_clients: Option<i64>,
+    percentage_of_actors: Option<RawPercentage>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPercentage {
+    flag: Option<String>,
+    actor: Option<String>,
+    percent: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1069,6 +1194,78 @@ mod tests {
         assert_eq!(err("[cache]\n"), "rails: required table is missing");
         let iam = with_iam("/unused", "").replace("http://127.0.0.1:9000", "ws://iam");
         assert_eq!(err(&iam), "iam.url: scheme must be http or https");
+    }
+
+    #[test]
+    fn routing_defaults_to_asking_the_pre_authorize_backend() {
+        let routing = Config::from_toml(MINIMAL).unwrap().routing;
+        assert_eq!(routing, RoutingConfig::default());
+        assert_eq!(routing.mode, Mode::Preauthorize);
+    }
+
+    #[test]
+    fn routing_reads_mode_lists_and_percentage() {
+        let text = format!(
+            "{MINIMAL}[routing]\nmode = \"iam\"\nforce_iam = [\"a\", \"b\"]\nforce_rails = [\"c\"]\n\
+             percentage_of_actors = {{ flag = \"f\", actor = \"App:{{client_id}}!\", percent = 12 }}\n"
+        );
+        let routing = Config::from_toml(&text).unwrap().routing;
+        assert_eq!(routing.mode, Mode::Iam);
+        assert!(routing.force_iam.contains("b") && routing.force_rails.contains("c"));
+        let gate = routing.percentage.unwrap();
+        assert_eq!(
+            (gate.actor_prefix.as_str(), gate.actor_suffix.as_str()),
+            ("App:", "!")
+        );
+        assert_eq!(gate.percent, 12.0, "an integer percent is accepted");
+    }
+
+    #[test]
+    fn routing_rejects_bad_modes_lists_and_percentages() {
+        let routing = |body: &str| err(&format!("{MINIMAL}[routing]\n{body}\n"));
+        assert_eq!(
+            routing("mode = \"off\""),
+            r#"routing.mode: must be "preauthorize", "rails" or "iam""#
+        );
+        assert_eq!(
+            routing("force_iam = [\"a\", \"b\", \"a\"]"),
+            r#"routing.force_iam[2]: duplicate "a""#
+        );
+        assert_eq!(
+            routing("force_iam = [\"a\"]\nforce_rails = [\"b\", \"a\"]"),
+            r#"routing.force_rails: "a" is also in routing.force_iam"#
+        );
+        assert_eq!(
+            routing("force_rails = [\"\"]"),
+            "routing.force_rails[0]: must be a non-empty client id without control characters"
+        );
+        let three = "force_iam = [\"a\", \"b\", \"c\"]\nmax_forced_clients = 2";
+        assert_eq!(
+            routing(three),
+            "routing.force_iam: 3 client ids, more than routing.max_forced_clients (2)"
+        );
+        let many: Vec<String> = (0..201).map(|n| format!("\"app-{n}\"")).collect();
+        assert_eq!(
+            routing(&format!("force_rails = [{}]", many.join(", "))),
+            "routing.force_rails: 201 client ids, more than routing.max_forced_clients (200)"
+        );
+        let gate = |inner: &str| routing(&format!("percentage_of_actors = {{ {inner} }}"));
+        assert_eq!(
+            gate("flag = \"f\", percent = 100.5"),
+            "routing.percentage_of_actors.percent: must be from 0 to 100, found 100.5"
+        );
+        assert_eq!(
+            gate("flag = \"f\", actor = \"App\", percent = 1"),
+            "routing.percentage_of_actors.actor: must contain {client_id} exactly once"
+        );
+        assert_eq!(
+            gate("percent = 1"),
+            "routing.percentage_of_actors.flag: required key is missing"
+        );
+        assert_eq!(
+            gate("flag = \"f\""),
+            "routing.percentage_of_actors.percent: required key is missing"
+        );
     }
 
     #[test]

@@ -33,6 +33,14 @@ pub enum Reason {
     Preauthorize,
     /// The pre-authorize backend failed; fail open to Rails.
     PreauthorizeError,
+    /// `routing.mode` is `rails` or `iam`.
+    KillSwitch,
+    /// The client id is in `routing.force_iam`.
+    ForceIam,
+    /// The client id is in `routing.force_rails`.
+    ForceRails,
+    /// `routing.percentage_of_actors` includes the client.
+    Percentage,
 }
 
 impl Reason {
@@ -45,6 +53,10 @@ impl Reason {
             Reason::Cache => "cache",
             Reason::Preauthorize => "preauthorize",
             Reason::PreauthorizeError => "preauthorize_error",
+            Reason::KillSwitch => "kill_switch",
+            Reason::ForceIam => "force_iam",
+            Reason::ForceRails => "force_rails",
+            Reason::Percentage => "percentage",
         }
     }
 }

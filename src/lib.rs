@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod preauth;
 pub mod proxy;
 pub mod respond;
+pub mod rollout;
 pub mod server;
 pub mod state;
 pub mod tls;

@@ -40,7 +40,7 @@ const METHODS: [&str; 8] = [
 ];
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// In [`Reason`] declaration order, so `reason as usize` indexes it.
-const REASONS: [Reason; 7] = [
+const REASONS: [Reason; 11] = [
     Reason::NotOauth,
     Reason::IamDisabled,
     Reason::Continuity,
@@ -48,11 +48,20 @@ const REASONS: [Reason; 7] = [
     Reason::Cache,
     Reason::Preauthorize,
     Reason::PreauthorizeError,
+    Reason::KillSwitch,
+    Reason::ForceIam,
+    Reason::ForceRails,
+    Reason::Percentage,
 ];
 /// The decisions that can happen, exported at 0 from start-up so that `rate()` sees the
 /// first one.
-const POSSIBLE_DECISIONS: [(Destination, Reason); 8] = [
+const POSSIBLE_DECISIONS: [(Destination, Reason); 13] = [
     (Destination::Iam, Reason::Continuity),
+    (Destination::Iam, Reason::KillSwitch),
+    (Destination::Iam, Reason::ForceIam),
+    (Destination::Iam, Reason::Percentage),
+    (Destination::Rails, Reason::KillSwitch),
+    (Destination::Rails, Reason::ForceRails),
     (Destination::Iam, Reason::Cache),
     (Destination::Iam, Reason::Preauthorize),
     (Destination::Rails, Reason::Cache),

@@ -179,14 +179,21 @@ async fn decide(
         Identity::Known { client_id, .. } => Some(client_id),
         Identity::Unknown(_) => None,
     };
+    let routing = &state.config.routing;
+    // A flow IAM started finishes at IAM even under the kill switch: its codes and tokens
+    // mean nothing to Rails (and if IAM is down, the fallback takes it there anyway).
     let decision = match (&state.iam, client_id) {
         (None, _) => Decision::rails(Reason::IamDisabled),
         (Some(iam), _) if continuity(endpoint, &view, &iam.token_prefixes).is_some() => Decision {
             destination: Destination::Iam,
             reason: Reason::Continuity,
         },
+        (Some(_), _) if routing.all_to_rails() => Decision::rails(Reason::KillSwitch),
         (Some(_), None) => Decision::rails(Reason::UnknownClient),
-        (Some(iam), Some(client_id)) => ask_cache(state, iam, client_id, &head.request_id).await,
+        (Some(iam), Some(client_id)) => match routing.decide(client_id) {
+            Some(local) => local,
+            None => ask_cache(state, iam, client_id, &head.request_id).await,
+        },
     };
     let identification = match &identity {
         Identity::Known { source, .. } => source.as_str(),

@@ -174,6 +174,11 @@ async fn series_created_at_start_up_read_zero_before_any_traffic() {
         ("rails", "unknown_client"),
         ("rails", "preauthorize_error"),
         ("rails", "iam_disabled"),
+        ("iam", "kill_switch"),
+        ("rails", "kill_switch"),
+        ("iam", "force_iam"),
+        ("rails", "force_rails"),
+        ("iam", "percentage"),
     ];
     for (destination, reason) in decisions {
         assert_eq!(
@@ -780,6 +785,10 @@ fn assert_labels_come_from_closed_sets(scraped: &Scrape) {
         "unknown_client",
         "preauthorize_error",
         "iam_disabled",
+        "kill_switch",
+        "force_iam",
+        "force_rails",
+        "percentage",
     ];
     let fallback_reasons = ["connect_error", "timeout", "status", "breaker_open"];
     for series in scraped.samples.keys() {

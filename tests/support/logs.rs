@@ -5,7 +5,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use iamproxy::config::{LogConfig, LogFormat};
 use serde_json::Value;
-use tracing::subscriber::DefaultGuard;
 
 /// Every line logged while capturing.
 #[derive(Clone, Default)]
@@ -34,6 +33,8 @@ impl Captured {
     }
 
     /// Installed once per test binary as the global subscriber, shared by all its tests.
+    /// (Not a per-test `set_default`: tracing caches each callsite's interest across
+    /// threads, so a scoped subscriber can miss events another test's thread registered.)
     pub fn global() -> &'static Captured {
         static CAPTURED: OnceLock<Captured> = OnceLock::new();
         CAPTURED.get_or_init(|| {
@@ -44,12 +45,11 @@ impl Captured {
         })
     }
 
-    /// Captures what this thread logs until the guard drops: in a `#[tokio::test]` (a
-    /// current-thread runtime), everything the test and the gateway it started log.
-    pub fn scoped() -> (Captured, DefaultGuard) {
-        let captured = Captured::default();
-        let guard = tracing::subscriber::set_default(captured.subscriber());
-        (captured, guard)
+    /// Some line holds every one of `parts`.
+    pub fn has_line(&self, parts: &[&str]) -> bool {
+        self.text()
+            .lines()
+            .any(|line| parts.iter().all(|part| line.contains(part)))
     }
 
     /// Everything logged so far.
