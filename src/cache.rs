@@ -23,18 +23,33 @@ pub enum Lookup {
     Failed(Arc<PreauthError>),
 }
 
+/// A cached answer and when it was stored.
+#[derive(Debug, Clone)]
+struct Entry {
+    answer: Answer,
+    stored: Instant,
+}
+
+/// What the cache holds for one client, for the admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cached {
+    pub destination: Destination,
+    pub age: Duration,
+    pub expires_in: Duration,
+}
+
 /// Each entry lives as long as its answer said (`Cache-Control`), capped by `cache.ttl`.
 struct AnswerLifetime;
 
-impl Expiry<String, Answer> for AnswerLifetime {
-    fn expire_after_create(&self, _: &String, answer: &Answer, _: Instant) -> Option<Duration> {
-        Some(answer.lifetime)
+impl Expiry<String, Entry> for AnswerLifetime {
+    fn expire_after_create(&self, _: &String, entry: &Entry, _: Instant) -> Option<Duration> {
+        Some(entry.answer.lifetime)
     }
 }
 
 #[derive(Clone)]
 pub struct DecisionCache {
-    cache: Cache<String, Answer>,
+    cache: Cache<String, Entry>,
 }
 
 impl std::fmt::Debug for DecisionCache {
@@ -63,19 +78,50 @@ impl DecisionCache {
         F: Future<Output = Result<Answer, PreauthError>>,
     {
         // The hit path borrows the id: no key allocation unless we insert.
-        if let Some(answer) = self.cache.get(client_id).await {
-            return Lookup::Hit(answer.destination);
+        if let Some(entry) = self.cache.get(client_id).await {
+            return Lookup::Hit(entry.answer.destination);
         }
+        let fetch = async {
+            let answer = fetch.await?;
+            Ok(Entry {
+                answer,
+                stored: Instant::now(),
+            })
+        };
         match self
             .cache
             .entry_by_ref(client_id)
             .or_try_insert_with(fetch)
             .await
         {
-            Ok(entry) if entry.is_fresh() => Lookup::Fetched(entry.value().destination),
-            Ok(entry) => Lookup::Hit(entry.value().destination),
+            Ok(entry) if entry.is_fresh() => Lookup::Fetched(entry.value().answer.destination),
+            Ok(entry) => Lookup::Hit(entry.value().answer.destination),
             Err(error) => Lookup::Failed(error),
         }
+    }
+
+    /// The cached answer for `client_id`, if any, with its age and remaining lifetime.
+    pub async fn inspect(&self, client_id: &str) -> Option<Cached> {
+        let entry = self.cache.get(client_id).await?;
+        let age = entry.stored.elapsed();
+        Some(Cached {
+            destination: entry.answer.destination,
+            age,
+            expires_in: entry.answer.lifetime.saturating_sub(age),
+        })
+    }
+
+    /// Forgets `client_id`'s answer: its next request asks again. Whether there was one.
+    pub async fn invalidate(&self, client_id: &str) -> bool {
+        self.cache.remove(client_id).await.is_some()
+    }
+
+    /// Forgets every answer; returns how many there were.
+    pub async fn invalidate_all(&self) -> u64 {
+        let held = self.settled_entry_count().await;
+        self.cache.invalidate_all();
+        self.cache.run_pending_tasks().await;
+        held
     }
 
     /// Approximate number of cached answers.
@@ -181,6 +227,40 @@ mod tests {
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert_eq!(fetched, 1);
+    }
+
+    #[tokio::test]
+    async fn inspect_and_invalidate_one_or_all() {
+        let cache = cache(10);
+        let long = Duration::from_secs(60);
+        for id in ["a", "b", "c"] {
+            cache
+                .lookup(id, async { answer(Destination::Iam, long) })
+                .await;
+        }
+        let seen = cache.inspect("a").await.expect("cached");
+        assert_eq!(seen.destination, Destination::Iam);
+        assert!(seen.age < Duration::from_secs(5));
+        assert_eq!(seen.age + seen.expires_in, long);
+        assert_eq!(cache.inspect("zzz").await, None);
+
+        assert!(cache.invalidate("a").await);
+        assert!(!cache.invalidate("a").await, "already gone");
+        assert_eq!(cache.inspect("a").await, None);
+        let again = cache
+            .lookup("a", async { answer(Destination::Rails, long) })
+            .await;
+        assert!(
+            matches!(again, Lookup::Fetched(Destination::Rails)),
+            "asked again"
+        );
+
+        assert_eq!(cache.invalidate_all().await, 3);
+        assert_eq!(cache.settled_entry_count().await, 0);
+        let b = cache
+            .lookup("b", async { answer(Destination::Rails, long) })
+            .await;
+        assert!(matches!(b, Lookup::Fetched(Destination::Rails)));
     }
 
     #[tokio::test]

@@ -60,7 +60,33 @@ pub struct Config {
     pub preauthorize: Option<PreauthorizeConfig>,
     pub cache: CacheConfig,
     pub routing: RoutingConfig,
+    /// `None`: the admin API is off and its paths answer 404.
+    pub admin_token: Option<AdminToken>,
     pub log: LogConfig,
+}
+
+/// The bearer token the admin API asks for. Redacted in `Debug`, like [`Secret`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// Whether `offered` is the token, comparing every byte whatever the first
+    /// difference, so the time taken does not say how much of a guess was right.
+    pub fn matches(&self, offered: &[u8]) -> bool {
+        let ours = self.0.as_bytes();
+        ours.len() == offered.len()
+            && ours
+                .iter()
+                .zip(offered)
+                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                == 0
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -299,6 +325,7 @@ impl Config {
             preauthorize,
             cache,
             routing: routing(raw.routing)?,
+            admin_token: raw.admin.token_file.map(admin_token).transpose()?,
             log: log(raw.log)?,
         })
     }
@@ -465,6 +492,25 @@ fn preauthorize(raw: RawPreauthorize) -> Result<PreauthorizeConfig, ConfigError>
         timeout: positive_duration("preauthorize.timeout", raw.timeout, "500ms")?,
         tls,
     })
+}
+
+/// Shortest admin token accepted: a guessable token would open cache invalidation to anyone
+/// who can reach the admin listener.
+const MIN_ADMIN_TOKEN_BYTES: usize = 16;
+
+fn admin_token(path: String) -> Result<AdminToken, ConfigError> {
+    let key = "admin.token_file";
+    let bytes =
+        std::fs::read(&path).map_err(|e| invalid(key, format!("cannot read {path}: {e}")))?;
+    let text = String::from_utf8(bytes).map_err(|_| invalid(key, "token is not UTF-8"))?;
+    let token = text.trim();
+    if token.len() < MIN_ADMIN_TOKEN_BYTES || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        let reason = format!(
+            "token must be at least {MIN_ADMIN_TOKEN_BYTES} printable ASCII characters without spaces"
+        );
+        return Err(invalid(key, reason));
+    }
+    Ok(AdminToken(token.to_string()))
 }
 
 fn routing(raw: RawRouting) -> Result<RoutingConfig, ConfigError> {
@@ -725,6 +771,8 @@ struct RawConfig {
     #[serde(default)]
     routing: RawRouting,
     #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
     log: RawLog,
 }
 
@@ -802,6 +850,12 @@ struct RawPreauthorize {
 struct RawCache {
     ttl: Option<String>,
     max_entries: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    token_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1194,6 +1248,25 @@ mod tests {
         assert_eq!(err("[cache]\n"), "rails: required table is missing");
         let iam = with_iam("/unused", "").replace("http://127.0.0.1:9000", "ws://iam");
         assert_eq!(err(&iam), "iam.url: scheme must be http or https");
+    }
+
+    #[test]
+    fn admin_token_is_read_trimmed_redacted_and_must_be_long_enough() {
+        let secret = STANDARD.encode(random_bytes(24));
+        let file = TempFile::with(format!("{secret}\n").as_bytes());
+        let text = format!("{MINIMAL}[admin]\ntoken_file = '{}'\n", file.path());
+        let token = Config::from_toml(&text).unwrap().admin_token.unwrap();
+        assert!(token.matches(secret.as_bytes()));
+        assert!(!token.matches(&secret.as_bytes()[1..]));
+        assert!(!format!("{token:?}").contains(&secret));
+        assert!(Config::from_toml(MINIMAL).unwrap().admin_token.is_none());
+
+        let short = TempFile::with(b"tooshort\n");
+        let text = format!("{MINIMAL}[admin]\ntoken_file = '{}'\n", short.path());
+        assert_eq!(
+            err(&text),
+            "admin.token_file: token must be at least 16 printable ASCII characters without spaces"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! [`proxy`] runs those steps in order.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cache;
 pub mod classify;
 pub mod config;

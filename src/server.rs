@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
+use crate::admin;
 use crate::config::{Config, LogFormat, ServerConfig};
 use crate::connection::{self, Conn, Draining, Timeouts};
 use crate::forward::ResponseBody;
@@ -363,7 +364,7 @@ async fn serve_admin(
                 let conn = conn.clone();
                 async move {
                     let _in_flight = conn.request_started();
-                    Ok::<_, Infallible>(admin_response(&live, request.uri().path()).await)
+                    Ok::<_, Infallible>(admin_response(&live, &request).await)
                 }
             })
         }
@@ -382,7 +383,12 @@ async fn serve_admin(
 /// Scrapers and probes need few connections; a flood of them must not starve the process.
 const ADMIN_CONNECTIONS: usize = 64;
 
-async fn admin_response(live: &Live, path: &str) -> Response<ResponseBody> {
+async fn admin_response(live: &Live, request: &Request<Incoming>) -> Response<ResponseBody> {
+    let path = request.uri().path();
+    if path.starts_with(admin::PREFIX) {
+        let state = live.current();
+        return admin::respond(&state, request.method(), path, request.headers()).await;
+    }
     match path {
         "/-/liveness" => text_response(StatusCode::OK, "ok\n"),
         "/-/readiness" if live.ready.load(Ordering::Acquire) => {

@@ -1,0 +1,135 @@
+//! The admin API, on the admin listener: look at and forget cached decisions. It is off
+//! (every path 404) unless `admin.token_file` is set, and then every call needs
+//! `Authorization: Bearer <token>` (else 401).
+//!
+//! - `GET /-/admin/decisions/<client_id>`: the cached answer and the `[routing]` rule that
+//!   applies to the client, each `null` when there is none.
+//! - `DELETE /-/admin/decisions/<client_id>`: forget one client's answer.
+//! - `DELETE /-/admin/decisions`: forget every answer.
+//!
+//! `<client_id>` is percent-encoded as in a URL path.
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Response, StatusCode};
+use percent_encoding::percent_decode_str;
+use serde_json::{json, Value};
+
+use crate::decision::{Decision, Reason};
+use crate::forward::ResponseBody;
+use crate::state::AppState;
+
+/// Every admin API path starts with this.
+pub const PREFIX: &str = "/-/admin/";
+const DECISIONS: &str = "/-/admin/decisions";
+
+pub async fn respond(
+    state: &AppState,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+) -> Response<ResponseBody> {
+    let Some(token) = &state.config.admin_token else {
+        return json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"}));
+    };
+    let offered = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "));
+    if !offered.is_some_and(|offered| token.matches(offered)) {
+        let mut response =
+            json_response(StatusCode::UNAUTHORIZED, &json!({"error": "unauthorized"}));
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    let client_id = match path.strip_prefix(DECISIONS) {
+        Some("") => None,
+        Some(rest) => match rest.strip_prefix('/').map(client_id) {
+            Some(Some(id)) => Some(id),
+            _ => return bad_request("the client id must be non-empty UTF-8"),
+        },
+        None => return json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
+    };
+    match (method, client_id) {
+        (&Method::GET, Some(id)) => json_response(StatusCode::OK, &inspect(state, &id).await),
+        (&Method::DELETE, Some(id)) => {
+            let invalidated = state.cache.invalidate(&id).await;
+            tracing::info!(
+                client_id = id.as_str(),
+                invalidated,
+                "admin: decision invalidated"
+            );
+            json_response(
+                StatusCode::OK,
+                &json!({"client_id": id, "invalidated": invalidated}),
+            )
+        }
+        (&Method::DELETE, None) => {
+            let invalidated = state.cache.invalidate_all().await;
+            tracing::info!(invalidated, "admin: every decision invalidated");
+            json_response(StatusCode::OK, &json!({"invalidated": invalidated}))
+        }
+        (_, id) => {
+            let allow = if id.is_some() {
+                "GET, DELETE"
+            } else {
+                "DELETE"
+            };
+            let mut response = json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({"error": "method not allowed"}),
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+            response
+        }
+    }
+}
+
+fn client_id(encoded: &str) -> Option<String> {
+    let id = percent_decode_str(encoded).decode_utf8().ok()?;
+    (!id.is_empty()).then(|| id.into_owned())
+}
+
+async fn inspect(state: &AppState, client_id: &str) -> Value {
+    let cached = state.cache.inspect(client_id).await.map(|cached| {
+        json!({
+            "destination": cached.destination.as_str(),
+            "reason": "preauthorize",
+            "age_seconds": cached.age.as_secs_f64(),
+            "expires_in_seconds": cached.expires_in.as_secs_f64(),
+        })
+    });
+    let routing = &state.config.routing;
+    let rule = if routing.all_to_rails() {
+        Some(Decision::rails(Reason::KillSwitch))
+    } else {
+        routing.decide(client_id)
+    };
+    let rule = rule.map(|decision| {
+        json!({
+            "destination": decision.destination.as_str(),
+            "reason": decision.reason.as_str(),
+        })
+    });
+    json!({"client_id": client_id, "cached": cached, "rule": rule})
+}
+
+fn bad_request(why: &str) -> Response<ResponseBody> {
+    json_response(StatusCode::BAD_REQUEST, &json!({"error": why}))
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<ResponseBody> {
+    let mut bytes = serde_json::to_vec(body).unwrap_or_default();
+    bytes.push(b'\n');
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(bytes))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
