@@ -7,12 +7,13 @@ cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }
 
-# Debian packages the tests need: `kill` (procps) to signal the gateway process, and
+# Debian packages the tests need: `kill` (procps) to signal the gateway process,
 # `prometheus` for `promtool` (rule and metric checks) and the real server the
-# observability test scrapes the gateway with.
+# observability test scrapes the gateway with, and `redis-server` for fleet invalidation.
 need_apt=()
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || need_apt+=(procps)
 { command -v promtool && command -v prometheus; } >/dev/null || need_apt+=(prometheus)
+command -v redis-server >/dev/null || need_apt+=(redis-server)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   apt-get update -qq

@@ -17,6 +17,7 @@ use percent_encoding::percent_decode_str;
 use serde_json::{json, Value};
 
 use crate::decision::{Decision, Reason};
+use crate::fleet::{self, Invalidation};
 use crate::forward::ResponseBody;
 use crate::state::AppState;
 
@@ -61,15 +62,23 @@ pub async fn respond(
                 invalidated,
                 "admin: decision invalidated"
             );
+            let fleet = Invalidation::One {
+                client_id: id.clone(),
+            };
+            let published = publish(state, &fleet).await;
             json_response(
                 StatusCode::OK,
-                &json!({"client_id": id, "invalidated": invalidated}),
+                &json!({"client_id": id, "invalidated": invalidated, "published": published}),
             )
         }
         (&Method::DELETE, None) => {
             let invalidated = state.cache.invalidate_all().await;
             tracing::info!(invalidated, "admin: every decision invalidated");
-            json_response(StatusCode::OK, &json!({"invalidated": invalidated}))
+            let published = publish(state, &Invalidation::All { all: true }).await;
+            json_response(
+                StatusCode::OK,
+                &json!({"invalidated": invalidated, "published": published}),
+            )
         }
         (_, id) => {
             let allow = if id.is_some() {
@@ -85,6 +94,21 @@ pub async fn respond(
                 .headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static(allow));
             response
+        }
+    }
+}
+
+/// Tells the rest of the fleet, when `[redis]` is set: `null` without it, else whether
+/// Redis took the message.
+async fn publish(state: &AppState, invalidation: &Invalidation) -> Value {
+    let Some(redis) = &state.config.redis else {
+        return Value::Null;
+    };
+    match fleet::publish(redis, invalidation).await {
+        Ok(()) => Value::Bool(true),
+        Err(error) => {
+            tracing::warn!(error = %error, "admin: could not publish the invalidation to redis");
+            Value::Bool(false)
         }
     }
 }

@@ -62,7 +62,16 @@ pub struct Config {
     pub routing: RoutingConfig,
     /// `None`: the admin API is off and its paths answer 404.
     pub admin_token: Option<AdminToken>,
+    /// Fleet-wide invalidation; `None`: this instance's cache is its own.
+    pub redis: Option<RedisConfig>,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`; may hold a password, so it is never logged.
+    pub url: String,
+    pub channel: String,
 }
 
 /// The bearer token the admin API asks for. Redacted in `Debug`, like [`Secret`].
@@ -326,6 +335,7 @@ impl Config {
             cache,
             routing: routing(raw.routing)?,
             admin_token: raw.admin.token_file.map(admin_token).transpose()?,
+            redis: raw.redis.map(redis).transpose()?,
             log: log(raw.log)?,
         })
     }
@@ -492,6 +502,18 @@ fn preauthorize(raw: RawPreauthorize) -> Result<PreauthorizeConfig, ConfigError>
         timeout: positive_duration("preauthorize.timeout", raw.timeout, "500ms")?,
         tls,
     })
+}
+
+fn redis(raw: RawRedis) -> Result<RedisConfig, ConfigError> {
+    let url = required("redis.url", raw.url)?;
+    redis::Client::open(url.as_str()).map_err(|e| invalid("redis.url", e.to_string()))?;
+    let channel = raw
+        .channel
+        .unwrap_or_else(|| "iamproxy:decisions".to_string());
+    if channel.is_empty() {
+        return Err(invalid("redis.channel", "must not be empty"));
+    }
+    Ok(RedisConfig { url, channel })
 }
 
 /// Shortest admin token accepted: a guessable token would open cache invalidation to anyone
@@ -772,6 +794,7 @@ struct RawConfig {
     routing: RawRouting,
     #[serde(default)]
     admin: RawAdmin,
+    redis: Option<RawRedis>,
     #[serde(default)]
     log: RawLog,
 }
@@ -850,6 +873,13 @@ struct RawPreauthorize {
 struct RawCache {
     ttl: Option<String>,
     max_entries: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    url: Option<String>,
+    channel: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1267,6 +1297,19 @@ mod tests {
             err(&text),
             "admin.token_file: token must be at least 16 printable ASCII characters without spaces"
         );
+    }
+
+    #[test]
+    fn redis_needs_a_valid_url_and_defaults_its_channel() {
+        let text = format!("{MINIMAL}[redis]\nurl = \"redis://127.0.0.1:6379/0\"\n");
+        let redis = Config::from_toml(&text).unwrap().redis.unwrap();
+        assert_eq!(redis.channel, "iamproxy:decisions");
+        assert_eq!(
+            err(&format!("{MINIMAL}[redis]\nchannel = \"x\"\n")),
+            "redis.url: required key is missing"
+        );
+        let bad = err(&format!("{MINIMAL}[redis]\nurl = \"http://redis\"\n"));
+        assert!(bad.starts_with("redis.url: "), "{bad}");
     }
 
     #[test]

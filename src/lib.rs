@@ -19,6 +19,7 @@ pub mod connection;
 pub mod decision;
 pub mod demo;
 pub mod fallback;
+pub mod fleet;
 pub mod forward;
 pub mod headers;
 pub mod identify;

@@ -22,8 +22,9 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin;
-use crate::config::{Config, LogFormat, ServerConfig};
+use crate::config::{Config, LogFormat, RedisConfig, ServerConfig};
 use crate::connection::{self, Conn, Draining, Timeouts};
+use crate::fleet;
 use crate::forward::ResponseBody;
 use crate::logging::LogLevel;
 use crate::metrics;
@@ -48,6 +49,8 @@ pub struct Gateway {
     live: Arc<Live>,
     /// What the listeners were started with; see [`Reloader::apply`].
     started: ServerConfig,
+    /// What the Redis subscription was started with.
+    redis: Option<RedisConfig>,
     main: TcpListener,
     admin: TcpListener,
 }
@@ -72,6 +75,7 @@ impl Gateway {
         let admin = bind("server.admin_listen", config.server.admin_listen).await?;
         Ok(Gateway {
             started: config.server.clone(),
+            redis: config.redis.clone(),
             live: Arc::new(Live {
                 state: ArcSwap::from_pointee(AppState::new(config)),
                 ready: AtomicBool::new(true),
@@ -98,6 +102,7 @@ impl Gateway {
         Reloader {
             live: self.live.clone(),
             started: self.started.clone(),
+            redis: self.redis.clone(),
             log: None,
         }
     }
@@ -110,9 +115,11 @@ impl Gateway {
         let Gateway {
             live,
             started,
+            redis,
             main,
             admin,
         } = self;
+        let subscription = redis.map(|redis| fleet::subscribe(live.clone(), redis));
         let builder = connection_builder(&started);
         let draining = Draining::default();
         let connections = Arc::new(Semaphore::new(started.max_connections));
@@ -192,6 +199,9 @@ impl Gateway {
         }
         let _ = stop_admin.send(());
         let _ = admin_task.await;
+        if let Some(subscription) = subscription {
+            subscription.abort();
+        }
     }
 }
 
@@ -200,6 +210,7 @@ impl Gateway {
 pub struct Reloader {
     live: Arc<Live>,
     started: ServerConfig,
+    redis: Option<RedisConfig>,
     /// The process's logs, when this gateway owns them: their level reloads, their format
     /// does not.
     log: Option<(LogLevel, LogFormat)>,
@@ -218,6 +229,9 @@ impl Reloader {
     /// returned, and they keep their old values.
     pub fn apply(&self, config: Config) -> Vec<&'static str> {
         let mut needs_restart = listener_changes(&self.started, &config.server);
+        if self.redis != config.redis {
+            needs_restart.push("redis");
+        }
         if let Some((level, format)) = &self.log {
             level.set(config.log.level);
             if *format != config.log.format {

@@ -139,7 +139,8 @@ async fn invalidating_one_client_or_all_makes_the_next_requests_ask_again() {
     assert_eq!(answer.status, 200);
     assert_eq!(
         json(&answer),
-        serde_json::json!({"client_id": "a", "invalidated": true})
+        serde_json::json!({"client_id": "a", "invalidated": true, "published": null}),
+        "no [redis]: nothing to publish"
     );
     gw.preauth.always(Reply::destination("rails"));
     assert_eq!(authorize(&gw, "a").await, "rails", "asked again");
@@ -147,7 +148,10 @@ async fn invalidating_one_client_or_all_makes_the_next_requests_ask_again() {
     assert_eq!(gw.preauth.count(), 4);
 
     let answer = call(&gw, Method::DELETE, "/-/admin/decisions", Some(&token)).await;
-    assert_eq!(json(&answer), serde_json::json!({"invalidated": 3}));
+    assert_eq!(
+        json(&answer),
+        serde_json::json!({"invalidated": 3, "published": null})
+    );
     assert_eq!(authorize(&gw, "b").await, "rails");
     assert_eq!(authorize(&gw, "c").await, "rails");
     assert_eq!(gw.preauth.count(), 6);

@@ -1,0 +1,151 @@
+//! Fleet-wide invalidation through Redis pub/sub. Each instance subscribes to
+//! `redis.channel`; a message `{"client_id": "…"}` forgets that client's cached decision,
+//! `{"all": true}` every one. Redis is never on the request path: while it is down the
+//! gateway serves as usual, logs, and reconnects with backoff; on reconnecting it drops its
+//! whole cache, since it may have missed messages.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::RedisConfig;
+use crate::server::Live;
+
+/// A message on the channel.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Invalidation {
+    One { client_id: String },
+    All { all: bool },
+}
+
+impl Invalidation {
+    pub fn to_json(&self) -> String {
+        match self {
+            Invalidation::One { client_id } => serde_json::json!({ "client_id": client_id }),
+            Invalidation::All { .. } => serde_json::json!({ "all": true }),
+        }
+        .to_string()
+    }
+}
+
+/// Backoff between reconnects: doubling from the first to the last.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
+/// Connecting, subscribing and publishing each get this long.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Subscribes for as long as the returned task runs (abort it at shutdown).
+pub fn subscribe(live: Arc<Live>, config: RedisConfig) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut backoff = BACKOFF.0;
+        let mut connected_before = false;
+        loop {
+            match listen(&live, &config, &mut connected_before, &mut backoff).await {
+                Ok(()) => tracing::warn!("redis closed the subscription, reconnecting"),
+                Err(error) => tracing::warn!(
+                    error = %error,
+                    retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+                    "redis unavailable, fleet invalidation paused"
+                ),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF.1);
+        }
+    })
+}
+
+/// One subscription, until the connection ends.
+async fn listen(
+    live: &Live,
+    config: &RedisConfig,
+    connected_before: &mut bool,
+    backoff: &mut Duration,
+) -> Result<(), String> {
+    let client = redis::Client::open(config.url.as_str()).map_err(|e| e.to_string())?;
+    let mut pubsub = tokio::time::timeout(REDIS_TIMEOUT, async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(&config.channel).await?;
+        Ok::<_, redis::RedisError>(pubsub)
+    })
+    .await
+    .map_err(|_| "timed out connecting".to_string())?
+    .map_err(|e| e.to_string())?;
+    *backoff = BACKOFF.0;
+    if std::mem::replace(connected_before, true) {
+        let dropped = live.current().cache.invalidate_all().await;
+        tracing::info!(dropped, "redis reconnected: cached decisions dropped");
+    } else {
+        tracing::info!(channel = config.channel.as_str(), "redis subscribed");
+    }
+    let mut messages = std::pin::pin!(pubsub.on_message());
+    while let Some(message) =
+        std::future::poll_fn(|cx| futures_core::Stream::poll_next(messages.as_mut(), cx)).await
+    {
+        let payload: Vec<u8> = message.get_payload_bytes().to_vec();
+        apply(live, &payload).await;
+    }
+    Ok(())
+}
+
+async fn apply(live: &Live, payload: &[u8]) {
+    let cache = &live.current().cache;
+    match serde_json::from_slice::<Invalidation>(payload) {
+        Ok(Invalidation::One { client_id }) => {
+            let invalidated = cache.invalidate(&client_id).await;
+            tracing::info!(
+                client_id = client_id.as_str(),
+                invalidated,
+                "redis: decision invalidated"
+            );
+        }
+        Ok(Invalidation::All { all: true }) => {
+            let invalidated = cache.invalidate_all().await;
+            tracing::info!(invalidated, "redis: every decision invalidated");
+        }
+        Ok(Invalidation::All { all: false }) | Err(_) => tracing::warn!(
+            bytes = payload.len(),
+            "redis: ignored a message that is neither {{\"client_id\": …}} nor {{\"all\": true}}"
+        ),
+    }
+}
+
+/// Publishes `invalidation` to the fleet; whether Redis took it.
+pub async fn publish(config: &RedisConfig, invalidation: &Invalidation) -> Result<(), String> {
+    let client = redis::Client::open(config.url.as_str()).map_err(|e| e.to_string())?;
+    tokio::time::timeout(REDIS_TIMEOUT, async {
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PUBLISH")
+            .arg(&config.channel)
+            .arg(invalidation.to_json())
+            .query_async::<i64>(&mut connection)
+            .await
+    })
+    .await
+    .map_err(|_| "timed out".to_string())?
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_parse_and_round_trip() {
+        let one: Invalidation = serde_json::from_str(r#"{"client_id": "app"}"#).unwrap();
+        assert_eq!(
+            one,
+            Invalidation::One {
+                client_id: "app".into()
+            }
+        );
+        let all: Invalidation = serde_json::from_str(r#"{"all": true}"#).unwrap();
+        assert_eq!(all, Invalidation::All { all: true });
+        for message in [one, all] {
+            let back: Invalidation = serde_json::from_str(&message.to_json()).unwrap();
+            assert_eq!(back, message);
+        }
+        assert!(serde_json::from_str::<Invalidation>(r#"{"client": "x"}"#).is_err());
+    }
+}
