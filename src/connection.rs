@@ -297,18 +297,8 @@ pub async fn serve<M, S, B>(
 {
     match tls {
         None => {
-            let activity = Arc::new(Activity::new(false));
-            let conn = Conn {
-                peer,
-                https: false,
-                activity: activity.clone(),
-                drain: drain.clone(),
-            };
-            let io = Watched {
-                inner: stream,
-                activity: activity.clone(),
-            };
-            run(io, activity, builder, timeouts, drain, make(Arc::new(conn))).await;
+            let conn = (peer, false, false);
+            run(stream, conn, builder, timeouts, drain, make).await;
         }
         Some(acceptor) => {
             let handshake = acceptor.accept(stream);
@@ -325,31 +315,22 @@ pub async fn serve<M, S, B>(
                     }
                 };
             let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            let activity = Arc::new(Activity::new(http2));
-            let conn = Conn {
-                peer,
-                https: true,
-                activity: activity.clone(),
-                drain: drain.clone(),
-            };
-            let io = Watched {
-                inner: stream,
-                activity: activity.clone(),
-            };
-            run(io, activity, builder, timeouts, drain, make(Arc::new(conn))).await;
+            run(stream, (peer, true, http2), builder, timeouts, drain, make).await;
         }
     }
 }
 
-async fn run<I, S, B>(
-    io: I,
-    activity: Arc<Activity>,
+/// Serves `stream` from `peer`, `(peer, https, http2 by ALPN)`, to the end.
+async fn run<I, M, S, B>(
+    stream: I,
+    (peer, https, http2): (SocketAddr, bool, bool),
     builder: auto::Builder<TokioExecutor>,
     timeouts: Timeouts,
     mut drain: Drain,
-    service: S,
+    make: M,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    M: FnOnce(Arc<Conn>) -> S,
     S: Service<Request<Incoming>, Response = Response<B>, Error = std::convert::Infallible>
         + Send
         + 'static,
@@ -358,6 +339,17 @@ async fn run<I, S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let activity = Arc::new(Activity::new(http2));
+    let service = make(Arc::new(Conn {
+        peer,
+        https,
+        activity: activity.clone(),
+        drain: drain.clone(),
+    }));
+    let io = Watched {
+        inner: stream,
+        activity: activity.clone(),
+    };
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
     let mut draining = false;
