@@ -154,13 +154,44 @@ impl<T> Found<T> {
 }
 
 /// The decoded value of parameter `name` in a urlencoded string, borrowed when nothing
-/// needed decoding.
+/// needed decoding. Reads as `form_urlencoded::parse` does, but decodes a value only when
+/// its key matches: the other values (a `redirect_uri`, a `client_secret`) are never copied.
 pub(crate) fn find_param<'a>(encoded: &'a [u8], name: &str) -> Found<Cow<'a, str>> {
     Found::at_most_one(
-        form_urlencoded::parse(encoded)
-            .filter(|(key, _)| key == name)
-            .map(|(_, value)| value),
+        encoded
+            .split(|&b| b == b'&')
+            .filter(|pair| !pair.is_empty())
+            .filter_map(|pair| {
+                let (key, value) = match pair.iter().position(|&b| b == b'=') {
+                    Some(equals) => (&pair[..equals], &pair[equals + 1..]),
+                    None => (pair, &b""[..]),
+                };
+                let matches = if key.iter().any(|&b| b == b'%' || b == b'+') {
+                    decode_component(key) == name
+                } else {
+                    key == name.as_bytes()
+                };
+                matches.then(|| decode_component(value))
+            }),
     )
+}
+
+/// application/x-www-form-urlencoded decoding of one name or value: '+' is a space, then
+/// percent-decoding, then UTF-8 with U+FFFD for what is not.
+fn decode_component(raw: &[u8]) -> Cow<'_, str> {
+    if raw.contains(&b'+') {
+        let spaced: Vec<u8> = raw
+            .iter()
+            .map(|&b| if b == b'+' { b' ' } else { b })
+            .collect();
+        Cow::Owned(
+            percent_encoding::percent_decode(&spaced)
+                .decode_utf8_lossy()
+                .into_owned(),
+        )
+    } else {
+        percent_encoding::percent_decode(raw).decode_utf8_lossy()
+    }
 }
 
 fn query_param<'a>(view: &RequestView<'a>, name: &str) -> Found<Cow<'a, str>> {
@@ -655,6 +686,30 @@ pub(crate) mod tests {
         assert_eq!(Source::FormBody.as_str(), "form_body");
         assert_eq!(Unknown::MalformedBasic.as_str(), "malformed_basic");
         assert_eq!(Unknown::UnparsableBody.as_str(), "unparsable_body");
+    }
+
+    #[test]
+    proptest::proptest! {
+        #[test]
+        fn find_param_reads_exactly_as_form_urlencoded_does(
+            parts in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "client_id", "client%5Fid", "client+id", "a", "=", "&", "&&", "%", "%2",
+                    "%41", "+", "%C3%A9", "%FF", "é", "x",
+                ]),
+                0..12,
+            )
+        ) {
+            let encoded = parts.concat();
+            for name in ["client_id", "client id", "a", ""] {
+                let reference = Found::at_most_one(
+                    form_urlencoded::parse(encoded.as_bytes())
+                        .filter(|(key, _)| key == name)
+                        .map(|(_, value)| value),
+                );
+                proptest::prop_assert_eq!(find_param(encoded.as_bytes(), name), reference);
+            }
+        }
     }
 
     #[test]
