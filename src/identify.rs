@@ -688,7 +688,6 @@ pub(crate) mod tests {
         assert_eq!(Unknown::UnparsableBody.as_str(), "unparsable_body");
     }
 
-    #[test]
     proptest::proptest! {
         #[test]
         fn find_param_reads_exactly_as_form_urlencoded_does(
