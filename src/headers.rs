@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// `X-Request-Id`: the correlation id sent upstream, to the pre-authorize backend and back
@@ -69,6 +70,13 @@ pub fn remove_gateway_only(headers: &mut HeaderMap) {
 /// Sets `X-Forwarded-For` to the client's chain plus the peer. The client's own chain is
 /// kept only when the peer is trusted; otherwise it could forge any origin address.
 pub fn set_forwarded_for(headers: &mut HeaderMap, peer: IpAddr, keep_client_chain: bool) {
+    if !keep_client_chain || !headers.contains_key(&X_FORWARDED_FOR) {
+        // The common case: the peer alone, one allocation.
+        if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(peer.to_string())) {
+            headers.insert(X_FORWARDED_FOR.clone(), value);
+        }
+        return;
+    }
     let chain: Vec<&str> = if keep_client_chain {
         headers
             .get_all(&X_FORWARDED_FOR)
@@ -129,7 +137,8 @@ impl RequestIds {
     pub fn next(&self) -> HeaderValue {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let id = format!("{:016x}{:016x}", self.prefix, n);
-        HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("0"))
+        // Handing the String's buffer over saves copying it into a second allocation.
+        HeaderValue::from_maybe_shared(Bytes::from(id)).unwrap_or(HeaderValue::from_static("0"))
     }
 }
 

@@ -6,7 +6,7 @@
 //!
 //! About two minutes by default; `IAMPROXY_SOAK_SECS=10` shortens it while iterating (the
 //! number of distinct ids scales with it). A machine too slow to send the ids in that time
-//! gets up to half as long again, then the test fails saying so.
+//! gets up to three times as long, then the test fails saying so.
 
 mod support;
 
@@ -317,9 +317,10 @@ struct Plan {
 }
 
 impl Plan {
-    /// The run goes on past `run` while fewer than `distinct_ids` were sent, up to this.
+    /// The run goes on past `run` while fewer than `distinct_ids` were sent, up to this:
+    /// a CI machine busy with other work may manage a third of the usual rate.
     fn longest(&self) -> Duration {
-        self.run + self.run / 2
+        self.run * 3
     }
 
     fn from_env() -> Plan {
