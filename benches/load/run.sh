@@ -486,7 +486,7 @@ row_pids() {
     iamproxy*) echo "$IAMPROXY_PID" ;;
     # The master and its children (worker, cache manager; the cache loader exits after a
     # minute), looked up each time.
-    nginx*) echo "$NGINX_PID" $(ps -o pid= --ppid "$NGINX_PID") ;;
+    nginx*) echo "$NGINX_PID" "$(ps -o pid= --ppid "$NGINX_PID" | tr '\n' ' ')" ;;
     haproxy*) echo "$HAPROXY_PID" ;;
     *) echo "" ;;
     esac
