@@ -16,7 +16,6 @@ use hyper::{Method, Response, StatusCode};
 use percent_encoding::percent_decode_str;
 use serde_json::{json, Value};
 
-use crate::decision::{Decision, Reason};
 use crate::fleet::{self, Invalidation};
 use crate::forward::ResponseBody;
 use crate::state::AppState;
@@ -127,13 +126,7 @@ async fn inspect(state: &AppState, client_id: &str) -> Value {
             "expires_in_seconds": cached.expires_in.as_secs_f64(),
         })
     });
-    let routing = &state.config.routing;
-    let rule = if routing.all_to_rails() {
-        Some(Decision::rails(Reason::KillSwitch))
-    } else {
-        routing.decide(client_id)
-    };
-    let rule = rule.map(|decision| {
+    let rule = state.config.routing.rule_for(client_id).map(|decision| {
         json!({
             "destination": decision.destination.as_str(),
             "reason": decision.reason.as_str(),

@@ -77,15 +77,12 @@ pub fn set_forwarded_for(headers: &mut HeaderMap, peer: IpAddr, keep_client_chai
         }
         return;
     }
-    let chain: Vec<&str> = if keep_client_chain {
-        headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect()
-    } else {
-        Vec::new()
-    };
+    // A trusted peer's chain, then the peer.
+    let chain: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
     let mut value = chain.join(", ");
     if !value.is_empty() {
         value.push_str(", ");

@@ -42,6 +42,15 @@ impl RoutingConfig {
         self.mode == Mode::Rails
     }
 
+    /// The rule that decides for `client_id` before the cache, if any (for the admin API:
+    /// the request path checks continuity and unknown clients between the two).
+    pub fn rule_for(&self, client_id: &str) -> Option<Decision> {
+        if self.all_to_rails() {
+            return Some(Decision::rails(Reason::KillSwitch));
+        }
+        self.decide(client_id)
+    }
+
     /// The rules for an identified client, in precedence order: kill switch to IAM,
     /// `force_rails`, `force_iam`, then the percentage (which only ever adds clients to
     /// IAM; the others fall through to the cache and the pre-authorize backend).
@@ -193,6 +202,14 @@ mod tests {
             "the kill switch beats the lists"
         );
         assert!(routing(Mode::Rails).all_to_rails());
+        assert_eq!(
+            routing(Mode::Rails).rule_for("forced-iam"),
+            Some(Decision::rails(Reason::KillSwitch))
+        );
+        assert_eq!(
+            preauthorize.rule_for("forced-iam"),
+            preauthorize.decide("forced-iam")
+        );
     }
 
     #[test]
