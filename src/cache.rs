@@ -1,12 +1,18 @@
 //! The decision cache: one pre-authorize answer per client id, bounded, each entry with
 //! its own lifetime, and one backend call per client id however many requests miss at once.
+//!
+//! Expiry is checked when an entry is read, and expired entries are removed by a sweeper
+//! thread, never by a request. moka's own per-entry expiry would remove every entry that
+//! expired at once inside whichever request next touched the cache: after a burst of new
+//! client ids that is ~100k removals and a table rehash, a stall of hundreds of
+//! milliseconds for every request on that worker.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use moka::future::Cache;
-use moka::Expiry;
+use moka::ops::compute::Op;
 
 use crate::config::CacheConfig;
 use crate::decision::Destination;
@@ -30,6 +36,13 @@ struct Entry {
     stored: Instant,
 }
 
+impl Entry {
+    /// Whether the answer's lifetime (`Cache-Control`, capped by `cache.ttl`) has run out.
+    fn expired(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.stored) >= self.answer.lifetime
+    }
+}
+
 /// What the cache holds for one client, for the admin API.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cached {
@@ -38,18 +51,16 @@ pub struct Cached {
     pub expires_in: Duration,
 }
 
-/// Each entry lives as long as its answer said (`Cache-Control`), capped by `cache.ttl`.
-struct AnswerLifetime;
-
-impl Expiry<String, Entry> for AnswerLifetime {
-    fn expire_after_create(&self, _: &String, entry: &Entry, _: Instant) -> Option<Duration> {
-        Some(entry.answer.lifetime)
-    }
+/// How often the sweeper looks for expired entries: an eighth of `cache.ttl`, between a
+/// quarter of a second and ten seconds. Expired entries are never served in between;
+/// they only hold memory, within `cache.max_entries`.
+fn sweep_interval(ttl: Duration) -> Duration {
+    (ttl / 8).clamp(Duration::from_millis(250), Duration::from_secs(10))
 }
 
 #[derive(Clone)]
 pub struct DecisionCache {
-    cache: Cache<String, Entry>,
+    cache: Arc<Cache<String, Entry>>,
 }
 
 impl std::fmt::Debug for DecisionCache {
@@ -61,13 +72,21 @@ impl std::fmt::Debug for DecisionCache {
 }
 
 impl DecisionCache {
+    /// A cache and its sweeper thread, which ends once the cache is dropped (a reload
+    /// that changes `[cache]` replaces it).
     pub fn new(config: &CacheConfig) -> DecisionCache {
-        DecisionCache {
-            cache: Cache::builder()
-                .max_capacity(config.max_entries)
-                .expire_after(AnswerLifetime)
-                .build(),
+        let cache = Arc::new(Cache::builder().max_capacity(config.max_entries).build());
+        let weak = Arc::downgrade(&cache);
+        let interval = sweep_interval(config.ttl);
+        let spawned = std::thread::Builder::new()
+            .name("iamproxy-cache-sweep".into())
+            .spawn(move || sweep_until_dropped(&weak, interval));
+        if let Err(error) = spawned {
+            // Without a sweeper, expired entries are still never served; they are
+            // removed when read or evicted at `max_entries`.
+            tracing::warn!(%error, "decision cache sweeper not started");
         }
+        DecisionCache { cache }
     }
 
     /// Looks `client_id` up, calling `fetch` on a miss. Concurrent misses for one id share
@@ -79,7 +98,10 @@ impl DecisionCache {
     {
         // The hit path borrows the id: no key allocation unless we insert.
         if let Some(entry) = self.cache.get(client_id).await {
-            return Lookup::Hit(entry.answer.destination);
+            if !entry.expired(Instant::now()) {
+                return Lookup::Hit(entry.answer.destination);
+            }
+            remove_if_expired(&self.cache, client_id).await;
         }
         let fetch = async {
             let answer = fetch.await?;
@@ -104,16 +126,17 @@ impl DecisionCache {
     pub async fn inspect(&self, client_id: &str) -> Option<Cached> {
         let entry = self.cache.get(client_id).await?;
         let age = entry.stored.elapsed();
-        Some(Cached {
+        (age < entry.answer.lifetime).then(|| Cached {
             destination: entry.answer.destination,
             age,
-            expires_in: entry.answer.lifetime.saturating_sub(age),
+            expires_in: entry.answer.lifetime - age,
         })
     }
 
     /// Forgets `client_id`'s answer: its next request asks again. Whether there was one.
     pub async fn invalidate(&self, client_id: &str) -> bool {
-        self.cache.remove(client_id).await.is_some()
+        let removed = self.cache.remove(client_id).await;
+        removed.is_some_and(|entry| !entry.expired(Instant::now()))
     }
 
     /// Forgets every answer; returns how many there were.
@@ -124,7 +147,7 @@ impl DecisionCache {
         held
     }
 
-    /// Approximate number of cached answers.
+    /// Approximate number of cached answers (expired ones count until swept).
     pub fn entry_count(&self) -> u64 {
         self.cache.entry_count()
     }
@@ -139,6 +162,57 @@ impl DecisionCache {
     async fn settle(&self) {
         self.cache.run_pending_tasks().await;
     }
+}
+
+/// Removes `client_id`'s entry if it is still the expired one: a concurrent request may
+/// have replaced it with a fresh answer already, which must stay.
+async fn remove_if_expired(cache: &Cache<String, Entry>, client_id: &str) {
+    cache
+        .entry_by_ref(client_id)
+        .and_compute_with(|held| async move {
+            match held {
+                Some(held) if held.value().expired(Instant::now()) => Op::Remove,
+                _ => Op::Nop,
+            }
+        })
+        .await;
+}
+
+/// The sweeper thread's loop: every `interval`, remove the entries that have expired and
+/// apply moka's pending housekeeping, so that requests find little of either to do.
+fn sweep_until_dropped(cache: &Weak<Cache<String, Entry>>, interval: Duration) {
+    // moka's futures need no reactor or timer; a bare current-thread runtime drives them.
+    let runtime = match tokio::runtime::Builder::new_current_thread().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::warn!(%error, "decision cache sweeper stopped");
+            return;
+        }
+    };
+    loop {
+        std::thread::sleep(interval);
+        let Some(cache) = cache.upgrade() else { return };
+        runtime.block_on(sweep(&cache));
+    }
+}
+
+/// One pass: collect the expired keys, then remove each unless it was refreshed meanwhile.
+async fn sweep(cache: &Cache<String, Entry>) {
+    let now = Instant::now();
+    let expired: Vec<Arc<String>> = cache
+        .iter()
+        .filter(|(_, entry)| entry.expired(now))
+        .map(|(key, _)| key)
+        .collect();
+    // Apply each small batch of removals here, so that no request finds a backlog of
+    // them to apply.
+    for batch in expired.chunks(128) {
+        for key in batch {
+            remove_if_expired(cache, key).await;
+        }
+        cache.run_pending_tasks().await;
+    }
+    cache.run_pending_tasks().await;
 }
 
 #[cfg(test)]
@@ -261,6 +335,77 @@ mod tests {
             .lookup("b", async { answer(Destination::Rails, long) })
             .await;
         assert!(matches!(b, Lookup::Fetched(Destination::Rails)));
+    }
+
+    #[tokio::test]
+    async fn an_answer_is_served_for_its_lifetime_then_asked_again() {
+        let cache = cache(10);
+        let short = Duration::from_millis(200);
+        let first = cache
+            .lookup("app", async { answer(Destination::Iam, short) })
+            .await;
+        assert!(matches!(first, Lookup::Fetched(Destination::Iam)));
+        let within = cache
+            .lookup("app", async {
+                panic!("must not fetch within the lifetime")
+            })
+            .await;
+        assert!(matches!(within, Lookup::Hit(Destination::Iam)));
+        tokio::time::sleep(short).await;
+        assert_eq!(cache.inspect("app").await, None, "expired is not shown");
+        let after = cache
+            .lookup("app", async {
+                answer(Destination::Rails, Duration::from_secs(60))
+            })
+            .await;
+        assert!(matches!(after, Lookup::Fetched(Destination::Rails)));
+        let cached = cache.inspect("app").await.expect("the new answer");
+        assert_eq!(cached.destination, Destination::Rails);
+    }
+
+    #[tokio::test]
+    async fn the_sweeper_removes_expired_entries_and_keeps_live_ones() {
+        // ttl 1s: the sweeper runs every 250 ms.
+        let cache = DecisionCache::new(&CacheConfig {
+            ttl: Duration::from_secs(1),
+            max_entries: 10_000,
+        });
+        for i in 0..1_000 {
+            let id = format!("short-{i}");
+            cache
+                .lookup(&id, async {
+                    answer(Destination::Iam, Duration::from_millis(50))
+                })
+                .await;
+        }
+        cache
+            .lookup("long", async {
+                answer(Destination::Rails, Duration::from_secs(60))
+            })
+            .await;
+        assert_eq!(cache.settled_entry_count().await, 1_001);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while cache.settled_entry_count().await > 1 {
+            assert!(Instant::now() < deadline, "expired entries not swept");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(cache.inspect("long").await.is_some(), "live entry kept");
+    }
+
+    #[test]
+    fn the_sweeper_ends_with_its_cache() {
+        let cache = Arc::new(Cache::builder().max_capacity(10).build());
+        let weak = Arc::downgrade(&cache);
+        let sweeper =
+            std::thread::spawn(move || sweep_until_dropped(&weak, Duration::from_millis(10)));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!sweeper.is_finished(), "sweeps while the cache lives");
+        drop(cache);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !sweeper.is_finished() {
+            assert!(Instant::now() < deadline, "sweeper outlived its cache");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     #[tokio::test]
