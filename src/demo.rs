@@ -116,7 +116,7 @@ format = "text"
 
 /// `iamproxy demo`: start, print what to try, serve until SIGINT/SIGTERM.
 pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<(), DemoError> {
-    crate::logging::init(&LogConfig {
+    let _logging = crate::logging::init(&LogConfig {
         format: LogFormat::Text,
         level: tracing::Level::INFO,
     });

@@ -23,6 +23,7 @@ pub mod fleet;
 pub mod forward;
 pub mod headers;
 pub mod identify;
+pub mod log_writer;
 pub mod logging;
 pub mod metrics;
 pub mod preauth;

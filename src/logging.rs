@@ -5,6 +5,7 @@
 //! the validated client id and the gateway's own fields, never headers or bodies.
 
 use std::fmt::{self, Write as _};
+use std::io;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{Layer, Registry};
 
 use crate::config::{LogConfig, LogFormat};
+use crate::log_writer::{self, Flush};
 
 /// Builds the subscriber for `config`, writing to `writer`. Tests pass a capturing writer
 /// and so exercise the same formatting as production.
@@ -53,13 +55,21 @@ where
     (subscriber, level)
 }
 
-/// Installs the process-wide subscriber, logging to stderr. The returned handle changes
-/// its level (a config reload); `None` if a subscriber was installed already.
-pub fn init(config: &LogConfig) -> Option<LogLevel> {
-    let (subscriber, level) = subscriber_with_level(config, std::io::stderr);
+/// What [`init`] installed: the handle that changes the level (a config reload), and the
+/// flush that writes buffered lines when dropped — keep it until the process exits.
+pub struct Installed {
+    pub level: LogLevel,
+    pub flush: Flush<io::Stderr>,
+}
+
+/// Installs the process-wide subscriber, logging to stderr through the batching writer
+/// ([`crate::log_writer`]). `None` if a subscriber was installed already.
+pub fn init(config: &LogConfig) -> Option<Installed> {
+    let (writer, flush) = log_writer::batched(io::stderr());
+    let (subscriber, level) = subscriber_with_level(config, writer);
     tracing::subscriber::set_global_default(subscriber)
         .ok()
-        .map(|()| level)
+        .map(|()| Installed { level, flush })
 }
 
 /// The most verbose level a subscriber writes, changeable while it runs.

@@ -66,11 +66,18 @@ fn main() -> ExitCode {
                 println!("{}: configuration is valid", path.display());
                 return ExitCode::SUCCESS;
             }
-            let log_level = logging::init(&config.log);
+            let logging = logging::init(&config.log);
+            let (log_level, flush) = logging
+                .map(|installed| (installed.level, installed.flush))
+                .unzip();
             let serve = async {
                 iamproxy::run(&path, config, log_level, iamproxy::shutdown_signal()).await
             };
-            match runtime.block_on(serve) {
+            let served = runtime.block_on(serve);
+            // The last log lines, before anything else is printed.
+            drop(runtime);
+            drop(flush);
+            match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => fail(&error.to_string()),
             }
