@@ -36,6 +36,11 @@ cargo clippy --locked --all-targets -- -D warnings
 log "cargo test"
 cargo test --locked --all-targets
 
+# Real OAuth servers (oidc-provider as IAM, Doorkeeper as Rails) and openid-client through
+# the gateway binary `cargo test` just built; installs Node packages and Debian's Rails.
+log "end-to-end suite (tests/e2e/run.sh)"
+bash tests/e2e/run.sh
+
 # Fuzzing needs nightly and cargo-fuzz (fuzz/README.md); CI's stable-only toolchain skips it.
 if cargo +nightly --version >/dev/null 2>&1 && cargo fuzz --version >/dev/null 2>&1; then
   fuzz_targets=$(cargo +nightly fuzz list)
