@@ -8,6 +8,7 @@
 //! milliseconds for every request on that worker.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -61,6 +62,10 @@ fn sweep_interval(ttl: Duration) -> Duration {
 #[derive(Clone)]
 pub struct DecisionCache {
     cache: Arc<Cache<String, Entry>>,
+    /// Counts invalidations. A pre-authorize call that was in flight across one may carry
+    /// the answer the invalidation meant to drop: it serves the requests waiting for it but
+    /// is not kept.
+    invalidations: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for DecisionCache {
@@ -86,7 +91,10 @@ impl DecisionCache {
             // removed when read or evicted at `max_entries`.
             tracing::warn!(%error, "decision cache sweeper not started");
         }
-        DecisionCache { cache }
+        DecisionCache {
+            cache,
+            invalidations: Arc::default(),
+        }
     }
 
     /// Looks `client_id` up, calling `fetch` on a miss. Concurrent misses for one id share
@@ -103,8 +111,12 @@ impl DecisionCache {
             }
             remove_if_expired(&self.cache, client_id).await;
         }
+        let invalidations = self.invalidations.load(Ordering::Acquire);
         let fetch = async {
-            let answer = fetch.await?;
+            let mut answer = fetch.await?;
+            if self.invalidations.load(Ordering::Acquire) != invalidations {
+                answer.lifetime = Duration::ZERO;
+            }
             Ok(Entry {
                 answer,
                 stored: Instant::now(),
@@ -135,12 +147,14 @@ impl DecisionCache {
 
     /// Forgets `client_id`'s answer: its next request asks again. Whether there was one.
     pub async fn invalidate(&self, client_id: &str) -> bool {
+        self.invalidations.fetch_add(1, Ordering::AcqRel);
         let removed = self.cache.remove(client_id).await;
         removed.is_some_and(|entry| !entry.expired(Instant::now()))
     }
 
     /// Forgets every answer; returns how many there were.
     pub async fn invalidate_all(&self) -> u64 {
+        self.invalidations.fetch_add(1, Ordering::AcqRel);
         let held = self.settled_entry_count().await;
         self.cache.invalidate_all();
         self.cache.run_pending_tasks().await;
@@ -405,6 +419,49 @@ mod tests {
         while !sweeper.is_finished() {
             assert!(Instant::now() < deadline, "sweeper outlived its cache");
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_fetched_across_an_invalidation_is_served_but_not_kept() {
+        for all in [false, true] {
+            let cache = cache(10);
+            let (answered, answer_rx) = tokio::sync::oneshot::channel();
+            let (started, started_rx) = tokio::sync::oneshot::channel();
+            let waiting = {
+                let cache = cache.clone();
+                tokio::spawn(async move {
+                    cache
+                        .lookup("app", async move {
+                            started.send(()).unwrap();
+                            answer_rx.await.unwrap();
+                            answer(Destination::Iam, Duration::from_secs(60))
+                        })
+                        .await
+                })
+            };
+            started_rx.await.unwrap();
+            // The invalidation lands while the pre-authorize call is in flight.
+            if all {
+                cache.invalidate_all().await;
+            } else {
+                cache.invalidate("app").await;
+            }
+            answered.send(()).unwrap();
+            let served = waiting.await.unwrap();
+            assert!(
+                matches!(served, Lookup::Fetched(Destination::Iam)),
+                "{served:?}"
+            );
+            let next = cache
+                .lookup("app", async {
+                    answer(Destination::Rails, Duration::from_secs(60))
+                })
+                .await;
+            assert!(
+                matches!(next, Lookup::Fetched(Destination::Rails)),
+                "all={all}: asked again, {next:?}"
+            );
         }
     }
 
