@@ -1,6 +1,7 @@
-//! Micro-benchmarks of what every OAuth request pays before it is forwarded: client
-//! identification from each source, and the routing decision answered from the cache (and
-//! from the local `[routing]` rules). `cargo bench --bench hot_path`.
+//! Micro-benchmarks of what every OAuth request pays before it is forwarded: reading its
+//! query and form body, the issuer rule and client identification from each source, and
+//! the routing decision answered from the cache (and from the rules before it).
+//! `cargo bench --bench hot_path`.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -11,9 +12,11 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::Method;
 use iamproxy::cache::{DecisionCache, Lookup};
+use iamproxy::classify::{continuity, Endpoint};
 use iamproxy::config::CacheConfig;
 use iamproxy::decision::Destination;
-use iamproxy::identify::{identify, Identity, RequestView};
+use iamproxy::identify::identify;
+use iamproxy::params::{Parameters, RequestView};
 use iamproxy::preauth::Answer;
 use iamproxy::rollout::{PercentageOfActors, RoutingConfig};
 
@@ -52,7 +55,7 @@ fn identification(c: &mut Criterion) {
          urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion={}",
         assertion()
     );
-    let cases: [(&str, RequestView<'_>); 5] = [
+    let cases: [(&str, RequestView<'_>); 6] = [
         (
             "query",
             RequestView {
@@ -90,6 +93,15 @@ fn identification(c: &mut Criterion) {
             },
         ),
         (
+            "refresh_token",
+            RequestView {
+                method: &post,
+                query: None,
+                headers: &basic,
+                body: b"grant_type=refresh_token&refresh_token=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            },
+        ),
+        (
             "unknown",
             RequestView {
                 method: &post,
@@ -99,11 +111,20 @@ fn identification(c: &mut Criterion) {
             },
         ),
     ];
+    let prefixes = ["giat_".to_owned(), "ory_".to_owned()];
+    // What `proxy::decide` does before the rules: one read, the issuer rule, identification.
+    let classify = |view: &RequestView<'_>| {
+        let params = Parameters::read(view, &prefixes);
+        let issuer = continuity(Endpoint::Token, &params);
+        let known = identify(view.headers, &params).client_id().is_some();
+        (issuer, known)
+    };
     for (name, view) in &cases {
-        // Each case must identify as intended, or the benchmark measures the wrong path.
-        let known = matches!(identify(view), Identity::Known { .. });
+        // Each case must read as intended, or the benchmark measures the wrong path.
+        let (issuer, known) = classify(view);
         assert_eq!(known, *name != "unknown", "{name}");
-        group.bench_function(*name, |b| b.iter(|| black_box(identify(black_box(view)))));
+        assert_eq!(issuer.is_some(), *name == "refresh_token", "{name}");
+        group.bench_function(*name, |b| b.iter(|| black_box(classify(black_box(view)))));
     }
     group.finish();
 }
@@ -115,6 +136,7 @@ fn decision(c: &mut Criterion) {
     let cache = DecisionCache::new(&CacheConfig {
         ttl: Duration::from_secs(3600),
         max_entries: 100_000,
+        stale_if_error: Duration::from_secs(300),
     });
     runtime.block_on(async {
         for n in 0..100_000 {
@@ -122,6 +144,7 @@ fn decision(c: &mut Criterion) {
             let answer = Answer {
                 destination: Destination::Iam,
                 lifetime: Duration::from_secs(3600),
+                stale_if_error: Duration::from_secs(300),
             };
             cache.lookup(&id, async { Ok(answer) }).await;
         }
@@ -149,7 +172,7 @@ fn decision(c: &mut Criterion) {
         ..RoutingConfig::default()
     };
     group.bench_function("routing_rules_fall_through", |b| {
-        b.iter(|| black_box(routing.decide(black_box("bench-app-not-listed"))))
+        b.iter(|| black_box(routing.decide(true, None, Some(black_box("bench-app-not-listed")))))
     });
     group.finish();
 }

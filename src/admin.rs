@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 
 use crate::fleet::{self, Invalidation};
 use crate::forward::ResponseBody;
+use crate::rollout::Rule;
 use crate::state::AppState;
 
 /// Every admin API path starts with this.
@@ -126,12 +127,19 @@ async fn inspect(state: &AppState, client_id: &str) -> Value {
             "expires_in_seconds": cached.expires_in.as_secs_f64(),
         })
     });
-    let rule = state.config.routing.rule_for(client_id).map(|decision| {
-        json!({
+    // The rules the request path applies before the cache, for a request that carries no
+    // code or token.
+    let rule = match state
+        .config
+        .routing
+        .decide(state.iam.is_some(), None, Some(client_id))
+    {
+        Rule::Decided(decision) => json!({
             "destination": decision.destination.as_str(),
             "reason": decision.reason.as_str(),
-        })
-    });
+        }),
+        Rule::AskCache(_) => Value::Null,
+    };
     json!({"client_id": client_id, "cached": cached, "rule": rule})
 }
 

@@ -1,19 +1,30 @@
 //! The decision cache: one pre-authorize answer per client id, bounded, each entry with
-//! its own lifetime, and one backend call per client id however many requests miss at once.
+//! its own lifetime and stale window, and one backend call per client id however many
+//! requests miss at once.
 //!
-//! Expiry is checked when an entry is read, and expired entries are removed by a sweeper
-//! thread, never by a request. moka's own per-entry expiry would remove every entry that
-//! expired at once inside whichever request next touched the cache: after a burst of new
-//! client ids that is ~100k removals and a table rehash, a stall of hundreds of
-//! milliseconds for every request on that worker.
+//! An answer is served for its lifetime. After that the next request asks again; if the
+//! backend fails and the answer expired no longer ago than its stale window (RFC 5861
+//! `stale-if-error`), it is served once more, so a pre-authorize outage does not move
+//! applications already on IAM back to Rails.
+//!
+//! Expiry is checked when an entry is read, and spent entries (past their stale window)
+//! are removed by a sweeper thread, never by a request. moka's own per-entry expiry would
+//! remove every entry that expired at once inside whichever request next touched the
+//! cache: after a burst of new client ids that is ~100k removals and a table rehash, a
+//! stall of hundreds of milliseconds for every request on that worker.
+//!
+//! Time is tokio's clock, so tests can pause it.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
 
 use moka::future::Cache;
 use moka::ops::compute::Op;
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
 
 use crate::config::CacheConfig;
 use crate::decision::Destination;
@@ -26,7 +37,10 @@ pub enum Lookup {
     Hit(Destination),
     /// This request made the backend call.
     Fetched(Destination),
-    /// The backend call failed; nothing was cached.
+    /// The backend call failed; the client's last answer, expired but within its stale
+    /// window, is served instead.
+    Stale(Destination, Arc<PreauthError>),
+    /// The backend call failed and there is no answer to fall back on.
     Failed(Arc<PreauthError>),
 }
 
@@ -42,6 +56,12 @@ impl Entry {
     fn expired(&self, now: Instant) -> bool {
         now.saturating_duration_since(self.stored) >= self.answer.lifetime
     }
+
+    /// Whether its stale window has run out too: it can never be served again.
+    fn spent(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.stored)
+            >= self.answer.lifetime + self.answer.stale_if_error
+    }
 }
 
 /// What the cache holds for one client, for the admin API.
@@ -52,9 +72,9 @@ pub struct Cached {
     pub expires_in: Duration,
 }
 
-/// How often the sweeper looks for expired entries: an eighth of `cache.ttl`, between a
-/// quarter of a second and ten seconds. Expired entries are never served in between;
-/// they only hold memory, within `cache.max_entries`.
+/// How often the sweeper looks for spent entries: an eighth of `cache.ttl`, between a
+/// quarter of a second and ten seconds. Expired entries are never served in between
+/// (but as stale answers); they only hold memory, within `cache.max_entries`.
 fn sweep_interval(ttl: Duration) -> Duration {
     (ttl / 8).clamp(Duration::from_millis(250), Duration::from_secs(10))
 }
@@ -62,9 +82,10 @@ fn sweep_interval(ttl: Duration) -> Duration {
 #[derive(Clone)]
 pub struct DecisionCache {
     cache: Arc<Cache<String, Entry>>,
+    flights: Arc<Flights>,
     /// Counts invalidations. A pre-authorize call that was in flight across one may carry
     /// the answer the invalidation meant to drop: it serves the requests waiting for it but
-    /// is not kept.
+    /// is not kept, and no stale answer is served in its place.
     invalidations: Arc<AtomicU64>,
 }
 
@@ -87,57 +108,71 @@ impl DecisionCache {
             .name("iamproxy-cache-sweep".into())
             .spawn(move || sweep_until_dropped(&weak, interval));
         if let Err(error) = spawned {
-            // Without a sweeper, expired entries are still never served; they are
-            // removed when read or evicted at `max_entries`.
+            // Without a sweeper, spent entries are still never served; they are
+            // replaced when their client asks again, or evicted at `max_entries`.
             tracing::warn!(%error, "decision cache sweeper not started");
         }
         DecisionCache {
             cache,
+            flights: Arc::default(),
             invalidations: Arc::default(),
         }
     }
 
-    /// Looks `client_id` up, calling `fetch` on a miss. Concurrent misses for one id share
-    /// a single `fetch`; its error reaches all of them and is not cached. An answer with a
-    /// zero lifetime (`no-store`) serves the requests that waited for it, then expires.
+    /// Looks `client_id` up, calling `fetch` when there is no fresh answer. Concurrent
+    /// misses for one id share a single `fetch`, and its error reaches all of them. An
+    /// answer with neither a lifetime nor a stale window (`no-store`) serves the requests
+    /// that waited for it and is not kept.
     pub async fn lookup<F>(&self, client_id: &str, fetch: F) -> Lookup
     where
         F: Future<Output = Result<Answer, PreauthError>>,
     {
         // The hit path borrows the id: no key allocation unless we insert.
-        if let Some(entry) = self.cache.get(client_id).await {
+        let held = self.cache.get(client_id).await;
+        if let Some(entry) = &held {
             if !entry.expired(Instant::now()) {
                 return Lookup::Hit(entry.answer.destination);
             }
-            remove_if_expired(&self.cache, client_id).await;
         }
         let invalidations = self.invalidations.load(Ordering::Acquire);
-        let fetch = async {
-            let mut answer = fetch.await?;
-            if self.invalidations.load(Ordering::Acquire) != invalidations {
-                answer.lifetime = Duration::ZERO;
-            }
-            Ok(Entry {
-                answer,
-                stored: Instant::now(),
-            })
+        let call = async {
+            let answer = fetch.await?;
+            self.keep(client_id, answer, invalidations).await;
+            Ok(answer)
         };
-        match self
-            .cache
-            .entry_by_ref(client_id)
-            .or_try_insert_with(fetch)
-            .await
-        {
-            Ok(entry) if entry.is_fresh() => Lookup::Fetched(entry.value().answer.destination),
-            Ok(entry) => Lookup::Hit(entry.value().answer.destination),
-            Err(error) => Lookup::Failed(error),
+        match self.flights.join(client_id, call).await {
+            (Ok(answer), true) => Lookup::Fetched(answer.destination),
+            (Ok(answer), false) => Lookup::Hit(answer.destination),
+            (Err(error), _) => {
+                let invalidated = self.invalidations.load(Ordering::Acquire) != invalidations;
+                match held.filter(|entry| !invalidated && !entry.spent(Instant::now())) {
+                    Some(entry) => Lookup::Stale(entry.answer.destination, error),
+                    None => Lookup::Failed(error),
+                }
+            }
         }
     }
 
-    /// The cached answer for `client_id`, if any, with its age and remaining lifetime.
+    /// Stores a fresh answer in place of whatever the client had, unless an invalidation
+    /// landed while it was being fetched or it may not be kept; then the client keeps
+    /// nothing, not even an older answer to serve stale.
+    async fn keep(&self, client_id: &str, answer: Answer, invalidations: u64) {
+        let keepable = !(answer.lifetime + answer.stale_if_error).is_zero();
+        if keepable && self.invalidations.load(Ordering::Acquire) == invalidations {
+            let entry = Entry {
+                answer,
+                stored: Instant::now(),
+            };
+            self.cache.insert(client_id.to_owned(), entry).await;
+        } else {
+            self.cache.remove(client_id).await;
+        }
+    }
+
+    /// The fresh answer for `client_id`, if any, with its age and remaining lifetime.
     pub async fn inspect(&self, client_id: &str) -> Option<Cached> {
         let entry = self.cache.get(client_id).await?;
-        let age = entry.stored.elapsed();
+        let age = Instant::now().saturating_duration_since(entry.stored);
         (age < entry.answer.lifetime).then(|| Cached {
             destination: entry.answer.destination,
             age,
@@ -145,14 +180,15 @@ impl DecisionCache {
         })
     }
 
-    /// Forgets `client_id`'s answer: its next request asks again. Whether there was one.
+    /// Forgets `client_id`'s answer, stale or not: its next request asks again, and a
+    /// failure then sends it to Rails. Whether there was a fresh one.
     pub async fn invalidate(&self, client_id: &str) -> bool {
         self.invalidations.fetch_add(1, Ordering::AcqRel);
         let removed = self.cache.remove(client_id).await;
         removed.is_some_and(|entry| !entry.expired(Instant::now()))
     }
 
-    /// Forgets every answer; returns how many there were.
+    /// Forgets every answer; returns how many there were (stale ones included).
     pub async fn invalidate_all(&self) -> u64 {
         self.invalidations.fetch_add(1, Ordering::AcqRel);
         let held = self.settled_entry_count().await;
@@ -161,12 +197,12 @@ impl DecisionCache {
         held
     }
 
-    /// Approximate number of cached answers (expired ones count until swept).
+    /// Approximate number of kept answers, stale ones included, until swept.
     pub fn entry_count(&self) -> u64 {
         self.cache.entry_count()
     }
 
-    /// The exact number of cached answers, once pending evictions have been applied.
+    /// The exact number of kept answers, once pending evictions have been applied.
     pub async fn settled_entry_count(&self) -> u64 {
         self.cache.run_pending_tasks().await;
         self.cache.entry_count()
@@ -178,21 +214,89 @@ impl DecisionCache {
     }
 }
 
-/// Removes `client_id`'s entry if it is still the expired one: a concurrent request may
+type Shared = Result<Answer, Arc<PreauthError>>;
+
+/// The pre-authorize calls in flight, one per client id: a miss joins the call in flight
+/// for its client and shares its result, error included. Once a call has landed it is
+/// forgotten, so the next miss calls again.
+#[derive(Default)]
+struct Flights {
+    calls: Mutex<HashMap<String, Arc<OnceCell<Shared>>>>,
+}
+
+impl Flights {
+    /// The result of the call for `client_id`: the one in flight, or `call` when there
+    /// is none; and whether it was this `call`. If the request making the call goes away,
+    /// a waiting one makes its own.
+    async fn join<F>(&self, client_id: &str, call: F) -> (Shared, bool)
+    where
+        F: Future<Output = Result<Answer, PreauthError>>,
+    {
+        let flight = {
+            let mut calls = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
+            let cell = calls.entry(client_id.to_owned()).or_default().clone();
+            Flight {
+                flights: self,
+                client_id,
+                cell,
+            }
+        };
+        let mut ours = false;
+        let shared = flight
+            .cell
+            .get_or_init(|| {
+                ours = true;
+                async { call.await.map_err(Arc::new) }
+            })
+            .await
+            .clone();
+        (shared, ours)
+    }
+}
+
+/// One request's part in a call; forgets the call when it has landed, or when nobody
+/// else waits for it.
+struct Flight<'a> {
+    flights: &'a Flights,
+    client_id: &'a str,
+    cell: Arc<OnceCell<Shared>>,
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        let mut calls = self
+            .flights
+            .calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Clones are made under this lock, so the count cannot grow meanwhile: two means
+        // the map's and ours.
+        let done = self.cell.initialized() || Arc::strong_count(&self.cell) == 2;
+        if done
+            && calls
+                .get(self.client_id)
+                .is_some_and(|held| Arc::ptr_eq(held, &self.cell))
+        {
+            calls.remove(self.client_id);
+        }
+    }
+}
+
+/// Removes `client_id`'s entry if it is still the spent one: a concurrent request may
 /// have replaced it with a fresh answer already, which must stay.
-async fn remove_if_expired(cache: &Cache<String, Entry>, client_id: &str) {
+async fn remove_if_spent(cache: &Cache<String, Entry>, client_id: &str) {
     cache
         .entry_by_ref(client_id)
         .and_compute_with(|held| async move {
             match held {
-                Some(held) if held.value().expired(Instant::now()) => Op::Remove,
+                Some(held) if held.value().spent(Instant::now()) => Op::Remove,
                 _ => Op::Nop,
             }
         })
         .await;
 }
 
-/// The sweeper thread's loop: every `interval`, remove the entries that have expired and
+/// The sweeper thread's loop: every `interval`, remove the entries that are spent and
 /// apply moka's pending housekeeping, so that requests find little of either to do.
 fn sweep_until_dropped(cache: &Weak<Cache<String, Entry>>, interval: Duration) {
     // moka's futures need no reactor or timer; a bare current-thread runtime drives them.
@@ -210,19 +314,19 @@ fn sweep_until_dropped(cache: &Weak<Cache<String, Entry>>, interval: Duration) {
     }
 }
 
-/// One pass: collect the expired keys, then remove each unless it was refreshed meanwhile.
+/// One pass: collect the spent keys, then remove each unless it was refreshed meanwhile.
 async fn sweep(cache: &Cache<String, Entry>) {
     let now = Instant::now();
-    let expired: Vec<Arc<String>> = cache
+    let spent: Vec<Arc<String>> = cache
         .iter()
-        .filter(|(_, entry)| entry.expired(now))
+        .filter(|(_, entry)| entry.spent(now))
         .map(|(key, _)| key)
         .collect();
     // Apply each small batch of removals here, so that no request finds a backlog of
     // them to apply.
-    for batch in expired.chunks(128) {
+    for batch in spent.chunks(128) {
         for key in batch {
-            remove_if_expired(cache, key).await;
+            remove_if_spent(cache, key).await;
         }
         cache.run_pending_tasks().await;
     }
@@ -238,14 +342,36 @@ mod tests {
         DecisionCache::new(&CacheConfig {
             ttl: Duration::from_secs(60),
             max_entries,
+            stale_if_error: Duration::from_secs(300),
         })
     }
 
+    /// An answer with no stale window.
     fn answer(destination: Destination, lifetime: Duration) -> Result<Answer, PreauthError> {
+        stale_after(destination, lifetime, Duration::ZERO)
+    }
+
+    fn stale_after(
+        destination: Destination,
+        lifetime: Duration,
+        stale_if_error: Duration,
+    ) -> Result<Answer, PreauthError> {
         Ok(Answer {
             destination,
             lifetime,
+            stale_if_error,
         })
+    }
+
+    fn down() -> Result<Answer, PreauthError> {
+        Err(PreauthError::Timeout(Duration::from_millis(500)))
+    }
+
+    fn served(lookup: &Lookup) -> Option<Destination> {
+        match lookup {
+            Lookup::Hit(d) | Lookup::Fetched(d) | Lookup::Stale(d, _) => Some(*d),
+            Lookup::Failed(_) => None,
+        }
     }
 
     #[tokio::test]
@@ -351,7 +477,7 @@ mod tests {
         assert!(matches!(b, Lookup::Fetched(Destination::Rails)));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn an_answer_is_served_for_its_lifetime_then_asked_again() {
         let cache = cache(10);
         let short = Duration::from_millis(200);
@@ -383,6 +509,7 @@ mod tests {
         let cache = DecisionCache::new(&CacheConfig {
             ttl: Duration::from_secs(1),
             max_entries: 10_000,
+            stale_if_error: Duration::ZERO,
         });
         for i in 0..1_000 {
             let id = format!("short-{i}");
@@ -478,5 +605,241 @@ mod tests {
         }
         cache.settle().await;
         assert!(cache.entry_count() <= 100, "{}", cache.entry_count());
+    }
+
+    #[tokio::test]
+    async fn the_sweeper_keeps_expired_entries_until_their_stale_window_ends() {
+        let cache = DecisionCache::new(&CacheConfig {
+            ttl: Duration::from_secs(1),
+            max_entries: 10,
+            stale_if_error: Duration::from_secs(60),
+        });
+        let (short, window) = (Duration::from_millis(50), Duration::from_millis(600));
+        cache
+            .lookup("stale", async {
+                stale_after(Destination::Iam, short, window)
+            })
+            .await;
+        cache
+            .lookup("spent", async { answer(Destination::Iam, short) })
+            .await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while cache.settled_entry_count().await > 1 {
+            assert!(Instant::now() < deadline, "spent entry not swept");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            cache.cache.get("stale").await.is_some(),
+            "still within its window"
+        );
+        while cache.settled_entry_count().await > 0 {
+            assert!(Instant::now() < deadline, "spent stale entry not swept");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    /// A cache holding `app` → IAM for a minute, with a stale window of `window`.
+    async fn holding_iam(window: Duration) -> DecisionCache {
+        let cache = cache(10);
+        let first = cache
+            .lookup("app", async {
+                stale_after(Destination::Iam, MINUTE, window)
+            })
+            .await;
+        assert!(matches!(first, Lookup::Fetched(Destination::Iam)));
+        cache
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_call_serves_the_last_answer_within_its_stale_window() {
+        let cache = holding_iam(Duration::from_secs(300)).await;
+        tokio::time::advance(MINUTE + Duration::from_secs(299)).await;
+        let calls = AtomicUsize::new(0);
+        let failing = || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            down()
+        };
+        let stale = cache.lookup("app", failing()).await;
+        assert!(
+            matches!(stale, Lookup::Stale(Destination::Iam, _)),
+            "{stale:?}"
+        );
+        let again = cache.lookup("app", failing()).await;
+        assert!(matches!(again, Lookup::Stale(Destination::Iam, _)));
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "each request asks again");
+
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let spent = cache.lookup("app", failing()).await;
+        assert!(
+            matches!(spent, Lookup::Failed(_)),
+            "past the window: {spent:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_good_answer_after_stale_ones_is_kept_again() {
+        let cache = holding_iam(Duration::from_secs(300)).await;
+        tokio::time::advance(MINUTE * 2).await;
+        assert!(matches!(
+            cache.lookup("app", async { down() }).await,
+            Lookup::Stale(Destination::Iam, _)
+        ));
+        let fetched = cache
+            .lookup("app", async { answer(Destination::Rails, MINUTE) })
+            .await;
+        assert!(matches!(fetched, Lookup::Fetched(Destination::Rails)));
+        let hit = cache.lookup("app", async { down() }).await;
+        assert!(matches!(hit, Lookup::Hit(Destination::Rails)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_answer_keeps_its_own_stale_window() {
+        let cache = cache(10);
+        for (id, window) in [("short", 10), ("long", 100)] {
+            let window = Duration::from_secs(window);
+            cache
+                .lookup(id, async { stale_after(Destination::Iam, MINUTE, window) })
+                .await;
+        }
+        tokio::time::advance(MINUTE + Duration::from_secs(50)).await;
+        let short = cache.lookup("short", async { down() }).await;
+        let long = cache.lookup("long", async { down() }).await;
+        assert!(matches!(short, Lookup::Failed(_)), "{short:?}");
+        assert!(
+            matches!(long, Lookup::Stale(Destination::Iam, _)),
+            "{long:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_stale_window_a_failed_call_is_a_failure() {
+        let cache = holding_iam(Duration::ZERO).await;
+        tokio::time::advance(MINUTE).await;
+        assert!(matches!(
+            cache.lookup("app", async { down() }).await,
+            Lookup::Failed(_)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_that_may_not_be_kept_drops_the_older_one() {
+        let cache = holding_iam(Duration::from_secs(300)).await;
+        tokio::time::advance(MINUTE).await;
+        let no_store = cache
+            .lookup("app", async { answer(Destination::Rails, Duration::ZERO) })
+            .await;
+        assert!(matches!(no_store, Lookup::Fetched(Destination::Rails)));
+        let after = cache.lookup("app", async { down() }).await;
+        assert!(matches!(after, Lookup::Failed(_)), "{after:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invalidation_drops_stale_answers_too() {
+        for all in [false, true] {
+            let cache = holding_iam(Duration::from_secs(300)).await;
+            tokio::time::advance(MINUTE * 2).await;
+            if all {
+                assert_eq!(cache.invalidate_all().await, 1, "the stale one counts");
+            } else {
+                assert!(!cache.invalidate("app").await, "nothing fresh was held");
+            }
+            let after = cache.lookup("app", async { down() }).await;
+            assert!(matches!(after, Lookup::Failed(_)), "all={all}: {after:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_invalidation_during_the_failing_call_serves_no_stale_answer() {
+        let cache = holding_iam(Duration::from_secs(300)).await;
+        tokio::time::advance(MINUTE * 2).await;
+        let (fail, failed) = tokio::sync::oneshot::channel::<()>();
+        let (started, call_started) = tokio::sync::oneshot::channel();
+        let waiting = {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                cache
+                    .lookup("app", async move {
+                        started.send(()).unwrap();
+                        failed.await.unwrap();
+                        down()
+                    })
+                    .await
+            })
+        };
+        call_started.await.unwrap();
+        cache.invalidate("app").await;
+        fail.send(()).unwrap();
+        let served = waiting.await.unwrap();
+        assert!(matches!(served, Lookup::Failed(_)), "{served:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_requests_for_a_stale_client_share_one_failing_call() {
+        let cache = holding_iam(Duration::from_secs(300)).await;
+        tokio::time::advance(MINUTE * 2).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let lookups: Vec<_> = (0..50)
+            .map(|_| {
+                let (cache, calls) = (cache.clone(), calls.clone());
+                tokio::spawn(async move {
+                    cache
+                        .lookup("app", async {
+                            calls.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            down()
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for lookup in lookups {
+            let lookup = lookup.await.unwrap();
+            assert!(
+                matches!(lookup, Lookup::Stale(Destination::Iam, _)),
+                "{lookup:?}"
+            );
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "single flight");
+        assert!(
+            cache.flights.calls.lock().unwrap().is_empty(),
+            "call forgotten"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_makes_its_own_call_when_the_caller_goes_away() {
+        let cache = cache(10);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let lookup = |delay: Duration| {
+            let (cache, calls) = (cache.clone(), calls.clone());
+            tokio::spawn(async move {
+                cache
+                    .lookup("app", async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(delay).await;
+                        answer(Destination::Iam, MINUTE)
+                    })
+                    .await
+            })
+        };
+        let first = lookup(Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let second = lookup(Duration::from_millis(10));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        first.abort();
+        let second = second.await.unwrap();
+        assert_eq!(served(&second), Some(Destination::Iam));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert!(cache.flights.calls.lock().unwrap().is_empty());
+
+        // A caller that goes away with nobody waiting leaves nothing behind either.
+        cache.invalidate_all().await;
+        let alone = lookup(Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        alone.abort();
+        let _ = alone.await;
+        assert!(cache.flights.calls.lock().unwrap().is_empty());
     }
 }

@@ -1,6 +1,7 @@
-//! Which OAuth endpoint a path is, and which requests must stay with IAM mid-flow (DESIGN §1, §3).
+//! Which OAuth endpoint a path is, and which server a request continues with because it
+//! carries what that server issued (DESIGN §1, §3).
 
-use crate::identify::{find_param, form_body, RequestView};
+use crate::params::{Found, Parameters, Tokens};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Endpoint {
@@ -82,56 +83,54 @@ impl Default for RouteTable {
     }
 }
 
-/// Why a request must reach IAM whatever its client's current routing decision.
+/// Why a request must reach the server that issued what it carries, whatever its client's
+/// current routing decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Continuity {
     /// IAM redirected the browser back to `/oauth/authorize` mid-login.
     Verifier,
-    /// The request redeems something IAM issued, which only IAM can.
+    /// A code or token IAM issued (an `iam.token_prefixes` prefix): only IAM can redeem it.
     IamToken,
+    /// A code or token without an IAM prefix: Rails issued it, so only Rails can refresh,
+    /// revoke or introspect it.
+    RailsToken,
 }
 
-const VERIFIER_PARAMS: [&str; 2] = ["login_verifier", "consent_verifier"];
-const TOKEN_PARAMS: [&str; 4] = ["code", "refresh_token", "device_code", "token"];
-
-/// Runs before the per-client decision: Some(..) means the request must go to IAM.
+/// Runs before the per-client decision. The verifiers count on `/oauth/authorize`, in the
+/// query, once and non-empty; codes and tokens count in the query and the form body,
+/// every occurrence, and one IAM-issued value outweighs any other.
 ///
-/// A repeated parameter is malformed and never counts: such requests fall through to the
-/// per-client decision like any other.
-pub fn continuity(
-    endpoint: Endpoint,
-    view: &RequestView<'_>,
-    token_prefixes: &[String],
-) -> Option<Continuity> {
-    let query = view.query.unwrap_or_default().as_bytes();
-    let single = |params, name| find_param(params, name).into_one();
-
-    let has_verifier = |name| single(query, name).is_some_and(|value| !value.is_empty());
-    if endpoint == Endpoint::Authorize && VERIFIER_PARAMS.into_iter().any(has_verifier) {
+/// A query or body that could not be read carries nothing that counts.
+pub fn continuity(endpoint: Endpoint, params: &Parameters<'_>) -> Option<Continuity> {
+    let given = |found: &Found<&[u8]>| matches!(found, Found::One(value) if !value.is_empty());
+    let verifier = params
+        .query
+        .params()
+        .is_some_and(|query| given(&query.login_verifier) || given(&query.consent_verifier));
+    if endpoint == Endpoint::Authorize && verifier {
         return Some(Continuity::Verifier);
     }
-
-    // An unreadable body carries no token we could see; the query still counts.
-    let body = form_body(view).ok().flatten().unwrap_or_default();
-    TOKEN_PARAMS
-        .into_iter()
-        .flat_map(|name| [single(query, name), single(body, name)])
-        .flatten()
-        .any(|value| token_prefixes.iter().any(|p| value.starts_with(p.as_str())))
-        .then_some(Continuity::IamToken)
+    match params.tokens() {
+        Tokens::Iam => Some(Continuity::IamToken),
+        Tokens::Rails => Some(Continuity::RailsToken),
+        Tokens::None => None,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::identify::tests::Req;
+    use crate::params::TOKEN_PARAMS;
+
+    const VERIFIER_PARAMS: [&str; 2] = ["login_verifier", "consent_verifier"];
 
     fn prefixes() -> Vec<String> {
         vec!["giat_".to_owned(), "ory_".to_owned()]
     }
 
     fn continuity_of(endpoint: Endpoint, req: &Req) -> Option<Continuity> {
-        continuity(endpoint, &req.view(), &prefixes())
+        continuity(endpoint, &Parameters::read(&req.view(), &prefixes()))
     }
 
     #[test]
@@ -250,11 +249,60 @@ mod tests {
     }
 
     #[test]
-    fn rails_issued_token_has_no_continuity() {
+    fn token_without_an_iam_prefix_continues_to_rails() {
         for param in TOKEN_PARAMS {
             let req = Req::post_form(&format!("{param}=abc_giat_")).query(&format!("{param}=x"));
-            assert_eq!(continuity_of(Endpoint::Token, &req), None, "{param}");
+            assert_eq!(
+                continuity_of(Endpoint::Token, &req),
+                Some(Continuity::RailsToken),
+                "{param}"
+            );
+            let req = Req::get(&format!("client_id=app&{param}=abc"));
+            assert_eq!(
+                continuity_of(Endpoint::Revoke, &req),
+                Some(Continuity::RailsToken),
+                "{param} in the query"
+            );
         }
+    }
+
+    #[test]
+    fn an_iam_value_and_a_plain_one_continue_to_iam() {
+        let req = Req::post_form("refresh_token=plain").query("code=giat_x");
+        assert_eq!(
+            continuity_of(Endpoint::Token, &req),
+            Some(Continuity::IamToken)
+        );
+        let req = Req::post_form("token=plain&token=ory_x");
+        assert_eq!(
+            continuity_of(Endpoint::Revoke, &req),
+            Some(Continuity::IamToken)
+        );
+    }
+
+    #[test]
+    fn empty_tokens_and_requests_without_one_have_no_continuity() {
+        for req in [
+            Req::post_form("grant_type=client_credentials&client_id=app"),
+            Req::post_form("grant_type=authorization_code&code="),
+            Req::get("response_type=code&client_id=app"),
+        ] {
+            assert_eq!(continuity_of(Endpoint::Token, &req), None);
+        }
+    }
+
+    #[test]
+    fn tokens_in_a_malformed_part_are_not_seen() {
+        let req = Req::post_form("refresh_token=giat_x&scope=%ZZ");
+        assert_eq!(continuity_of(Endpoint::Token, &req), None);
+        let req = Req::post_form("refresh_token=giat_x").query("code=plain&x=%");
+        assert_eq!(
+            continuity_of(Endpoint::Token, &req),
+            Some(Continuity::IamToken),
+            "the body is still read"
+        );
+        let req = Req::get("client_id=a&login_verifier=v&state=%Z");
+        assert_eq!(continuity_of(Endpoint::Authorize, &req), None);
     }
 
     #[test]
@@ -273,8 +321,22 @@ mod tests {
     }
 
     #[test]
-    fn repeated_token_parameter_has_no_continuity() {
+    fn repeated_token_parameter_still_counts() {
         let req = Req::post_form("code=giat_a&code=giat_a");
-        assert_eq!(continuity_of(Endpoint::Token, &req), None);
+        assert_eq!(
+            continuity_of(Endpoint::Token, &req),
+            Some(Continuity::IamToken)
+        );
+        let req = Req::post_form("code=a&code=b");
+        assert_eq!(
+            continuity_of(Endpoint::Token, &req),
+            Some(Continuity::RailsToken)
+        );
+    }
+
+    #[test]
+    fn repeated_verifier_does_not_count() {
+        let req = Req::get("login_verifier=v&login_verifier=v");
+        assert_eq!(continuity_of(Endpoint::Authorize, &req), None);
     }
 }

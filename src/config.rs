@@ -17,7 +17,7 @@ use rustls::ClientConfig;
 use serde::Deserialize;
 
 use crate::classify::Endpoint;
-use crate::rollout::{Mode, PercentageOfActors, RoutingConfig};
+use crate::rollout::{Mode, PercentageOfActors, RailsIssued, RoutingConfig};
 use crate::tls::{self, ServerTls, TlsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +206,9 @@ impl fmt::Debug for Secret {
 pub struct CacheConfig {
     pub ttl: Duration,
     pub max_entries: u64,
+    /// Longest an expired answer is still served while the pre-authorize backend fails
+    /// (RFC 5861 `stale-if-error`); zero: never.
+    pub stale_if_error: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -325,6 +328,7 @@ impl Config {
         let cache = CacheConfig {
             ttl: positive_duration("cache.ttl", raw.cache.ttl, "60s")?,
             max_entries: positive_int("cache.max_entries", raw.cache.max_entries, 100_000)?,
+            stale_if_error: duration("cache.stale_if_error", raw.cache.stale_if_error, "5m")?,
         };
         Ok(Config {
             server,
@@ -545,6 +549,14 @@ fn routing(raw: RawRouting) -> Result<RoutingConfig, ConfigError> {
             return Err(invalid("routing.mode", reason));
         }
     };
+    let rails_issued = match raw.rails_issued.as_deref() {
+        None | Some("rails") => RailsIssued::Rails,
+        Some("decision") => RailsIssued::Decision,
+        Some(_) => {
+            let reason = r#"must be "rails" or "decision""#;
+            return Err(invalid("routing.rails_issued", reason));
+        }
+    };
     let max: usize = positive_int(
         "routing.max_forced_clients",
         raw.max_forced_clients,
@@ -561,6 +573,7 @@ fn routing(raw: RawRouting) -> Result<RoutingConfig, ConfigError> {
     let percentage = raw.percentage_of_actors.map(percentage).transpose()?;
     Ok(RoutingConfig {
         mode,
+        rails_issued,
         force_iam,
         force_rails,
         percentage,
@@ -873,6 +886,7 @@ struct RawPreauthorize {
 struct RawCache {
     ttl: Option<String>,
     max_entries: Option<i64>,
+    stale_if_error: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -892,6 +906,7 @@ struct RawAdmin {
 #[serde(deny_unknown_fields)]
 struct RawRouting {
     mode: Option<String>,
+    rails_issued: Option<String>,
     force_iam: Option<Vec<String>>,
     force_rails: Option<Vec<String>>,
     max_forced_clients: Option<i64>,
@@ -1015,6 +1030,8 @@ mod tests {
         assert!(c.iam.is_none() && c.preauthorize.is_none());
         assert_eq!(c.cache.ttl, Duration::from_secs(60));
         assert_eq!(c.cache.max_entries, 100_000);
+        assert_eq!(c.cache.stale_if_error, Duration::from_secs(300));
+        assert_eq!(c.routing.rails_issued, RailsIssued::Rails);
         assert_eq!(c.log.format, LogFormat::Json);
         assert_eq!(c.log.level, tracing::Level::INFO);
     }
@@ -1053,6 +1070,9 @@ mod tests {
             [cache]
             ttl = "5m"
             max_entries = 7
+            stale_if_error = "0s"
+            [routing]
+            rails_issued = "decision"
             [log]
             format = "text"
             level = "DEBUG"
@@ -1101,6 +1121,8 @@ mod tests {
         assert_eq!(pre.timeout, Duration::from_secs(1));
         assert_eq!(c.cache.ttl, Duration::from_secs(300));
         assert_eq!(c.cache.max_entries, 7);
+        assert_eq!(c.cache.stale_if_error, Duration::ZERO, "0s turns it off");
+        assert_eq!(c.routing.rails_issued, RailsIssued::Decision);
         assert_eq!(
             (c.log.format, c.log.level),
             (LogFormat::Text, tracing::Level::DEBUG)
@@ -1339,6 +1361,10 @@ mod tests {
     #[test]
     fn routing_rejects_bad_modes_lists_and_percentages() {
         let routing = |body: &str| err(&format!("{MINIMAL}[routing]\n{body}\n"));
+        assert_eq!(
+            routing("rails_issued = \"iam\""),
+            r#"routing.rails_issued: must be "rails" or "decision""#
+        );
         assert_eq!(
             routing("mode = \"off\""),
             r#"routing.mode: must be "preauthorize", "rails" or "iam""#

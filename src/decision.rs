@@ -23,15 +23,23 @@ pub enum Reason {
     NotOauth,
     /// No `[iam]` table is configured.
     IamDisabled,
-    /// A verifier or an IAM-issued token: the flow started at IAM and must finish there.
+    /// A verifier or an IAM-issued code or token: the flow started at IAM and must finish
+    /// there.
     Continuity,
+    /// A code or token without an IAM prefix: Rails issued it and only Rails can redeem,
+    /// refresh, revoke or introspect it.
+    RailsIssued,
     /// No single valid client id; Rails owns `invalid_client` errors.
     UnknownClient,
     /// A cached pre-authorize answer (or one fetched by a concurrent request).
     Cache,
     /// This request asked the pre-authorize backend.
     Preauthorize,
-    /// The pre-authorize backend failed; fail open to Rails.
+    /// The pre-authorize backend failed and the client's last answer, expired no longer ago
+    /// than its stale window, was served.
+    Stale,
+    /// The pre-authorize backend failed and there was no answer to fall back on; fail open
+    /// to Rails.
     PreauthorizeError,
     /// `routing.mode` is `rails` or `iam`.
     KillSwitch,
@@ -49,9 +57,11 @@ impl Reason {
             Reason::NotOauth => "not_oauth",
             Reason::IamDisabled => "iam_disabled",
             Reason::Continuity => "continuity",
+            Reason::RailsIssued => "rails_issued",
             Reason::UnknownClient => "unknown_client",
             Reason::Cache => "cache",
             Reason::Preauthorize => "preauthorize",
+            Reason::Stale => "stale",
             Reason::PreauthorizeError => "preauthorize_error",
             Reason::KillSwitch => "kill_switch",
             Reason::ForceIam => "force_iam",

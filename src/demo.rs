@@ -26,7 +26,8 @@ use tokio::sync::{watch, Semaphore};
 use crate::config::{Config, LogConfig, LogFormat, Secret};
 use crate::connection::{Draining, Timeouts};
 use crate::forward::ResponseBody;
-use crate::identify::{identify, Identity, RequestView};
+use crate::identify::identify;
+use crate::params::{Parameters, RequestView};
 use crate::server::{accept_until, Gateway};
 
 /// The stand-ins serve one person trying the demo.
@@ -69,10 +70,9 @@ pub async fn start(listen: SocketAddr, admin_listen: SocketAddr) -> Result<Demo,
             headers: request.headers(),
             body: request.body(),
         };
-        match identify(&view) {
-            Identity::Known { client_id, .. } if client_id == BROKEN_IAM_CLIENT => {
-                served_by("iam", StatusCode::SERVICE_UNAVAILABLE)
-            }
+        let params = Parameters::read(&view, &[]);
+        match identify(view.headers, &params).client_id() {
+            Some(BROKEN_IAM_CLIENT) => served_by("iam", StatusCode::SERVICE_UNAVAILABLE),
             _ => served_by("iam", StatusCode::OK),
         }
     })

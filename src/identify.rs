@@ -4,21 +4,14 @@ use std::borrow::Cow;
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
-use hyper::{HeaderMap, Method};
+use hyper::header::AUTHORIZATION;
+use hyper::HeaderMap;
+
+use crate::params::{Found, Parameters, Part, Unreadable};
 
 /// RFC 6749 sets no limit; DESIGN §2 does, so an oversized id never reaches the
 /// pre-authorize backend or the decision cache.
 const MAX_CLIENT_ID_BYTES: usize = 255;
-const FORM_MEDIA_TYPE: &str = "application/x-www-form-urlencoded";
-
-/// The parts of a request identification reads; the body is already buffered.
-pub struct RequestView<'a> {
-    pub method: &'a Method,
-    pub query: Option<&'a str>,
-    pub headers: &'a HeaderMap,
-    pub body: &'a [u8],
-}
 
 /// Where the client_id was found, in the order the sources are consulted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +44,12 @@ pub enum Unknown {
     NotPrintable,
     MalformedBasic,
     MalformedAssertion,
+    /// A POST body that is not form-encoded: it may hide a client id.
     UnparsableBody,
+    /// A form body with invalid percent-encoding.
+    MalformedBody,
+    /// A query with invalid percent-encoding.
+    MalformedQuery,
 }
 
 impl Unknown {
@@ -66,6 +64,8 @@ impl Unknown {
             Unknown::MalformedBasic => "malformed_basic",
             Unknown::MalformedAssertion => "malformed_assertion",
             Unknown::UnparsableBody => "unparsable_body",
+            Unknown::MalformedBody => "malformed_body",
+            Unknown::MalformedQuery => "malformed_query",
         }
     }
 }
@@ -79,29 +79,51 @@ pub enum Identity<'a> {
     Unknown(Unknown),
 }
 
-/// Identifies the client application; every present source must be valid and agree.
-pub fn identify<'a>(view: &RequestView<'a>) -> Identity<'a> {
-    match agreed_client_id(view) {
+impl Identity<'_> {
+    pub fn client_id(&self) -> Option<&str> {
+        match self {
+            Identity::Known { client_id, .. } => Some(client_id),
+            Identity::Unknown(_) => None,
+        }
+    }
+
+    /// Where the id came from, or why there is none: the decision log's `identification`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Identity::Known { source, .. } => source.as_str(),
+            Identity::Unknown(unknown) => unknown.as_str(),
+        }
+    }
+}
+
+/// Identifies the client application from the `Authorization` header and the request's
+/// parameters; every present source must be valid and agree.
+pub fn identify<'a>(headers: &HeaderMap, params: &Parameters<'a>) -> Identity<'a> {
+    match agreed_client_id(headers, params) {
         Ok((client_id, source)) => Identity::Known { client_id, source },
         Err(unknown) => Identity::Unknown(unknown),
     }
 }
 
-/// Reads one source of the client_id.
-type Reader<'a> = fn(&RequestView<'a>) -> Result<Found<Cow<'a, str>>, Unknown>;
-
-fn agreed_client_id<'a>(view: &RequestView<'a>) -> Result<(Cow<'a, str>, Source), Unknown> {
-    let sources: [(Source, Reader<'a>); 4] = [
-        (Source::Basic, basic_user),
-        (Source::FormBody, |view| {
-            Ok(form_body(view)?.map_or(Found::Absent, |body| find_param(body, "client_id")))
-        }),
-        (Source::Query, |view| Ok(query_param(view, "client_id"))),
-        (Source::Assertion, assertion_issuer),
+fn agreed_client_id<'a>(
+    headers: &HeaderMap,
+    params: &Parameters<'a>,
+) -> Result<(Cow<'a, str>, Source), Unknown> {
+    let sources = [
+        (Source::Basic, basic_user(headers)),
+        (
+            Source::FormBody,
+            client_id_in(&params.body, Unknown::MalformedBody),
+        ),
+        (
+            Source::Query,
+            client_id_in(&params.query, Unknown::MalformedQuery),
+        ),
+        (Source::Assertion, assertion_issuer(params)),
     ];
     let mut agreed: Option<(Cow<'a, str>, Source)> = None;
-    for (source, read) in sources {
-        let value = match read(view)? {
+    for (source, found) in sources {
+        let value = match found? {
             Found::Absent => continue,
             Found::Repeated => return Err(Unknown::Repeated),
             Found::One(value) => valid(value)?,
@@ -127,114 +149,27 @@ fn valid(client_id: Cow<'_, str>) -> Result<Cow<'_, str>, Unknown> {
     }
 }
 
-/// How many times something occurs where at most once is allowed.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Found<T> {
-    Absent,
-    Repeated,
-    One(T),
-}
-
-impl<T> Found<T> {
-    fn at_most_one(mut items: impl Iterator<Item = T>) -> Found<T> {
-        match (items.next(), items.next()) {
-            (None, _) => Found::Absent,
-            (Some(item), None) => Found::One(item),
-            (Some(_), Some(_)) => Found::Repeated,
-        }
-    }
-
-    /// The value, when it occurs exactly once.
-    pub(crate) fn into_one(self) -> Option<T> {
-        match self {
-            Found::One(item) => Some(item),
-            Found::Absent | Found::Repeated => None,
-        }
-    }
-}
-
-/// The decoded value of parameter `name` in a urlencoded string, borrowed when nothing
-/// needed decoding. Reads as `form_urlencoded::parse` does, but decodes a value only when
-/// its key matches: the other values (a `redirect_uri`, a `client_secret`) are never copied.
-pub(crate) fn find_param<'a>(encoded: &'a [u8], name: &str) -> Found<Cow<'a, str>> {
-    Found::at_most_one(
-        encoded
-            .split(|&b| b == b'&')
-            .filter(|pair| !pair.is_empty())
-            .filter_map(|pair| {
-                let (key, value) = match pair.iter().position(|&b| b == b'=') {
-                    Some(equals) => (&pair[..equals], &pair[equals + 1..]),
-                    None => (pair, &b""[..]),
-                };
-                let matches = if key.iter().any(|&b| b == b'%' || b == b'+') {
-                    decode_component(key) == name
-                } else {
-                    key == name.as_bytes()
-                };
-                matches.then(|| decode_component(value))
-            }),
-    )
-}
-
-/// application/x-www-form-urlencoded decoding of one name or value: '+' is a space, then
-/// percent-decoding, then UTF-8 with U+FFFD for what is not.
-fn decode_component(raw: &[u8]) -> Cow<'_, str> {
-    if raw.contains(&b'+') {
-        let spaced: Vec<u8> = raw
-            .iter()
-            .map(|&b| if b == b'+' { b' ' } else { b })
-            .collect();
-        Cow::Owned(
-            percent_encoding::percent_decode(&spaced)
-                .decode_utf8_lossy()
-                .into_owned(),
-        )
-    } else {
-        percent_encoding::percent_decode(raw).decode_utf8_lossy()
-    }
-}
-
-fn query_param<'a>(view: &RequestView<'a>, name: &str) -> Found<Cow<'a, str>> {
-    view.query
-        .map_or(Found::Absent, |query| find_param(query.as_bytes(), name))
-}
-
-/// The body as urlencoded form parameters: `None` when it carries none (not a POST, or
-/// empty), an error when a POST body is something we cannot read, so it may hide a client_id.
-pub(crate) fn form_body<'a>(view: &RequestView<'a>) -> Result<Option<&'a [u8]>, Unknown> {
-    if view.method != Method::POST || view.body.is_empty() {
-        return Ok(None);
-    }
-    // Two Content-Type headers could be read differently by Rails and IAM.
-    let is_form = match Found::at_most_one(view.headers.get_all(CONTENT_TYPE).iter()) {
-        Found::One(value) => value.to_str().is_ok_and(|value| {
-            let media_type = value.split(';').next().unwrap_or_default().trim();
-            media_type.eq_ignore_ascii_case(FORM_MEDIA_TYPE)
-        }),
-        Found::Absent | Found::Repeated => false,
-    };
-    if is_form {
-        Ok(Some(view.body))
-    } else {
-        Err(Unknown::UnparsableBody)
+/// The `client_id` of a query or body; an unreadable one may hide it.
+fn client_id_in<'a>(part: &Part<'a>, malformed: Unknown) -> Result<Found<Cow<'a, str>>, Unknown> {
+    match part {
+        Part::Absent => Ok(Found::Absent),
+        Part::Read(params) => Ok(params.client_id.clone()),
+        Part::Unreadable(Unreadable::NotForm) => Err(Unknown::UnparsableBody),
+        Part::Unreadable(Unreadable::Malformed) => Err(malformed),
     }
 }
 
 /// The user part of `Authorization: Basic`; other schemes (Bearer) are not a source.
-fn basic_user<'a>(view: &RequestView<'a>) -> Result<Found<Cow<'a, str>>, Unknown> {
-    let credentials = view
-        .headers
-        .get_all(AUTHORIZATION)
-        .iter()
-        .filter_map(|value| {
-            let value = value.as_bytes();
-            // A bare "Basic" has no space; it is still Basic, with empty (malformed) credentials.
-            let (scheme, credentials) = match value.iter().position(|&b| b == b' ') {
-                Some(space) => (&value[..space], value[space..].trim_ascii()),
-                None => (value, &b""[..]),
-            };
-            scheme.eq_ignore_ascii_case(b"basic").then_some(credentials)
-        });
+fn basic_user<'a>(headers: &HeaderMap) -> Result<Found<Cow<'a, str>>, Unknown> {
+    let credentials = headers.get_all(AUTHORIZATION).iter().filter_map(|value| {
+        let value = value.as_bytes();
+        // A bare "Basic" has no space; it is still Basic, with empty (malformed) credentials.
+        let (scheme, credentials) = match value.iter().position(|&b| b == b' ') {
+            Some(space) => (&value[..space], value[space..].trim_ascii()),
+            None => (value, &b""[..]),
+        };
+        scheme.eq_ignore_ascii_case(b"basic").then_some(credentials)
+    });
     let credentials = match Found::at_most_one(credentials) {
         Found::One(credentials) => credentials,
         Found::Absent => return Ok(Found::Absent),
@@ -259,14 +194,18 @@ fn basic_user<'a>(view: &RequestView<'a>) -> Result<Found<Cow<'a, str>>, Unknown
 
 /// The issuer of a `client_assertion` JWT (form body, else query). Read only to route:
 /// the signature is never checked here, the upstream verifies it.
-fn assertion_issuer<'a>(view: &RequestView<'a>) -> Result<Found<Cow<'a, str>>, Unknown> {
-    let found = match form_body(view)?.map(|body| find_param(body, "client_assertion")) {
-        None | Some(Found::Absent) => query_param(view, "client_assertion"),
+fn assertion_issuer<'a>(params: &Parameters<'a>) -> Result<Found<Cow<'a, str>>, Unknown> {
+    let in_body = params.body.params().map(|body| &body.client_assertion);
+    let found = match in_body {
+        None | Some(Found::Absent) => match params.query.params() {
+            Some(query) => &query.client_assertion,
+            None => return Ok(Found::Absent),
+        },
         Some(found) => found,
     };
     Ok(match found {
         Found::One(jwt) => Found::One(Cow::Owned(
-            jwt_issuer(&jwt).ok_or(Unknown::MalformedAssertion)?,
+            jwt_issuer(jwt).ok_or(Unknown::MalformedAssertion)?,
         )),
         Found::Absent => Found::Absent,
         Found::Repeated => Found::Repeated,
@@ -304,7 +243,9 @@ fn jwt_issuer(jwt: &str) -> Option<String> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use hyper::header::{HeaderName, HeaderValue};
+    use crate::params::RequestView;
+    use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+    use hyper::Method;
 
     /// An owned request that lends out a `RequestView`; shared with the classify tests.
     #[derive(Default)]
@@ -321,7 +262,7 @@ pub(crate) mod tests {
         }
 
         pub(crate) fn post_form(body: &str) -> Req {
-            Req::post(FORM_MEDIA_TYPE, body)
+            Req::post("application/x-www-form-urlencoded", body)
         }
 
         pub(crate) fn post(content_type: &str, body: &str) -> Req {
@@ -362,7 +303,7 @@ pub(crate) mod tests {
         }
 
         fn identify(&self) -> Identity<'_> {
-            identify(&self.view())
+            identify(&self.headers, &Parameters::read(&self.view(), &[]))
         }
     }
 
@@ -688,33 +629,23 @@ pub(crate) mod tests {
         assert_eq!(Unknown::UnparsableBody.as_str(), "unparsable_body");
     }
 
-    proptest::proptest! {
-        #[test]
-        fn find_param_reads_exactly_as_form_urlencoded_does(
-            parts in proptest::collection::vec(
-                proptest::sample::select(vec![
-                    "client_id", "client%5Fid", "client+id", "a", "=", "&", "&&", "%", "%2",
-                    "%41", "+", "%C3%A9", "%FF", "é", "x",
-                ]),
-                0..12,
-            )
-        ) {
-            let encoded = parts.concat();
-            for name in ["client_id", "client id", "a", ""] {
-                let reference = Found::at_most_one(
-                    form_urlencoded::parse(encoded.as_bytes())
-                        .filter(|(key, _)| key == name)
-                        .map(|(_, value)| value),
-                );
-                proptest::prop_assert_eq!(find_param(encoded.as_bytes(), name), reference);
-            }
-        }
-    }
-
     #[test]
-    fn find_param_reports_absent_repeated_or_value() {
-        assert_eq!(find_param(b"a=1&b=2", "c"), Found::Absent);
-        assert_eq!(find_param(b"a=1&a=1", "a"), Found::Repeated);
-        assert_eq!(find_param(b"a=1&b=x+y", "b"), Found::One(Cow::from("x y")));
+    fn invalid_percent_encoding_makes_the_client_unknown() {
+        for body in [
+            "client_id=app%ZZ",
+            "client_id=app&scope=%",
+            "client_id=app%4",
+        ] {
+            let req = Req::post_form(body);
+            assert_eq!(req.identify(), unknown(Unknown::MalformedBody), "{body}");
+        }
+        let req = Req::get("client_id=app&state=%zz");
+        assert_eq!(req.identify(), unknown(Unknown::MalformedQuery));
+        let req = Req::post_form("client_id=app").query("x=%");
+        assert_eq!(req.identify(), unknown(Unknown::MalformedQuery));
+        let req = Req::post_form("client_id=app")
+            .basic("app:secret")
+            .query("a=%G0");
+        assert_eq!(req.identify(), unknown(Unknown::MalformedQuery));
     }
 }

@@ -3,9 +3,10 @@
 //! to Rails whenever IAM or the routing backend misbehaves.
 //!
 //! The modules follow a request through the gateway:
-//! [`server`] accepts it, [`classify`] names the endpoint and applies flow continuity,
-//! [`identify`] finds the client application, [`cache`] and [`preauth`] decide where it
-//! goes, [`forward`] and [`headers`] build the upstream request, [`fallback`] replays it to
+//! [`server`] accepts it, [`classify`] names the endpoint, [`params`] reads its query and
+//! form body once, [`classify`] sends codes and tokens back to their issuer, [`identify`]
+//! finds the client application, [`rollout`] applies the rules before the cache, [`cache`]
+//! and [`preauth`] decide where the rest goes, [`forward`] and [`headers`] build the upstream request, [`fallback`] replays it to
 //! Rails when IAM fails, [`respond`] maps errors to statuses, and [`logging`] and [`metrics`]
 //! write it down.
 //! [`proxy`] runs those steps in order.
@@ -26,6 +27,7 @@ pub mod identify;
 pub mod log_writer;
 pub mod logging;
 pub mod metrics;
+pub mod params;
 pub mod preauth;
 pub mod proxy;
 pub mod respond;

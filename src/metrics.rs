@@ -40,13 +40,15 @@ const METHODS: [&str; 8] = [
 ];
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// In [`Reason`] declaration order, so `reason as usize` indexes it.
-const REASONS: [Reason; 11] = [
+const REASONS: [Reason; 13] = [
     Reason::NotOauth,
     Reason::IamDisabled,
     Reason::Continuity,
+    Reason::RailsIssued,
     Reason::UnknownClient,
     Reason::Cache,
     Reason::Preauthorize,
+    Reason::Stale,
     Reason::PreauthorizeError,
     Reason::KillSwitch,
     Reason::ForceIam,
@@ -55,8 +57,9 @@ const REASONS: [Reason; 11] = [
 ];
 /// The decisions that can happen, exported at 0 from start-up so that `rate()` sees the
 /// first one.
-const POSSIBLE_DECISIONS: [(Destination, Reason); 13] = [
+const POSSIBLE_DECISIONS: [(Destination, Reason); 16] = [
     (Destination::Iam, Reason::Continuity),
+    (Destination::Rails, Reason::RailsIssued),
     (Destination::Iam, Reason::KillSwitch),
     (Destination::Iam, Reason::ForceIam),
     (Destination::Iam, Reason::Percentage),
@@ -66,6 +69,8 @@ const POSSIBLE_DECISIONS: [(Destination, Reason); 13] = [
     (Destination::Iam, Reason::Preauthorize),
     (Destination::Rails, Reason::Cache),
     (Destination::Rails, Reason::Preauthorize),
+    (Destination::Iam, Reason::Stale),
+    (Destination::Rails, Reason::Stale),
     (Destination::Rails, Reason::UnknownClient),
     (Destination::Rails, Reason::PreauthorizeError),
     (Destination::Rails, Reason::IamDisabled),

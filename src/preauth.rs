@@ -12,7 +12,7 @@ use jsonwebtoken::{EncodingKey, Header};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::Serialize;
 
-use crate::config::PreauthorizeConfig;
+use crate::config::{CacheConfig, PreauthorizeConfig};
 use crate::decision::Destination;
 use crate::forward::Connector;
 use crate::headers::X_REQUEST_ID;
@@ -38,6 +38,8 @@ pub struct Answer {
     pub destination: Destination,
     /// How long this answer may be cached; zero means not at all.
     pub lifetime: Duration,
+    /// How long after its lifetime it may still be served while the backend fails.
+    pub stale_if_error: Duration,
 }
 
 /// Why a pre-authorize call produced no answer. None of these is ever cached.
@@ -78,7 +80,7 @@ pub struct PreauthClient {
     url: String,
     key: EncodingKey,
     timeout: Duration,
-    max_lifetime: Duration,
+    limits: CacheConfig,
     user_agent: HeaderValue,
 }
 
@@ -92,13 +94,14 @@ impl std::fmt::Debug for PreauthClient {
 }
 
 impl PreauthClient {
-    pub fn new(config: &PreauthorizeConfig, max_lifetime: Duration) -> PreauthClient {
+    /// `limits` caps the lifetimes an answer may ask for.
+    pub fn new(config: &PreauthorizeConfig, limits: &CacheConfig) -> PreauthClient {
         PreauthClient {
             client: crate::forward::pooled_client(config.timeout, &config.tls),
             url: config.url.to_string(),
             key: EncodingKey::from_secret(config.secret.as_bytes()),
             timeout: config.timeout,
-            max_lifetime,
+            limits: limits.clone(),
             user_agent: HeaderValue::from_static(concat!("iamproxy/", env!("CARGO_PKG_VERSION"))),
         }
     }
@@ -137,7 +140,7 @@ impl PreauthClient {
             .await
             .map_err(|_| PreauthError::BadResponse("body unreadable or too large"))?
             .to_bytes();
-        parse_answer(parts.status, &parts.headers, &body, self.max_lifetime)
+        parse_answer(parts.status, &parts.headers, &body, &self.limits)
     }
 
     /// Builds the signed request. Nothing of the client's request goes along but the
@@ -185,13 +188,13 @@ impl PreauthClient {
 }
 
 /// Validates a backend response: status 200, the Workhorse (or plain) JSON content type
-/// and `{"destination": "iam" | "rails"}`. `Cache-Control` sets the lifetime, capped by
-/// `max_lifetime`.
+/// and `{"destination": "iam" | "rails"}`. `Cache-Control` sets the lifetime and the stale
+/// window, capped by `cache.ttl` and `cache.stale_if_error`.
 pub fn parse_answer(
     status: StatusCode,
     headers: &HeaderMap,
     body: &[u8],
-    max_lifetime: Duration,
+    limits: &CacheConfig,
 ) -> Result<Answer, PreauthError> {
     if status != StatusCode::OK {
         return Err(PreauthError::BadStatus(status));
@@ -215,17 +218,25 @@ pub fn parse_answer(
         Some("rails") => Destination::Rails,
         _ => return Err(PreauthError::BadResponse("no valid destination")),
     };
+    let (lifetime, stale_if_error) = lifetimes(headers, limits);
     Ok(Answer {
         destination,
-        lifetime: cache_lifetime(headers, max_lifetime),
+        lifetime,
+        stale_if_error,
     })
 }
 
-/// `no-store` (or `no-cache`, which would need revalidation we do not do) → zero;
-/// `max-age=N` → N capped by `max_lifetime`, an unreadable max-age → zero (RFC 9111
-/// §4.2.1: treat as stale); no header → `max_lifetime`.
-fn cache_lifetime(headers: &HeaderMap, max_lifetime: Duration) -> Duration {
-    let mut lifetime = max_lifetime;
+/// The answer's lifetime and stale window from `Cache-Control`:
+/// - `no-store` (or `no-cache`, which would need revalidation we do not do): neither;
+/// - `max-age=N`: N capped by `cache.ttl`; unreadable → zero (RFC 9111 §4.2.1: stale);
+/// - `stale-if-error=N` (RFC 5861): N capped by `cache.stale_if_error`; unreadable → zero;
+/// - a directive left out: its cap.
+fn lifetimes(headers: &HeaderMap, limits: &CacheConfig) -> (Duration, Duration) {
+    let (mut lifetime, mut stale) = (limits.ttl, limits.stale_if_error);
+    let seconds = |value: &str, cap: Duration| match value.trim().trim_matches('"').parse() {
+        Ok(seconds) => Duration::from_secs(seconds).min(cap),
+        Err(_) => Duration::ZERO,
+    };
     let directives = headers
         .get_all(header::CACHE_CONTROL)
         .iter()
@@ -236,16 +247,15 @@ fn cache_lifetime(headers: &HeaderMap, max_lifetime: Duration) -> Duration {
         let (name, value) = directive.split_once('=').unwrap_or((directive, ""));
         let name = name.trim();
         if name.eq_ignore_ascii_case("no-store") || name.eq_ignore_ascii_case("no-cache") {
-            return Duration::ZERO;
+            return (Duration::ZERO, Duration::ZERO);
         }
         if name.eq_ignore_ascii_case("max-age") {
-            lifetime = match value.trim().trim_matches('"').parse::<u64>() {
-                Ok(seconds) => Duration::from_secs(seconds).min(max_lifetime),
-                Err(_) => Duration::ZERO,
-            };
+            lifetime = seconds(value, limits.ttl);
+        } else if name.eq_ignore_ascii_case("stale-if-error") {
+            stale = seconds(value, limits.stale_if_error);
         }
     }
-    lifetime
+    (lifetime, stale)
 }
 
 #[cfg(test)]
@@ -253,6 +263,15 @@ mod tests {
     use super::*;
 
     const TTL: Duration = Duration::from_secs(60);
+    const STALE: Duration = Duration::from_secs(300);
+
+    fn limits() -> CacheConfig {
+        CacheConfig {
+            ttl: TTL,
+            max_entries: 10,
+            stale_if_error: STALE,
+        }
+    }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
@@ -263,7 +282,7 @@ mod tests {
     }
 
     fn parse(pairs: &[(&'static str, &'static str)], body: &str) -> Result<Answer, PreauthError> {
-        parse_answer(StatusCode::OK, &headers(pairs), body.as_bytes(), TTL)
+        parse_answer(StatusCode::OK, &headers(pairs), body.as_bytes(), &limits())
     }
 
     const JSON: (&str, &str) = ("content-type", "application/vnd.gitlab-workhorse+json");
@@ -305,7 +324,7 @@ mod tests {
     fn non_200_statuses_are_errors_including_redirects() {
         for status in [201, 204, 302, 307, 404, 500] {
             let status = StatusCode::from_u16(status).unwrap();
-            let err = parse_answer(status, &headers(&[JSON]), b"{}", TTL).unwrap_err();
+            let err = parse_answer(status, &headers(&[JSON]), b"{}", &limits()).unwrap_err();
             assert_eq!(err.outcome(), "bad_status");
         }
     }
@@ -326,6 +345,33 @@ mod tests {
         assert_eq!(lifetime("no-cache"), Duration::ZERO);
         assert_eq!(lifetime("max-age=soon"), Duration::ZERO);
         assert_eq!(lifetime("public"), TTL);
+    }
+
+    #[test]
+    fn stale_if_error_sets_the_stale_window_capped_by_the_config() {
+        let body = r#"{"destination":"iam"}"#;
+        let windows = |cc: &'static str| {
+            let answer = parse(&[JSON, ("cache-control", cc)], body).unwrap();
+            (answer.lifetime, answer.stale_if_error)
+        };
+        let secs = Duration::from_secs;
+        assert_eq!(windows("max-age=5, stale-if-error=30"), (secs(5), secs(30)));
+        assert_eq!(windows("Stale-If-Error=86400"), (TTL, STALE), "capped");
+        assert_eq!(
+            windows("max-age=5"),
+            (secs(5), STALE),
+            "the config's by default"
+        );
+        assert_eq!(windows("max-age=0, stale-if-error=60"), (secs(0), secs(60)));
+        assert_eq!(windows("stale-if-error=later"), (TTL, secs(0)));
+        assert_eq!(windows("no-store, stale-if-error=60"), (secs(0), secs(0)));
+        let off = CacheConfig {
+            stale_if_error: Duration::ZERO,
+            ..limits()
+        };
+        let cc = headers(&[JSON, ("cache-control", "stale-if-error=60")]);
+        let answer = parse_answer(StatusCode::OK, &cc, body.as_bytes(), &off).unwrap();
+        assert_eq!(answer.stale_if_error, Duration::ZERO, "0s turns it off");
     }
 
     #[test]

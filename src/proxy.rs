@@ -5,8 +5,9 @@
 //! 2. **prepare** — clean the head once (hop-by-hop, gateway-only headers, forwarding
 //!    headers, correlation id); every upstream request is built from it.
 //! 3. **buffer** — read the OAuth body, up to `max_body_bytes` ([`buffer_body`]).
-//! 4. **decide** — continuity rules, client identification, the decision cache and the
-//!    pre-authorize backend ([`decide`]).
+//! 4. **decide** — read the query and form body once, send codes and tokens back to
+//!    their issuer, identify the client, apply the rules before the cache, then the
+//!    decision cache and the pre-authorize backend ([`decide`]).
 //! 5. **forward** — to Rails, or to IAM with fail-open replay to Rails ([`to_iam`]).
 //! 6. **record** — one access line and the request metrics.
 //!
@@ -36,9 +37,12 @@ use crate::forward::{
     ResponseBody, Streamed, UpstreamError,
 };
 use crate::headers::X_REQUEST_ID;
-use crate::identify::{identify, Identity, RequestView};
+use crate::identify::identify;
 use crate::metrics::Upstream;
+use crate::params::{Parameters, RequestView};
+use crate::preauth::PreauthError;
 use crate::respond::ProxyError;
+use crate::rollout::Rule;
 use crate::state::{AppState, IamRoute};
 use crate::upgrade::{self, Upgrade};
 
@@ -160,7 +164,9 @@ async fn buffer_body(
     }
 }
 
-/// Decides where an OAuth request goes, and logs the decision.
+/// Decides where an OAuth request goes, and logs the decision: the rules before the cache
+/// ([`RoutingConfig::decide`](crate::rollout::RoutingConfig::decide)), then the cache and
+/// the pre-authorize backend.
 async fn decide(
     state: &AppState,
     endpoint: Endpoint,
@@ -174,42 +180,38 @@ async fn decide(
         headers: &head.headers,
         body,
     };
-    let identity = identify(&view);
-    let client_id = match &identity {
-        Identity::Known { client_id, .. } => Some(client_id),
-        Identity::Unknown(_) => None,
-    };
-    let routing = &state.config.routing;
-    // A flow IAM started finishes at IAM even under the kill switch: its codes and tokens
-    // mean nothing to Rails (and if IAM is down, the fallback takes it there anyway).
-    let decision = match (&state.iam, client_id) {
-        (None, _) => Decision::rails(Reason::IamDisabled),
-        (Some(iam), _) if continuity(endpoint, &view, &iam.token_prefixes).is_some() => Decision {
-            destination: Destination::Iam,
-            reason: Reason::Continuity,
-        },
-        (Some(_), _) if routing.all_to_rails() => Decision::rails(Reason::KillSwitch),
-        (Some(_), None) => Decision::rails(Reason::UnknownClient),
-        (Some(iam), Some(client_id)) => match routing.decide(client_id) {
-            Some(local) => local,
-            None => ask_cache(state, iam, client_id, &head.request_id).await,
-        },
-    };
-    let identification = match &identity {
-        Identity::Known { source, .. } => source.as_str(),
-        Identity::Unknown(unknown) => unknown.as_str(),
+    let prefixes = state
+        .iam
+        .as_ref()
+        .map_or(&[][..], |iam| &iam.token_prefixes[..]);
+    let params = Parameters::read(&view, prefixes);
+    let identity = identify(&head.headers, &params);
+    let client_id = identity.client_id();
+    let rule = state.config.routing.decide(
+        state.iam.is_some(),
+        continuity(endpoint, &params),
+        client_id,
+    );
+    let decision = match (rule, &state.iam) {
+        (Rule::Decided(decision), _) => decision,
+        (Rule::AskCache(client_id), Some(iam)) => {
+            ask_cache(state, iam, client_id, &head.request_id).await
+        }
+        // The rules never defer to the cache without IAM.
+        (Rule::AskCache(_), None) => Decision::rails(Reason::IamDisabled),
     };
     state.metrics.decision(decision);
     tracing::info!(
         correlation_id = log_str(&head.request_id),
-        client_id = client_id.map_or("", |id| id.as_ref()),
-        identification,
+        client_id = client_id.unwrap_or(""),
+        identification = identity.label(),
         route = endpoint.as_str(),
         destination = decision.destination.as_str(),
         reason = decision.reason.as_str(),
         "iamproxy: routing decision"
     );
     access.client_id = client_id.map(|id| retain(body, id));
+    access.reason = Some(decision.reason);
     decision
 }
 
@@ -230,8 +232,17 @@ async fn ask_cache(
     let lookup = state.cache.lookup(client_id, fetch).await;
     match &lookup {
         Lookup::Hit(_) => state.metrics.cache_hit(),
-        Lookup::Fetched(_) | Lookup::Failed(_) => state.metrics.cache_miss(),
+        Lookup::Fetched(_) | Lookup::Stale(..) | Lookup::Failed(_) => state.metrics.cache_miss(),
     }
+    let failed = |error: &PreauthError, msg: &str| {
+        tracing::warn!(
+            correlation_id = log_str(request_id),
+            client_id,
+            outcome = error.outcome(),
+            error = %error,
+            "{msg}"
+        );
+    };
     match lookup {
         Lookup::Hit(destination) => Decision {
             destination,
@@ -241,14 +252,18 @@ async fn ask_cache(
             destination,
             reason: Reason::Preauthorize,
         },
-        Lookup::Failed(error) => {
-            tracing::warn!(
-                correlation_id = log_str(request_id),
-                client_id,
-                outcome = error.outcome(),
-                error = %error,
-                "iamproxy: pre-authorize failed, routing to rails"
+        Lookup::Stale(destination, error) => {
+            failed(
+                &error,
+                "iamproxy: pre-authorize failed, serving the last good decision",
             );
+            Decision {
+                destination,
+                reason: Reason::Stale,
+            }
+        }
+        Lookup::Failed(error) => {
+            failed(&error, "iamproxy: pre-authorize failed, routing to rails");
             Decision::rails(Reason::PreauthorizeError)
         }
     }
@@ -412,6 +427,8 @@ struct AccessLog {
     request_id: HeaderValue,
     route: &'static str,
     destination: Destination,
+    /// Why the decision went where it did; `None` for traffic that is not OAuth.
+    reason: Option<Reason>,
     fallback: Option<FallbackReason>,
     client_id: Option<Bytes>,
 }
@@ -424,6 +441,7 @@ impl AccessLog {
             request_id: head.request_id.clone(),
             route: endpoint.map_or("other", Endpoint::as_str),
             destination: Destination::Rails,
+            reason: None,
             fallback: None,
             client_id: None,
         }
@@ -446,6 +464,7 @@ impl AccessLog {
             // Microsecond resolution: float noise past that helps nobody reading logs.
             duration_ms = elapsed.as_micros() as f64 / 1000.0,
             destination = self.destination.as_str(),
+            reason = self.reason.map_or("", Reason::as_str),
             fallback_reason = self.fallback.map_or("", FallbackReason::as_str),
             client_id,
             "access"

@@ -1,9 +1,11 @@
-//! Local rollout rules from `[routing]`, evaluated before the decision cache and the
-//! pre-authorize backend: the kill switch, the forced lists and Flipper's
-//! percentage-of-actors gate.
+//! Every routing rule that decides before the decision cache and the pre-authorize backend,
+//! in one ordered function ([`RoutingConfig::decide`]): IAM configured at all, flow
+//! continuity and the issuer of a code or token, then `[routing]`'s kill switch, forced
+//! lists and Flipper's percentage-of-actors gate.
 
 use std::collections::HashSet;
 
+use crate::classify::Continuity;
 use crate::decision::{Decision, Destination, Reason};
 
 /// Where `[routing]` sends requests before anything else is asked.
@@ -17,9 +19,19 @@ pub enum Mode {
     Iam,
 }
 
+/// Where `routing.rails_issued` sends a code or token without an IAM prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RailsIssued {
+    /// To Rails, which issued it (`reason="rails_issued"`), without a pre-authorize call.
+    Rails,
+    /// Wherever the application's decision says: for the day IAM has imported Rails' tokens.
+    Decision,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutingConfig {
     pub mode: Mode,
+    pub rails_issued: RailsIssued,
     pub force_iam: HashSet<String>,
     pub force_rails: HashSet<String>,
     pub percentage: Option<PercentageOfActors>,
@@ -29,6 +41,7 @@ impl Default for RoutingConfig {
     fn default() -> RoutingConfig {
         RoutingConfig {
             mode: Mode::Preauthorize,
+            rails_issued: RailsIssued::Rails,
             force_iam: HashSet::new(),
             force_rails: HashSet::new(),
             percentage: None,
@@ -36,30 +49,59 @@ impl Default for RoutingConfig {
     }
 }
 
+/// What the rules before the cache make of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule<'a> {
+    Decided(Decision),
+    /// No rule applies: the decision cache (and behind it the backend) decides for this client.
+    AskCache(&'a str),
+}
+
 impl RoutingConfig {
-    /// The kill switch towards Rails, which applies even to requests with no client id.
-    pub fn all_to_rails(&self) -> bool {
-        self.mode == Mode::Rails
-    }
-
-    /// The rule that decides for `client_id` before the cache, if any (for the admin API:
-    /// the request path checks continuity and unknown clients between the two).
-    pub fn rule_for(&self, client_id: &str) -> Option<Decision> {
-        if self.all_to_rails() {
-            return Some(Decision::rails(Reason::KillSwitch));
-        }
-        self.decide(client_id)
-    }
-
-    /// The rules for an identified client, in precedence order: kill switch to IAM,
-    /// `force_rails`, `force_iam`, then the percentage (which only ever adds clients to
-    /// IAM; the others fall through to the cache and the pre-authorize backend).
-    pub fn decide(&self, client_id: &str) -> Option<Decision> {
+    /// Every rule before the decision cache, in order; the request path and the admin API
+    /// both ask this, so they cannot disagree.
+    ///
+    /// 1. no `[iam]`: Rails (`iam_disabled`);
+    /// 2. a verifier or an IAM-issued code or token: IAM (`continuity`), even under the
+    ///    kill switch, since Rails cannot redeem it;
+    /// 3. a code or token Rails issued: Rails (`rails_issued`), unless
+    ///    `rails_issued = "decision"`, which lets it fall through;
+    /// 4. `mode = "rails"`: Rails (`kill_switch`);
+    /// 5. no single client id: Rails (`unknown_client`);
+    /// 6. `mode = "iam"`: IAM (`kill_switch`);
+    /// 7. `force_rails`, then `force_iam`;
+    /// 8. inside `percentage_of_actors`: IAM (`percentage`); the others fall through, so
+    ///    raising it only ever adds clients;
+    /// 9. otherwise the cache decides.
+    pub fn decide<'a>(
+        &self,
+        iam_enabled: bool,
+        continuity: Option<Continuity>,
+        client_id: Option<&'a str>,
+    ) -> Rule<'a> {
         let to = |destination, reason| {
-            Some(Decision {
+            Rule::Decided(Decision {
                 destination,
                 reason,
             })
+        };
+        if !iam_enabled {
+            return to(Destination::Rails, Reason::IamDisabled);
+        }
+        match continuity {
+            Some(Continuity::Verifier | Continuity::IamToken) => {
+                return to(Destination::Iam, Reason::Continuity)
+            }
+            Some(Continuity::RailsToken) if self.rails_issued == RailsIssued::Rails => {
+                return to(Destination::Rails, Reason::RailsIssued)
+            }
+            Some(Continuity::RailsToken) | None => {}
+        }
+        if self.mode == Mode::Rails {
+            return to(Destination::Rails, Reason::KillSwitch);
+        }
+        let Some(client_id) = client_id else {
+            return to(Destination::Rails, Reason::UnknownClient);
         };
         if self.mode == Mode::Iam {
             return to(Destination::Iam, Reason::KillSwitch);
@@ -72,7 +114,7 @@ impl RoutingConfig {
         }
         match &self.percentage {
             Some(gate) if gate.enabled(client_id) => to(Destination::Iam, Reason::Percentage),
-            _ => None,
+            _ => Rule::AskCache(client_id),
         }
     }
 }
@@ -170,57 +212,149 @@ mod tests {
             force_iam: HashSet::from(["forced-iam".to_string()]),
             force_rails: HashSet::from(["forced-rails".to_string()]),
             percentage: Some(gate(100.0)),
+            ..RoutingConfig::default()
         }
     }
 
-    fn decided(routing: &RoutingConfig, id: &str) -> Option<(Destination, Reason)> {
-        routing.decide(id).map(|d| (d.destination, d.reason))
+    fn decided(
+        routing: &RoutingConfig,
+        continuity: Option<Continuity>,
+        id: Option<&str>,
+    ) -> Option<(Destination, Reason)> {
+        match routing.decide(true, continuity, id) {
+            Rule::Decided(d) => Some((d.destination, d.reason)),
+            Rule::AskCache(asked) => {
+                assert_eq!(Some(asked), id, "the cache is asked about this client");
+                None
+            }
+        }
     }
 
     #[test]
     fn rules_apply_in_precedence_order() {
         let preauthorize = routing(Mode::Preauthorize);
-        assert!(!preauthorize.all_to_rails());
         assert_eq!(
-            decided(&preauthorize, "forced-rails"),
+            decided(&preauthorize, None, Some("forced-rails")),
             Some((Destination::Rails, Reason::ForceRails)),
             "force_rails beats a 100% gate"
         );
         assert_eq!(
-            decided(&preauthorize, "forced-iam"),
+            decided(&preauthorize, None, Some("forced-iam")),
             Some((Destination::Iam, Reason::ForceIam))
         );
         assert_eq!(
-            decided(&preauthorize, "anyone"),
+            decided(&preauthorize, None, Some("anyone")),
             Some((Destination::Iam, Reason::Percentage))
+        );
+        assert_eq!(
+            decided(&preauthorize, None, None),
+            Some((Destination::Rails, Reason::UnknownClient))
         );
 
         let iam = routing(Mode::Iam);
         assert_eq!(
-            decided(&iam, "forced-rails"),
+            decided(&iam, None, Some("forced-rails")),
             Some((Destination::Iam, Reason::KillSwitch)),
             "the kill switch beats the lists"
         );
-        assert!(routing(Mode::Rails).all_to_rails());
         assert_eq!(
-            routing(Mode::Rails).rule_for("forced-iam"),
-            Some(Decision::rails(Reason::KillSwitch))
+            decided(&iam, None, None),
+            Some((Destination::Rails, Reason::UnknownClient)),
+            "an unknown client is Rails' even with every identified one at IAM"
+        );
+        let rails = routing(Mode::Rails);
+        for id in [Some("forced-iam"), None] {
+            assert_eq!(
+                decided(&rails, None, id),
+                Some((Destination::Rails, Reason::KillSwitch))
+            );
+        }
+    }
+
+    #[test]
+    fn without_iam_everything_is_rails_whatever_it_carries() {
+        for continuity in [None, Some(Continuity::IamToken), Some(Continuity::Verifier)] {
+            let decision = routing(Mode::Iam).decide(false, continuity, Some("forced-iam"));
+            assert_eq!(
+                decision,
+                Rule::Decided(Decision::rails(Reason::IamDisabled))
+            );
+        }
+    }
+
+    #[test]
+    fn codes_and_tokens_go_to_their_issuer_before_any_other_rule() {
+        for mode in [Mode::Preauthorize, Mode::Rails, Mode::Iam] {
+            let routing = routing(mode);
+            for id in [
+                Some("forced-iam"),
+                Some("forced-rails"),
+                Some("anyone"),
+                None,
+            ] {
+                for iam_issued in [Continuity::Verifier, Continuity::IamToken] {
+                    assert_eq!(
+                        decided(&routing, Some(iam_issued), id),
+                        Some((Destination::Iam, Reason::Continuity)),
+                        "{mode:?} {id:?} {iam_issued:?}"
+                    );
+                }
+                assert_eq!(
+                    decided(&routing, Some(Continuity::RailsToken), id),
+                    Some((Destination::Rails, Reason::RailsIssued)),
+                    "{mode:?} {id:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rails_issued_decision_lets_rails_tokens_follow_the_application() {
+        let follow = |mode| RoutingConfig {
+            rails_issued: RailsIssued::Decision,
+            ..routing(mode)
+        };
+        let token = Some(Continuity::RailsToken);
+        let preauthorize = follow(Mode::Preauthorize);
+        assert_eq!(
+            decided(&preauthorize, token, Some("forced-rails")),
+            decided(&preauthorize, None, Some("forced-rails"))
         );
         assert_eq!(
-            preauthorize.rule_for("forced-iam"),
-            preauthorize.decide("forced-iam")
+            decided(&preauthorize, token, Some("anyone")),
+            Some((Destination::Iam, Reason::Percentage))
+        );
+        assert_eq!(
+            decided(&follow(Mode::Iam), token, Some("forced-rails")),
+            Some((Destination::Iam, Reason::KillSwitch))
+        );
+        assert_eq!(
+            decided(&follow(Mode::Rails), token, Some("forced-iam")),
+            Some((Destination::Rails, Reason::KillSwitch))
+        );
+        assert_eq!(
+            decided(
+                &follow(Mode::Preauthorize),
+                Some(Continuity::IamToken),
+                Some("forced-rails")
+            ),
+            Some((Destination::Iam, Reason::Continuity)),
+            "IAM's own values still go to IAM"
         );
     }
 
     #[test]
-    fn without_rules_the_decision_falls_through_to_pre_authorize() {
+    fn without_rules_the_decision_falls_through_to_the_cache() {
         let plain = RoutingConfig::default();
-        assert!(!plain.all_to_rails());
-        assert_eq!(plain.decide("anyone"), None);
+        assert_eq!(decided(&plain, None, Some("anyone")), None);
         let low = RoutingConfig {
             percentage: Some(gate(0.0)),
             ..RoutingConfig::default()
         };
-        assert_eq!(low.decide("1"), None, "outside the percentage: ask Rails");
+        assert_eq!(
+            decided(&low, None, Some("1")),
+            None,
+            "outside the percentage"
+        );
     }
 }

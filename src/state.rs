@@ -91,7 +91,7 @@ impl AppState {
                             iam.circuit_breaker.open_for,
                         ))
                     }),
-                    preauth: PreauthClient::new(preauth, config.cache.ttl),
+                    preauth: PreauthClient::new(preauth, &config.cache),
                 }
             });
         let cache = previous
@@ -147,6 +147,7 @@ mod tests {
             Ok(Answer {
                 destination: Destination::Iam,
                 lifetime: Duration::from_secs(60),
+                stale_if_error: Duration::ZERO,
             })
         };
         matches!(state.cache.lookup("app", fetch).await, Lookup::Hit(_))

@@ -163,3 +163,30 @@ async fn invalidating_one_client_or_all_makes_the_next_requests_ask_again() {
     assert_eq!(post.headers["allow"], "DELETE");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_invalidation_drops_the_stale_decision_too() {
+    let token = random_token();
+    let (gw, _file) = with_admin(&token, "").await;
+    gw.preauth.always(
+        Reply::destination("iam").with_header("cache-control", "max-age=1, stale-if-error=600"),
+    );
+    assert_eq!(authorize(&gw, "app").await, "iam");
+    gw.preauth.always(Reply::status(500));
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    assert_eq!(authorize(&gw, "app").await, "iam", "served stale");
+
+    let answer = call(&gw, Method::DELETE, "/-/admin/decisions/app", Some(&token)).await;
+    assert_eq!(
+        json(&answer)["invalidated"],
+        false,
+        "nothing fresh was held"
+    );
+    assert_eq!(
+        authorize(&gw, "app").await,
+        "rails",
+        "no stale decision left"
+    );
+    assert_eq!(gw.preauth.count(), 3);
+    gw.stop().await;
+}

@@ -648,27 +648,28 @@ struct OddId {
 }
 
 const ODD_IDS: [OddId; 16] = [
-    // form_urlencoded (WHATWG) keeps a malformed escape as the literal text: a printable id.
+    // A malformed escape makes the whole query or body unreadable, as Go's url.ParseQuery
+    // (and so Workhorse) reads it: no client, Rails without a call.
     OddId {
         case: "query %ZZ",
         method: "GET",
         path_and_query: "/oauth/authorize?client_id=%ZZ&response_type=code",
         body: b"",
-        asked: Some("%ZZ"),
+        asked: None,
     },
     OddId {
         case: "query lone %",
         method: "GET",
         path_and_query: "/oauth/authorize?client_id=%&response_type=code",
         body: b"",
-        asked: Some("%"),
+        asked: None,
     },
     OddId {
         case: "query truncated %4",
         method: "GET",
         path_and_query: "/oauth/authorize?response_type=code&client_id=%4",
         body: b"",
-        asked: Some("%4"),
+        asked: None,
     },
     OddId {
         case: "query %FF%FE (not UTF-8)",
@@ -710,14 +711,14 @@ const ODD_IDS: [OddId; 16] = [
         method: "POST",
         path_and_query: "/oauth/token?client_id=%ZZ",
         body: b"",
-        asked: Some("%ZZ"),
+        asked: None,
     },
     OddId {
         case: "form %ZZ on /oauth/token",
         method: "POST",
         path_and_query: "/oauth/token",
         body: b"grant_type=client_credentials&client_id=%ZZ",
-        asked: Some("%ZZ"),
+        asked: None,
     },
     OddId {
         case: "form %FF%FE on /oauth/token",
@@ -745,7 +746,7 @@ const ODD_IDS: [OddId; 16] = [
         method: "POST",
         path_and_query: "/oauth/authorize",
         body: b"response_type=code&client_id=%ZZ",
-        asked: Some("%ZZ"),
+        asked: None,
     },
     OddId {
         case: "form raw \\xc3 on /oauth/authorize",

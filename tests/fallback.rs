@@ -30,11 +30,11 @@ async fn iam_gateway(iam_url: Option<String>) -> TestGateway {
 
 /// The request every replay test sends: a token request with a query string, a form body
 /// that needs percent-decoding, Basic credentials agreeing with it, and custom, repeated
-/// headers.
+/// headers. It carries no code or token, so the pre-authorize answer decides where it goes.
 fn token_request(gw: &TestGateway) -> Request<Full<Bytes>> {
     let body = concat!(
-        "grant_type=authorization_code&client_id=app-1",
-        "&code=c0de%2F%2B%3D&code_verifier=dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk",
+        "grant_type=client_credentials&client_id=app-1",
+        "&audience=c0de%2F%2B%3D&code_verifier=dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk",
         "&redirect_uri=https%3A%2F%2Fclient.example%2Fcb%3Fa%3D1%26b%3D%C3%A9",
         "&scope=read_user+api&note=%E2%9C%93+multi+%0D%0Aline"
     );

@@ -164,11 +164,14 @@ impl Secrets {
 }
 
 /// A gateway that keeps the test's X-Request-Id, so its lines can be told apart from those
-/// of the tests running beside it.
+/// of the tests running beside it. The secret-laden request carries every token parameter,
+/// without an IAM prefix: `rails_issued = "decision"` lets it take every routing path,
+/// where the default would send it back to Rails (see the `rails_issued` test).
 async fn gateway_keeping_request_ids() -> TestGateway {
     Captured::global();
     gateway()
         .set("server", r#"trusted_cidrs = ["127.0.0.1/32"]"#)
+        .set("routing", r#"rails_issued = "decision""#)
         .start()
         .await
 }
@@ -184,8 +187,11 @@ struct Expected {
 
 /// Sends the secret-laden token request through `gw` and checks its lines and that no
 /// secret reached the log. Returns the request's lines for further checks.
-async fn secrets_request_is_logged_safely(gw: TestGateway, expected: Expected) -> Vec<Value> {
-    let secrets = Secrets::new();
+async fn secrets_request_is_logged_safely(
+    gw: TestGateway,
+    secrets: Secrets,
+    expected: Expected,
+) -> Vec<Value> {
     let correlation_id = format!("logs-{}", random_hex());
     let answer = TestClient::new()
         .send(secrets.token_request(&gw, &correlation_id))
@@ -201,6 +207,7 @@ async fn secrets_request_is_logged_safely(gw: TestGateway, expected: Expected) -
         "status",
         "duration_ms",
         "destination",
+        "reason",
         "fallback_reason",
         "client_id",
     ] {
@@ -211,6 +218,7 @@ async fn secrets_request_is_logged_safely(gw: TestGateway, expected: Expected) -
     assert_eq!(access["status"], 200);
     assert!(access["duration_ms"].is_number(), "{access}");
     assert_eq!(access["destination"], expected.destination);
+    assert_eq!(access["reason"], expected.reason);
     assert_eq!(access["fallback_reason"], expected.fallback_reason);
     assert_eq!(access["client_id"], secrets.client_id.as_str());
 
@@ -237,7 +245,7 @@ async fn secrets_stay_out_of_logs_when_routed_to_iam() {
         decided: "iam",
         reason: "preauthorize",
     };
-    secrets_request_is_logged_safely(gw, expected).await;
+    secrets_request_is_logged_safely(gw, Secrets::new(), expected).await;
 }
 
 #[tokio::test]
@@ -250,7 +258,7 @@ async fn secrets_stay_out_of_logs_when_routed_to_rails() {
         decided: "rails",
         reason: "preauthorize",
     };
-    secrets_request_is_logged_safely(gw, expected).await;
+    secrets_request_is_logged_safely(gw, Secrets::new(), expected).await;
 }
 
 #[tokio::test]
@@ -265,7 +273,7 @@ async fn secrets_stay_out_of_logs_when_iam_fails_and_rails_serves() {
         decided: "iam",
         reason: "preauthorize",
     };
-    secrets_request_is_logged_safely(gw, expected).await;
+    secrets_request_is_logged_safely(gw, Secrets::new(), expected).await;
 }
 
 #[tokio::test]
@@ -279,10 +287,63 @@ async fn preauthorize_error_logs_a_warning_naming_the_outcome_without_secrets() 
         decided: "rails",
         reason: "preauthorize_error",
     };
-    let lines = secrets_request_is_logged_safely(gw, expected).await;
+    let lines = secrets_request_is_logged_safely(gw, Secrets::new(), expected).await;
     let warning = only(&lines, "iamproxy: pre-authorize failed, routing to rails");
     assert_eq!(warning["level"], "warn");
     assert_eq!(warning["outcome"], "bad_status");
+}
+
+#[tokio::test]
+async fn secrets_stay_out_of_logs_when_rails_issued_tokens_go_back_to_rails() {
+    Captured::global();
+    let gw = gateway()
+        .set("server", r#"trusted_cidrs = ["127.0.0.1/32"]"#)
+        .start()
+        .await;
+    gw.preauth.always(Reply::destination("iam"));
+    let expected = Expected {
+        served_by: "rails",
+        destination: "rails",
+        fallback_reason: "",
+        decided: "rails",
+        reason: "rails_issued",
+    };
+    let preauth = gw.preauth.clone();
+    secrets_request_is_logged_safely(gw, Secrets::new(), expected).await;
+    assert_eq!(preauth.count(), 0, "no pre-authorize call");
+}
+
+#[tokio::test]
+async fn a_stale_decision_logs_a_warning_and_its_reason_without_secrets() {
+    let gw = gateway_keeping_request_ids().await;
+    // Never fresh, but kept a minute for stale serving.
+    gw.preauth.always(
+        Reply::destination("iam").with_header("cache-control", "max-age=0, stale-if-error=60"),
+    );
+    let secrets = Secrets::new();
+    let answer = TestClient::new()
+        .send(secrets.token_request(&gw, &format!("logs-{}", random_hex())))
+        .await;
+    assert_eq!(answer.served_by(), "iam");
+    gw.preauth.always(Reply::status(500));
+    let expected = Expected {
+        served_by: "iam",
+        destination: "iam",
+        fallback_reason: "",
+        decided: "iam",
+        reason: "stale",
+    };
+    let lines = secrets_request_is_logged_safely(gw, secrets, expected).await;
+    let warning = only(
+        &lines,
+        "iamproxy: pre-authorize failed, serving the last good decision",
+    );
+    assert_eq!(warning["level"], "warn");
+    assert_eq!(warning["outcome"], "bad_status");
+    assert_eq!(
+        count(&lines, "iamproxy: pre-authorize failed, routing to rails"),
+        0
+    );
 }
 
 #[tokio::test]
@@ -301,6 +362,7 @@ async fn non_oauth_request_gets_an_access_line_and_no_routing_decision() {
     assert_eq!(access["path"], "/api/v4/user");
     assert_eq!(access["status"], 200);
     assert_eq!(access["destination"], "rails");
+    assert_eq!(access["reason"], "", "not OAuth: no routing reason");
     assert_eq!(access["fallback_reason"], "");
     assert_eq!(access["client_id"], "");
     assert_eq!(count(&lines, "iamproxy: routing decision"), 0, "{lines:#?}");

@@ -780,8 +780,10 @@ fn assert_labels_come_from_closed_sets(scraped: &Scrape) {
     };
     let decision_reasons = [
         "continuity",
+        "rails_issued",
         "cache",
         "preauthorize",
+        "stale",
         "unknown_client",
         "preauthorize_error",
         "iam_disabled",

@@ -294,7 +294,12 @@ enum Expect {
     /// "preauthorize" depending on whether this request made the call).
     Known(&'static str),
     Continuity,
+    /// A code or token without an IAM prefix: back to Rails, no pre-authorize call.
+    RailsIssued,
     UnknownClient,
+    /// The client's answer expired and the pre-authorize fake now answers 500: its last
+    /// good decision (IAM) is served.
+    Stale,
     /// The pre-authorize fake answers 500 for this client.
     PreauthorizeBadStatus,
     /// The pre-authorize fake drops the connection for this client.
@@ -348,10 +353,11 @@ impl Call {
     fn bound_for(&self) -> Option<&'static str> {
         match self.expect {
             Expect::Known(destination) => Some(destination),
-            Expect::Continuity => Some("iam"),
-            Expect::UnknownClient | Expect::PreauthorizeBadStatus | Expect::PreauthorizeDropped => {
-                Some("rails")
-            }
+            Expect::Continuity | Expect::Stale => Some("iam"),
+            Expect::RailsIssued
+            | Expect::UnknownClient
+            | Expect::PreauthorizeBadStatus
+            | Expect::PreauthorizeDropped => Some("rails"),
             Expect::Passthrough => None,
         }
     }
@@ -398,13 +404,13 @@ fn mixed_call(i: usize) -> Call {
             "/oauth/revoke",
             &format!("client_id={rails}&token=abc{i}"),
             Some(&rails),
-            Expect::Known("rails"),
+            Expect::RailsIssued,
         ),
         7 => Call::post(
             "/oauth/introspect",
             &format!("client_id={iam}&token=abc{i}"),
             Some(&iam),
-            Expect::Known("iam"),
+            Expect::RailsIssued,
         ),
         8 => Call::post(
             "/oauth/authorize_device",
@@ -484,7 +490,12 @@ impl Traffic {
                 Some((destination, "known"))
             }
             Expect::Continuity => Some(("iam", "continuity")),
+            Expect::RailsIssued => Some(("rails", "rails_issued")),
             Expect::UnknownClient => Some(("rails", "unknown_client")),
+            Expect::Stale => {
+                tally.bad_status_calls += 1;
+                Some(("iam", "stale"))
+            }
             Expect::PreauthorizeBadStatus => {
                 tally.bad_status_calls += 1;
                 Some(("rails", "preauthorize_error"))
@@ -551,12 +562,16 @@ fn iam_ok() -> Reply {
 
 /// Routes by client-id prefix for the whole test: `iam-` to IAM; `slow-` to Rails after
 /// 350 ms (over the 250 ms pre-authorize budget); `e500-` answers 500; `drop-` drops the
-/// connection; anything else to Rails.
-fn route_by_prefix(gw: &TestGateway) {
-    gw.preauth.respond(|recorded| {
+/// connection; `stale-` to IAM, never fresh but kept for stale serving, until `stale_down`
+/// makes it answer 500; anything else to Rails.
+fn route_by_prefix(gw: &TestGateway, stale_down: Arc<AtomicBool>) {
+    gw.preauth.respond(move |recorded| {
         let id = recorded.query_values("client_id").pop().unwrap_or_default();
         match id.split('-').next().unwrap_or("") {
             "iam" => Reply::destination("iam"),
+            "stale" if stale_down.load(Ordering::SeqCst) => Reply::status(500),
+            "stale" => Reply::destination("iam")
+                .with_header("cache-control", "max-age=0, stale-if-error=600"),
             "slow" => Reply::destination("rails").after(Duration::from_millis(350)),
             "e500" => Reply::status(500),
             "drop" => Reply::Drop,
@@ -566,10 +581,10 @@ fn route_by_prefix(gw: &TestGateway) {
 }
 
 /// Drives every path in phases over a steady mixed background: a long fast baseline
-/// (cache misses, then hits), pre-authorize errors and slowness, IAM failing (503, then
+/// (cache misses, then hits), pre-authorize errors and slowness, stale decisions, IAM failing (503, then
 /// dropped connections: fallbacks and the breaker), Rails answering 500, and finally a
 /// slow IAM for well over 5% of the OAuth requests.
-async fn drive_traffic(gw: &TestGateway, traffic: &Traffic) {
+async fn drive_traffic(gw: &TestGateway, traffic: &Traffic, stale_down: &AtomicBool) {
     let stop = Arc::new(AtomicBool::new(false));
     let background = traffic.background(stop.clone());
     let every = Duration::from_millis(20);
@@ -589,6 +604,23 @@ async fn drive_traffic(gw: &TestGateway, traffic: &Traffic) {
         .concurrently(5, 1, |worker, _| {
             Call::token(&format!("slow-{worker}"), Expect::Known("rails"))
         })
+        .await;
+
+    // Pre-authorize failing for clients it answered before: their last good decision is
+    // served stale, well over 1% of the decisions for a while.
+    let stale = |n: usize| format!("stale-{}", n % 5);
+    traffic
+        .paced(
+            (0..5).map(|n| Call::token(&stale(n), Expect::Known("iam"))),
+            every,
+        )
+        .await;
+    stale_down.store(true, Ordering::SeqCst);
+    traffic
+        .paced(
+            (0..100).map(|n| Call::token(&stale(n), Expect::Stale)),
+            every,
+        )
         .await;
 
     // IAM failing: fallbacks by status, then by connection error; the breaker opens,
@@ -740,7 +772,7 @@ async fn assert_every_rule_is_healthy_and_held(prometheus: &Prometheus, rules: &
             (kind, rule["name"].as_str().unwrap_or("").to_owned())
         })
         .collect();
-    // tests/dashboards.rs pins the six alert names; here all of alerts.yml must load.
+    // tests/dashboards.rs pins the seven alert names; here all of alerts.yml must load.
     let mut expected = expected;
     names.sort();
     expected.sort();
@@ -959,7 +991,8 @@ async fn dashboard_and_alert_rules_return_data_from_a_real_prometheus_and_counte
         .set("cache", "ttl = \"10m\"")
         .start()
         .await;
-    route_by_prefix(&gw);
+    let stale_down = Arc::new(AtomicBool::new(false));
+    route_by_prefix(&gw, stale_down.clone());
     let prometheus = Prometheus::start(gw.admin, &rules).await;
     let start = unix_now();
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -981,7 +1014,7 @@ async fn dashboard_and_alert_rules_return_data_from_a_real_prometheus_and_counte
         client: TestClient::new(),
         tally: Arc::default(),
     };
-    drive_traffic(&gw, &traffic).await;
+    drive_traffic(&gw, &traffic, &stale_down).await;
     wait_for_final_scrape(&prometheus).await;
 
     assert_every_dashboard_query_returns_data(&prometheus).await;

@@ -220,6 +220,91 @@ async fn preauthorize_errors_fail_open_to_rails_and_are_not_cached() {
     }
 }
 
+/// The pre-authorize fake answers `iam` with `cache_control`, is asked once, then fails
+/// with a 503 from then on.
+async fn answered_once_then_down(builder: GatewayBuilder, cache_control: &str) -> TestGateway {
+    let gw = builder.set("cache", "ttl = \"1s\"").start().await;
+    gw.preauth
+        .always(Reply::destination("iam").with_header("cache-control", cache_control));
+    let answer = token_request(&TestClient::new(), &gw).await;
+    assert_eq!(answer.served_by(), "iam");
+    gw.preauth.always(Reply::status(503));
+    gw
+}
+
+async fn decisions(gw: &TestGateway, destination: &str, reason: &str) -> f64 {
+    support::metrics::scrape(gw.admin).await.value(
+        "iamproxy_routing_decisions_total",
+        &[("destination", destination), ("reason", reason)],
+    )
+}
+
+#[tokio::test]
+async fn an_outage_serves_the_last_good_decision_within_its_stale_window_then_rails() {
+    // Fresh for 1 s (cache.ttl), then served stale for 2 s more while the backend fails.
+    let stored = Instant::now();
+    let gw = answered_once_then_down(gateway(), "stale-if-error=2").await;
+    let client = TestClient::new();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for asked in [2, 3] {
+        let answer = token_request(&client, &gw).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.served_by(), "iam", "the last good decision");
+        assert_eq!(gw.preauth.count(), asked, "each request asks again");
+    }
+    assert_eq!(decisions(&gw, "iam", "stale").await, 2.0);
+    assert_eq!(decisions(&gw, "rails", "preauthorize_error").await, 0.0);
+
+    tokio::time::sleep(
+        (stored + Duration::from_millis(3300)).saturating_duration_since(Instant::now()),
+    )
+    .await;
+    assert_eq!(
+        token_request(&client, &gw).await.served_by(),
+        "rails",
+        "window over"
+    );
+    assert_eq!(decisions(&gw, "rails", "preauthorize_error").await, 1.0);
+
+    // The backend recovers: its answer is fresh again, and kept.
+    gw.preauth.always(Reply::destination("iam"));
+    assert_eq!(token_request(&client, &gw).await.served_by(), "iam");
+    assert_eq!(token_request(&client, &gw).await.served_by(), "iam");
+    assert_eq!(gw.preauth.count(), 5);
+    assert_eq!(decisions(&gw, "iam", "cache").await, 1.0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn the_stale_window_is_capped_by_cache_stale_if_error_and_0s_turns_it_off() {
+    for (config, served_at_1_5s) in [("1s", "iam"), ("0s", "rails")] {
+        let builder = gateway().set("cache", &format!("stale_if_error = \"{config}\""));
+        let stored = Instant::now();
+        let gw = answered_once_then_down(builder, "max-age=60, stale-if-error=3600").await;
+        let client = TestClient::new();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let answer = token_request(&client, &gw).await;
+        assert_eq!(
+            answer.served_by(),
+            served_at_1_5s,
+            "stale_if_error = {config}"
+        );
+        if config == "1s" {
+            tokio::time::sleep(
+                (stored + Duration::from_millis(2300)).saturating_duration_since(Instant::now()),
+            )
+            .await;
+            let answer = token_request(&client, &gw).await;
+            assert_eq!(
+                answer.served_by(),
+                "rails",
+                "capped at 1 s past the lifetime"
+            );
+        }
+        gw.stop().await;
+    }
+}
+
 #[derive(Debug, serde::Deserialize)]
 struct Claims {
     iss: String,

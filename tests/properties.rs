@@ -1,7 +1,8 @@
 //! Properties of the parsers that read hostile input (DESIGN §2–§4): client identification,
-//! its form, Basic and assertion readers, flow continuity and the pre-authorize answer never
-//! panic on any input, do not care in which order parameters arrive, and give back exactly
-//! the client_id that was sent, however it was encoded. The fuzz targets in `fuzz/` drive
+//! its form, Basic and assertion readers, flow continuity and the issuer rule, and the
+//! pre-authorize answer never panic on any input, do not care in which order parameters
+//! arrive, give back exactly the client_id that was sent, however it was encoded, and send
+//! every code and token to the server that issued it. The fuzz targets in `fuzz/` drive
 //! the same public functions with coverage guidance.
 
 use std::time::Duration;
@@ -11,8 +12,10 @@ use base64::Engine;
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, StatusCode};
 use iamproxy::classify::{continuity, Continuity, Endpoint};
+use iamproxy::config::CacheConfig;
 use iamproxy::decision::Destination;
-use iamproxy::identify::{identify, Identity, RequestView, Source, Unknown};
+use iamproxy::identify::{identify, Identity, Source, Unknown};
+use iamproxy::params::{Parameters, RequestView};
 use iamproxy::preauth::parse_answer;
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -87,13 +90,16 @@ impl Req {
         }
     }
 
+    fn params(&self) -> Parameters<'_> {
+        Parameters::read(&self.view(), &TOKEN_PREFIXES.map(str::to_owned))
+    }
+
     fn identify(&self) -> Identity<'_> {
-        identify(&self.view())
+        identify(&self.headers, &self.params())
     }
 
     fn continuity(&self, endpoint: Endpoint) -> Option<Continuity> {
-        let prefixes = TOKEN_PREFIXES.map(str::to_owned);
-        continuity(endpoint, &self.view(), &prefixes)
+        continuity(endpoint, &self.params())
     }
 }
 
@@ -594,9 +600,73 @@ proptest! {
         prop_assert_eq!(req.continuity(endpoint), Some(Continuity::IamToken));
     }
 
+    /// Whatever the token values, the request goes to their issuer: IAM when any of them
+    /// carries an IAM prefix, else Rails when any is non-empty; only a request without a
+    /// code or token is left to the per-client decision.
+    #[test]
+    fn codes_and_tokens_go_to_their_issuer(
+        tokens in prop::collection::vec(
+            (
+                select(vec!["code", "refresh_token", "device_code", "token"]),
+                prop_oneof![
+                    Just(String::new()),
+                    select(TOKEN_PREFIXES.to_vec())
+                        .prop_flat_map(|p| any::<String>().prop_map(move |r| format!("{p}{r}"))),
+                    any::<String>(),
+                ],
+                any::<bool>(),
+            ),
+            0..5,
+        ),
+        others in other_pairs(),
+        endpoint in select(vec![Endpoint::Token, Endpoint::Revoke, Endpoint::Introspect]),
+    ) {
+        let (mut body, mut query) = (others.clone(), Vec::new());
+        for (name, value, in_body) in &tokens {
+            let pair = ((*name).to_owned(), value.clone());
+            if *in_body { body.push(pair) } else { query.push(pair) }
+        }
+        let req = Req::post_form(form_encode(&body)).query(form_encode(&query));
+        let values = tokens.iter().map(|(_, value, _)| value);
+        let want = if values.clone().any(|v| TOKEN_PREFIXES.iter().any(|p| v.starts_with(p))) {
+            Some(Continuity::IamToken)
+        } else if values.clone().any(|v| !v.is_empty()) {
+            Some(Continuity::RailsToken)
+        } else {
+            None
+        };
+        prop_assert_eq!(req.continuity(endpoint), want);
+    }
+
+    /// A `%` without two hex digits anywhere in a form body makes the whole body
+    /// unreadable: no client id and no token is read from it, so it goes to Rails without
+    /// a pre-authorize call. The same in the query.
+    #[test]
+    fn a_bad_escape_anywhere_makes_the_part_unreadable(
+        client_id in "app-[0-9]{1,3}",
+        others in other_pairs(),
+        bad in select(vec!["%", "%4", "%ZZ", "%g1", "x%", "%%41"]),
+        position in any::<prop::sample::Index>(),
+        in_body in any::<bool>(),
+    ) {
+        let mut segments: Vec<String> =
+            others.iter().map(|pair| form_encode(std::slice::from_ref(pair))).collect();
+        segments.push(format!("client_id={client_id}"));
+        segments.push("refresh_token=giat_abc".to_owned());
+        segments.insert(position.index(segments.len() + 1), format!("state={bad}"));
+        let encoded = segments.join("&");
+        let (req, reason) = if in_body {
+            (Req::post_form(encoded), Unknown::MalformedBody)
+        } else {
+            (Req::get(encoded), Unknown::MalformedQuery)
+        };
+        prop_assert_eq!(req.identify(), Identity::Unknown(reason));
+        prop_assert_eq!(req.continuity(Endpoint::Token), None);
+    }
+
     /// Whatever the backend answers, parse_answer returns; it is Ok only for a 200 with a
     /// Workhorse or plain JSON content type and a destination of exactly "iam" or "rails",
-    /// and the lifetime never exceeds the cap.
+    /// and neither the lifetime nor the stale window exceeds its cap.
     #[test]
     fn parse_answer_accepts_only_a_200_json_destination(
         status in prop_oneof![3 => Just(200u16), 1 => 100u16..=999],
@@ -613,7 +683,7 @@ proptest! {
         cache_control in prop::option::of(prop_oneof![
             concat!(
                 "(max-age=[0-9]{1,25}|no-store|no-cache|private|max-age=\"?[ -~]{0,6})",
-                "(, ?(max-age=[0-9]{1,4}|public)){0,2}",
+                "(, ?(max-age=[0-9]{1,4}|stale-if-error=[0-9]{1,25}|public)){0,2}",
             )
                 .prop_map(String::into_bytes),
             header_bytes(30),
@@ -623,7 +693,9 @@ proptest! {
             1 => any::<Vec<u8>>(),
         ],
         max_lifetime in (0u64..1_000_000).prop_map(Duration::from_secs),
+        max_stale in (0u64..1_000_000).prop_map(Duration::from_secs),
     ) {
+        let limits = CacheConfig { ttl: max_lifetime, max_entries: 1, stale_if_error: max_stale };
         let status = StatusCode::from_u16(status).expect("100..=999 is a status");
         let mut headers = HeaderMap::new();
         if let Some(value) = &content_type {
@@ -632,7 +704,7 @@ proptest! {
         if let Some(value) = &cache_control {
             headers.insert(CACHE_CONTROL, HeaderValue::from_bytes(value).expect("valid bytes"));
         }
-        match parse_answer(status, &headers, &body, max_lifetime) {
+        match parse_answer(status, &headers, &body, &limits) {
             Ok(answer) => {
                 prop_assert_eq!(status, StatusCode::OK);
                 let media_type = content_type
@@ -649,6 +721,7 @@ proptest! {
                 );
                 prop_assert_eq!(Some(answer.destination), destination_of(&body));
                 prop_assert!(answer.lifetime <= max_lifetime);
+                prop_assert!(answer.stale_if_error <= max_stale);
             }
             Err(error) if status != StatusCode::OK => {
                 prop_assert_eq!(error.outcome(), "bad_status");
@@ -681,7 +754,12 @@ proptest! {
             let value = HeaderValue::from_str(&format!("max-age={max_age}")).unwrap();
             headers.insert(CACHE_CONTROL, value);
         }
-        let answer = parse_answer(StatusCode::OK, &headers, body.as_bytes(), max_lifetime);
+        let limits = CacheConfig {
+            ttl: max_lifetime,
+            max_entries: 1,
+            stale_if_error: Duration::from_secs(300),
+        };
+        let answer = parse_answer(StatusCode::OK, &headers, body.as_bytes(), &limits);
         let answer = answer.map_err(|e| TestCaseError::fail(format!("{e} for {body}")))?;
         prop_assert_eq!(answer.destination, destination);
         let lifetime =

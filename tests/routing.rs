@@ -1,5 +1,6 @@
 //! Routing: each OAuth endpoint by the pre-authorize answer, for each identification source;
 //! unknown clients, non-OAuth paths, flow continuity, no `[iam]`, custom paths and HTTP/2.
+//! The issuer rule for Rails' codes and tokens has its own file, `issuer.rs`.
 
 mod support;
 
@@ -369,9 +370,10 @@ async fn mid_flow_requests_continue_to_iam_without_preauthorize_call() {
 }
 
 #[tokio::test]
-async fn code_without_an_iam_prefix_goes_through_the_normal_decision() {
+async fn code_without_an_iam_prefix_goes_to_rails_without_preauthorize_call() {
     let gw = gateway().start().await;
-    gw.preauth.always(Reply::destination("rails"));
+    // The client's own decision says IAM: only the issuer rule can send this to Rails.
+    gw.preauth.always(Reply::destination("iam"));
     let answer = TestClient::new()
         .post_form(
             &gw.url("/oauth/token"),
@@ -379,8 +381,7 @@ async fn code_without_an_iam_prefix_goes_through_the_normal_decision() {
         )
         .await;
     assert_eq!(answer.served_by(), "rails");
-    assert_eq!(gw.upstream_counts(), (1, 0, 1));
-    assert_eq!(gw.preauth.last().query_values("client_id"), ["app"]);
+    assert_eq!(gw.upstream_counts(), (1, 0, 0));
     gw.stop().await;
 }
 

@@ -6,12 +6,16 @@ use std::time::Duration;
 
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, StatusCode};
-use iamproxy::classify::{continuity, Endpoint};
-use iamproxy::identify::{identify, Identity, RequestView, Source};
+use iamproxy::classify::{continuity, Continuity, Endpoint};
+use iamproxy::config::CacheConfig;
+use iamproxy::identify::{identify, Identity, Source};
+use iamproxy::params::{Parameters, RequestView};
 use iamproxy::preauth::parse_answer;
 
 const FORM: &str = "application/x-www-form-urlencoded";
 const MAX_CLIENT_ID_BYTES: usize = 255;
+const TOKEN_PREFIXES: [&str; 2] = ["giat_", "ory_"];
+const TOKEN_PARAMS: [&str; 4] = ["code", "refresh_token", "device_code", "token"];
 
 /// A request as identification sees it: method, query, headers and buffered body.
 #[derive(Debug)]
@@ -88,14 +92,17 @@ impl Request {
     }
 
     /// Identifies the client and applies flow continuity for every endpoint. A known client
-    /// has an id DESIGN §2 allows; the source is returned for targets that expect one.
+    /// has an id DESIGN §2 allows; the issuer of its codes and tokens agrees with a plain
+    /// `form_urlencoded` reading of the parts a strict reader accepts. The source is
+    /// returned for targets that expect one.
     pub fn check(&self) -> Option<Source> {
         let view = self.view();
-        let prefixes = ["giat_".to_owned(), "ory_".to_owned()];
-        for endpoint in Endpoint::ALL {
-            let _ = continuity(endpoint, &view, &prefixes);
+        let params = Parameters::read(&view, &TOKEN_PREFIXES.map(str::to_owned));
+        for endpoint in Endpoint::ALL.into_iter().filter(|e| *e != Endpoint::Authorize) {
+            assert_eq!(continuity(endpoint, &params), self.reference_issuer(&params));
         }
-        match identify(&view) {
+        let _ = continuity(Endpoint::Authorize, &params);
+        match identify(&self.headers, &params) {
             Identity::Known { client_id, source } => {
                 assert!(!client_id.is_empty(), "empty id from {source:?}");
                 assert!(
@@ -109,6 +116,33 @@ impl Request {
                 Some(source)
             }
             Identity::Unknown(_) => None,
+        }
+    }
+
+    /// The issuer rule read with `form_urlencoded` from each part that the strict reader
+    /// accepted: IAM if any token value has an IAM prefix, else Rails if any is non-empty.
+    fn reference_issuer(&self, params: &Parameters<'_>) -> Option<Continuity> {
+        let query = self.query.as_deref().unwrap_or_default().as_bytes();
+        let parts = [
+            (params.query.params().is_some(), query),
+            (params.body.params().is_some(), &self.body[..]),
+        ];
+        let values: Vec<String> = parts
+            .into_iter()
+            .filter(|(read, _)| *read)
+            .flat_map(|(_, encoded)| form_urlencoded::parse(encoded))
+            .filter(|(name, _)| TOKEN_PARAMS.contains(&name.as_ref()))
+            .map(|(_, value)| value.into_owned())
+            .collect();
+        if values
+            .iter()
+            .any(|v| TOKEN_PREFIXES.iter().any(|p| v.starts_with(p)))
+        {
+            Some(Continuity::IamToken)
+        } else if values.iter().any(|v| !v.is_empty()) {
+            Some(Continuity::RailsToken)
+        } else {
+            None
         }
     }
 }
@@ -128,6 +162,11 @@ pub fn check_answer(data: &[u8]) {
         StatusCode::from_u16(code).expect("100..=999 is a status")
     };
     let max_lifetime = Duration::from_secs(u64::from(*cap));
+    let limits = CacheConfig {
+        ttl: max_lifetime,
+        max_entries: 1,
+        stale_if_error: max_lifetime * 5,
+    };
     let mut parts = rest.splitn(3, |&b| b == 0);
     let mut headers = HeaderMap::new();
     for name in [CONTENT_TYPE, CACHE_CONTROL] {
@@ -136,7 +175,7 @@ pub fn check_answer(data: &[u8]) {
         }
     }
     let body = parts.next().unwrap_or_default();
-    if let Ok(answer) = parse_answer(status, &headers, body, max_lifetime) {
+    if let Ok(answer) = parse_answer(status, &headers, body, &limits) {
         assert_eq!(status, StatusCode::OK);
         let content_type = headers[CONTENT_TYPE]
             .to_str()
@@ -148,6 +187,7 @@ pub fn check_answer(data: &[u8]) {
                 .any(|accepted| media_type.eq_ignore_ascii_case(accepted)),
             "accepted {content_type:?}"
         );
-        assert!(answer.lifetime <= max_lifetime);
+        assert!(answer.lifetime <= limits.ttl);
+        assert!(answer.stale_if_error <= limits.stale_if_error);
     }
 }
