@@ -43,6 +43,7 @@ const ALERTS: &[&str] = &[
     "IamproxyIamFallbackRateHigh",
     "IamproxyIamBreakerOpen",
     "IamproxyPreauthorizeErrorRatioHigh",
+    "IamproxyStaleDecisionsServed",
     "IamproxyPreauthorizeLatencyHigh",
     "IamproxyOauthErrorRatioHigh",
     "IamproxyOauthLatencyRegression",
