@@ -28,6 +28,7 @@ export const APPS = {
   rails: { client_id: 'e2eRailsApp', name: 'E2E app routed to Rails', route: 'rails' },
   flip: { client_id: 'e2eFlipApp', name: 'E2E app flipped mid-flow', route: 'iam' },
   outage: { client_id: 'e2eOutageApp', name: 'E2E app routed to IAM during the outage', route: 'iam' },
+  move: { client_id: 'e2eMoveApp', name: 'E2E app moved from Rails to IAM and back', route: 'rails' },
 };
 
 export async function startEnv() {

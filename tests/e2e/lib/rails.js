@@ -53,6 +53,12 @@ export async function startRails({ dir, clients, readyTimeoutMs = 180_000 }) {
       if (res.status !== 200) throw new Error(`GET /test/records answered ${res.status}`);
       return res.json();
     },
+    /** Doorkeeper's record of an access or refresh token: { found, revoked, application }. */
+    async token(value) {
+      const res = await fetch(`${origin}/test/token?token=${encodeURIComponent(value)}`);
+      if (res.status !== 200) throw new Error(`GET /test/token answered ${res.status}`);
+      return res.json();
+    },
     async clearRecords() {
       const res = await fetch(`${origin}/test/records`, { method: 'DELETE' });
       if (res.status >= 300) throw new Error(`DELETE /test/records answered ${res.status}`);

@@ -307,6 +307,17 @@ class TestController < ActionController::Base
     reset_session
     render json: {}
   end
+
+  # GET /test/token?token=<value>: Doorkeeper's own record of an access or refresh token, so a
+  # test can tell whether a revocation that went through the gateway took effect here.
+  def token
+    value = params[:token].to_s
+    record = Doorkeeper::AccessToken.find_by(token: value) ||
+             Doorkeeper::AccessToken.find_by(refresh_token: value)
+    return render(json: { found: false }) unless record
+
+    render json: { found: true, revoked: record.revoked?, application: record.application&.uid }
+  end
 end
 
 # GET /api/v4/user with a Rails-issued access token (GitLab's endpoint for "who am I"). Using a
@@ -326,6 +337,7 @@ Rails.application.routes.draw do
   get "/test/login" => "test#form"
   post "/test/login" => "test#login"
   post "/test/logout" => "test#logout"
+  get "/test/token" => "test#token"
 end
 
 Rails.logger.info(

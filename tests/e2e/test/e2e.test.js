@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 
 import { Browser } from '../lib/browser.js';
-import { startEnv } from '../lib/env.js';
+import { REDIRECT_URI, startEnv } from '../lib/env.js';
 import {
   assertNothingServed, assertServed, clientConfig, codeFlow, beginCodeFlow, deviceFlow, exchange,
   introspect, oauthOnly, refresh, revoke, DEVICE_GRANT,
@@ -246,6 +246,81 @@ describe('mid-flow flip (DESIGN §3 continuity)', () => {
     assert.ok(!fresh.tokens.refresh_token.startsWith(IAM_PREFIX));
     assertServed('Rails', await railsRecords(), [...RAILS_AUTHORIZE_STEPS, TOKEN_STEPS[0]], app.client_id);
     assertNothingServed('IAM', env.iam.records);
+  });
+});
+
+describe('an application moved from Rails to IAM and back (DESIGN §3 issuer routing)', () => {
+  it("what Rails issued before the move keeps working at Rails; a flow IAM started finishes at IAM after the move back", T, async () => {
+    await clearRecords();
+    const app = env.apps.move;
+    const basic = clientConfig(env, app, 'client_secret_basic');
+    const post = clientConfig(env, app, 'client_secret_post');
+    const railsIssued = (text) => metricValue(text, 'iamproxy_routing_decisions_total', { reason: 'rails_issued' });
+
+    // 1. Routed to Rails: two users hold Doorkeeper tokens, a third has just authorized and
+    //    holds a code it has not redeemed yet.
+    const alice = await codeFlow(basic, { browser: new Browser({ username: 'moveAlice' }) });
+    const bob = await codeFlow(post, { browser: new Browser({ username: 'moveBob' }) });
+    const carol = await beginCodeFlow(basic);
+    const carolCallback = await new Browser({ username: 'moveCarol' }).run(carol.url.href, { redirectUri: REDIRECT_URI });
+    for (const value of [alice.tokens.refresh_token, bob.tokens.access_token, new URL(carolCallback).searchParams.get('code')]) {
+      assert.ok(!value.startsWith(IAM_PREFIX), 'issued by Rails');
+    }
+    assertNothingServed('IAM', env.iam.records);
+
+    // 2. The application moves to IAM: a new authorization request now reaches IAM.
+    env.preauthorize.set(app.client_id, 'iam');
+    await env.gateway.invalidate(app.client_id);
+    await clearRecords();
+    const iamFlow = await beginCodeFlow(basic);
+    const browser = new Browser(); // one of IAM's users
+    const first = await browser.request('GET', iamFlow.url.href);
+    assert.equal(first.status, 303, 'IAM sends the browser to its login page');
+    assertServed('IAM', iamRecords(), [IAM_AUTHORIZE_STEPS[0]], app.client_id, { exact: true });
+
+    // 3. Everything Rails issued before the move still works, at Rails.
+    const metricsBefore = await env.gateway.metrics();
+    const carolTokens = await exchange(basic, carol, carolCallback);
+    assert.ok(carolTokens.access_token, 'the code from before the move is redeemed');
+    const refreshed = await refresh(basic, alice.tokens.refresh_token);
+    assert.ok(refreshed.access_token && !refreshed.access_token.startsWith(IAM_PREFIX), 'Rails refreshed it');
+    const active = await introspect(post, bob.tokens.access_token);
+    assert.equal(active.active, true, `a Rails token introspected after the move: ${JSON.stringify(active)}`);
+    assert.deepEqual(await env.rails.token(bob.tokens.refresh_token), { found: true, revoked: false, application: app.client_id });
+    await revoke(post, bob.tokens.refresh_token);
+    assert.deepEqual(await env.rails.token(bob.tokens.refresh_token), { found: true, revoked: true, application: app.client_id },
+      "the revocation took effect in Doorkeeper's records");
+    const revoked = await introspect(post, bob.tokens.access_token);
+    assert.equal(revoked.active, false, 'Rails reports the revoked token inactive');
+
+    assertServed('Rails', await railsRecords(), [
+      { method: 'POST', path: '/oauth/token', grant_type: 'authorization_code' },
+      { method: 'POST', path: '/oauth/token', grant_type: 'refresh_token' },
+      { method: 'POST', path: '/oauth/introspect' },
+      { method: 'POST', path: '/oauth/revoke' },
+      { method: 'POST', path: '/oauth/introspect' },
+    ], app.client_id, { exact: true });
+    assertServed('IAM', iamRecords(), [IAM_AUTHORIZE_STEPS[0]], app.client_id, { exact: true });
+    assert.equal(railsIssued(await env.gateway.metrics()) - railsIssued(metricsBefore), 5, 'each routed by the issuer rule');
+
+    // 4. The application moves back to Rails while Dave is at IAM's login page: his flow
+    //    finishes at IAM, and Rails' tokens stay Rails'.
+    env.preauthorize.set(app.client_id, 'rails');
+    await env.gateway.invalidate(app.client_id);
+    await clearRecords();
+    const callback = await browser.run(first.location, { redirectUri: iamFlow.url.searchParams.get('redirect_uri') });
+    const dave = await exchange(basic, iamFlow, callback);
+    assert.ok(dave.refresh_token.startsWith(IAM_PREFIX));
+    const daveRefreshed = await refresh(basic, dave.refresh_token);
+    assert.equal((await introspect(basic, daveRefreshed.access_token)).active, true);
+    await revoke(basic, daveRefreshed.refresh_token ?? dave.refresh_token);
+    assertServed('IAM', iamRecords(), [...IAM_AUTHORIZE_STEPS.slice(1), ...TOKEN_STEPS.slice(0, 4)], app.client_id, { exact: true });
+
+    const again = await refresh(post, carolTokens.refresh_token);
+    assert.ok(again.access_token && !again.access_token.startsWith(IAM_PREFIX));
+    assertServed('Rails', await railsRecords(), [
+      { method: 'POST', path: '/oauth/token', grant_type: 'refresh_token' },
+    ], app.client_id, { exact: true });
   });
 });
 
