@@ -135,15 +135,23 @@ impl DecisionCache {
             }
         }
         let invalidations = self.invalidations.load(Ordering::Acquire);
+        let mut fetched = false;
         let call = async {
+            // A call that landed since the read above has stored a fresh answer already.
+            if let Some(entry) = self.cache.get(client_id).await {
+                if !entry.expired(Instant::now()) {
+                    return Ok(entry.answer);
+                }
+            }
+            fetched = true;
             let answer = fetch.await?;
             self.keep(client_id, answer, invalidations).await;
             Ok(answer)
         };
         match self.flights.join(client_id, call).await {
-            (Ok(answer), true) => Lookup::Fetched(answer.destination),
-            (Ok(answer), false) => Lookup::Hit(answer.destination),
-            (Err(error), _) => {
+            Ok(answer) if fetched => Lookup::Fetched(answer.destination),
+            Ok(answer) => Lookup::Hit(answer.destination),
+            Err(error) => {
                 let invalidated = self.invalidations.load(Ordering::Acquire) != invalidations;
                 match held.filter(|entry| !invalidated && !entry.spent(Instant::now())) {
                     Some(entry) => Lookup::Stale(entry.answer.destination, error),
@@ -226,9 +234,8 @@ struct Flights {
 
 impl Flights {
     /// The result of the call for `client_id`: the one in flight, or `call` when there
-    /// is none; and whether it was this `call`. If the request making the call goes away,
-    /// a waiting one makes its own.
-    async fn join<F>(&self, client_id: &str, call: F) -> (Shared, bool)
+    /// is none. If the request making the call goes away, a waiting one makes its own.
+    async fn join<F>(&self, client_id: &str, call: F) -> Shared
     where
         F: Future<Output = Result<Answer, PreauthError>>,
     {
@@ -241,16 +248,11 @@ impl Flights {
                 cell,
             }
         };
-        let mut ours = false;
-        let shared = flight
+        flight
             .cell
-            .get_or_init(|| {
-                ours = true;
-                async { call.await.map_err(Arc::new) }
-            })
+            .get_or_init(|| async { call.await.map_err(Arc::new) })
             .await
-            .clone();
-        (shared, ours)
+            .clone()
     }
 }
 

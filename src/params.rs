@@ -45,22 +45,6 @@ impl<T> Found<T> {
             Found::One(_) | Found::Repeated => Found::Repeated,
         };
     }
-
-    /// The value, when it occurs exactly once.
-    pub fn into_one(self) -> Option<T> {
-        match self {
-            Found::One(item) => Some(item),
-            Found::Absent | Found::Repeated => None,
-        }
-    }
-
-    pub fn as_ref(&self) -> Found<&T> {
-        match self {
-            Found::Absent => Found::Absent,
-            Found::Repeated => Found::Repeated,
-            Found::One(item) => Found::One(item),
-        }
-    }
 }
 
 /// Who issued the codes and tokens (`code`, `refresh_token`, `device_code`, `token`) a
