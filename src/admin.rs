@@ -45,13 +45,13 @@ pub async fn respond(
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return response;
     }
-    let client_id = match path.strip_prefix(DECISIONS) {
-        Some("") => None,
-        Some(rest) => match rest.strip_prefix('/').map(client_id) {
-            Some(Some(id)) => Some(id),
-            _ => return bad_request("the client id must be non-empty UTF-8"),
-        },
-        None => return json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
+    let client_id = match target(path) {
+        Target::Every => None,
+        Target::One(id) => Some(id),
+        Target::BadClientId => return bad_request("the client id must be non-empty UTF-8"),
+        Target::NotFound => {
+            return json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"}))
+        }
     };
     match (method, client_id) {
         (&Method::GET, Some(id)) => json_response(StatusCode::OK, &inspect(state, &id).await),
@@ -113,9 +113,32 @@ async fn publish(state: &AppState, invalidation: &Invalidation) -> Value {
     }
 }
 
-fn client_id(encoded: &str) -> Option<String> {
-    let id = percent_decode_str(encoded).decode_utf8().ok()?;
-    (!id.is_empty()).then(|| id.into_owned())
+/// What an admin API path names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `/-/admin/decisions`: every decision.
+    Every,
+    /// `/-/admin/decisions/<client id>`, percent-decoded.
+    One(String),
+    /// `/-/admin/decisions/` followed by nothing, or by bytes that are not UTF-8 once
+    /// decoded.
+    BadClientId,
+    NotFound,
+}
+
+/// Reads the path of an admin API call (the query is not part of it).
+pub fn target(path: &str) -> Target {
+    match path.strip_prefix(DECISIONS) {
+        Some("") => Target::Every,
+        Some(rest) => match rest.strip_prefix('/').map(percent_decode_str) {
+            Some(decoded) => match decoded.decode_utf8() {
+                Ok(id) if !id.is_empty() => Target::One(id.into_owned()),
+                _ => Target::BadClientId,
+            },
+            None => Target::BadClientId,
+        },
+        None => Target::NotFound,
+    }
 }
 
 async fn inspect(state: &AppState, client_id: &str) -> Value {
@@ -157,4 +180,31 @@ fn json_response(status: StatusCode, body: &Value) -> Response<ResponseBody> {
         HeaderValue::from_static("application/json"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_name_every_decision_one_client_or_nothing() {
+        assert_eq!(target("/-/admin/decisions"), Target::Every);
+        assert_eq!(target("/-/admin/decisions/app"), Target::One("app".into()));
+        assert_eq!(
+            target("/-/admin/decisions/my%20app%2Fx"),
+            Target::One("my app/x".into()),
+            "percent-decoded, '/' included"
+        );
+        assert_eq!(target("/-/admin/decisions/a/b"), Target::One("a/b".into()));
+        for bad in [
+            "/-/admin/decisions/",
+            "/-/admin/decisions/%FF",
+            "/-/admin/decisionsx",
+        ] {
+            assert_eq!(target(bad), Target::BadClientId, "{bad}");
+        }
+        for other in ["/-/admin/", "/-/admin/decision", "/metrics", ""] {
+            assert_eq!(target(other), Target::NotFound, "{other}");
+        }
+    }
 }

@@ -21,6 +21,15 @@ pub enum Invalidation {
 }
 
 impl Invalidation {
+    /// Reads a message from the channel: `{"client_id": "…"}` or `{"all": true}`; anything
+    /// else is not an invalidation.
+    pub fn parse(payload: &[u8]) -> Option<Invalidation> {
+        match serde_json::from_slice(payload).ok()? {
+            Invalidation::All { all: false } => None,
+            invalidation => Some(invalidation),
+        }
+    }
+
     pub fn to_json(&self) -> String {
         match self {
             Invalidation::One { client_id } => serde_json::json!({ "client_id": client_id }),
@@ -90,8 +99,8 @@ async fn listen(
 
 async fn apply(live: &Live, payload: &[u8]) {
     let cache = &live.current().cache;
-    match serde_json::from_slice::<Invalidation>(payload) {
-        Ok(Invalidation::One { client_id }) => {
+    match Invalidation::parse(payload) {
+        Some(Invalidation::One { client_id }) => {
             let invalidated = cache.invalidate(&client_id).await;
             tracing::info!(
                 client_id = client_id.as_str(),
@@ -99,11 +108,11 @@ async fn apply(live: &Live, payload: &[u8]) {
                 "redis: decision invalidated"
             );
         }
-        Ok(Invalidation::All { all: true }) => {
+        Some(Invalidation::All { .. }) => {
             let invalidated = cache.invalidate_all().await;
             tracing::info!(invalidated, "redis: every decision invalidated");
         }
-        Ok(Invalidation::All { all: false }) | Err(_) => tracing::warn!(
+        None => tracing::warn!(
             bytes = payload.len(),
             "redis: ignored a message that is neither {{\"client_id\": …}} nor {{\"all\": true}}"
         ),
@@ -133,19 +142,26 @@ mod tests {
 
     #[test]
     fn messages_parse_and_round_trip() {
-        let one: Invalidation = serde_json::from_str(r#"{"client_id": "app"}"#).unwrap();
+        let one = Invalidation::parse(br#"{"client_id": "app"}"#).unwrap();
         assert_eq!(
             one,
             Invalidation::One {
                 client_id: "app".into()
             }
         );
-        let all: Invalidation = serde_json::from_str(r#"{"all": true}"#).unwrap();
+        let all = Invalidation::parse(br#"{"all": true}"#).unwrap();
         assert_eq!(all, Invalidation::All { all: true });
         for message in [one, all] {
-            let back: Invalidation = serde_json::from_str(&message.to_json()).unwrap();
+            let back = Invalidation::parse(message.to_json().as_bytes()).unwrap();
             assert_eq!(back, message);
         }
-        assert!(serde_json::from_str::<Invalidation>(r#"{"client": "x"}"#).is_err());
+        for other in [
+            &br#"{"client": "x"}"#[..],
+            br#"{"all": false}"#,
+            b"[]",
+            b"\xff",
+        ] {
+            assert_eq!(Invalidation::parse(other), None, "{other:?}");
+        }
     }
 }

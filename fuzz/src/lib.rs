@@ -6,11 +6,14 @@ use std::time::Duration;
 
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, StatusCode};
+use iamproxy::admin::{self, Target};
 use iamproxy::classify::{continuity, Continuity, Endpoint};
 use iamproxy::config::CacheConfig;
+use iamproxy::fleet::Invalidation;
 use iamproxy::identify::{identify, Identity, Source};
-use iamproxy::params::{Parameters, RequestView};
+use iamproxy::params::{Found, Parameters, Params, Part, RequestView, Tokens};
 use iamproxy::preauth::parse_answer;
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 
 const FORM: &str = "application/x-www-form-urlencoded";
 const MAX_CLIENT_ID_BYTES: usize = 255;
@@ -98,11 +101,21 @@ impl Request {
     pub fn check(&self) -> Option<Source> {
         let view = self.view();
         let params = Parameters::read(&view, &TOKEN_PREFIXES.map(str::to_owned));
-        for endpoint in Endpoint::ALL.into_iter().filter(|e| *e != Endpoint::Authorize) {
-            assert_eq!(continuity(endpoint, &params), self.reference_issuer(&params));
+        for endpoint in Endpoint::ALL
+            .into_iter()
+            .filter(|e| *e != Endpoint::Authorize)
+        {
+            assert_eq!(
+                continuity(endpoint, &params),
+                self.reference_issuer(&params)
+            );
         }
         let _ = continuity(Endpoint::Authorize, &params);
-        match identify(&self.headers, &params) {
+        let identity = identify(&self.headers, &params);
+        if let Some(expected) = self.reference_body_client_id(&params) {
+            assert_eq!(identity.client_id(), expected.as_deref(), "{self:?}");
+        }
+        match identity {
             Identity::Known { client_id, source } => {
                 assert!(!client_id.is_empty(), "empty id from {source:?}");
                 assert!(
@@ -117,6 +130,39 @@ impl Request {
             }
             Identity::Unknown(_) => None,
         }
+    }
+
+    /// Where the form body is the only source (no `Authorization`, an empty query, no
+    /// `client_assertion`) and the strict reader accepted it: the client id a plain
+    /// `form_urlencoded` reading names, if it names exactly one valid id (`Some(None)`: it
+    /// names none, so the client is unknown). `None`: the shortcut does not apply.
+    fn reference_body_client_id(&self, params: &Parameters<'_>) -> Option<Option<String>> {
+        let simple = self.headers.get(AUTHORIZATION).is_none()
+            && self.query.as_deref().unwrap_or_default().is_empty()
+            && matches!(params.body, Part::Read(_));
+        if !simple {
+            return None;
+        }
+        let pairs: Vec<(String, String)> = form_urlencoded::parse(&self.body)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        if pairs.iter().any(|(k, _)| k == "client_assertion") {
+            return None;
+        }
+        let ids: Vec<&String> = pairs
+            .iter()
+            .filter(|(k, _)| k == "client_id")
+            .map(|(_, v)| v)
+            .collect();
+        let valid = |id: &str| {
+            !id.is_empty()
+                && id.len() <= MAX_CLIENT_ID_BYTES
+                && id.bytes().all(|b| (0x20..=0x7e).contains(&b))
+        };
+        Some(match ids[..] {
+            [id] if valid(id) => Some(id.clone()),
+            _ => None,
+        })
     }
 
     /// The issuer rule read with `form_urlencoded` from each part that the strict reader
@@ -148,7 +194,7 @@ impl Request {
 }
 
 /// Byte 0 bit 0 clear means status 200, else bytes 0–1 pick any status from 100 to 999;
-/// byte 2 is the lifetime cap in seconds; the rest is
+/// byte 2 is the lifetime cap in seconds (the stale cap is five times it); the rest is
 /// `content-type NUL cache-control NUL body`. An Ok answer needs a 200 and a JSON content
 /// type, and never outlives the cap.
 pub fn check_answer(data: &[u8]) {
@@ -189,5 +235,80 @@ pub fn check_answer(data: &[u8]) {
         );
         assert!(answer.lifetime <= limits.ttl);
         assert!(answer.stale_if_error <= limits.stale_if_error);
+    }
+}
+
+/// Whether `encoded` has a `%` that two hex digits do not follow.
+fn has_bad_escape(encoded: &[u8]) -> bool {
+    encoded.iter().enumerate().any(|(i, &b)| {
+        b == b'%'
+            && !encoded
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    })
+}
+
+/// The strict reader refuses exactly the inputs with a bad escape; on the others it agrees
+/// with `form_urlencoded` on the `client_id` values and on who issued the codes and tokens.
+pub fn check_params(data: &[u8]) {
+    let prefixes = TOKEN_PREFIXES.map(str::to_owned);
+    let read = Params::read(data, &prefixes);
+    assert_eq!(read.is_err(), has_bad_escape(data), "{data:?}");
+    let Ok(params) = read else { return };
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(data)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let ids: Vec<&str> = pairs
+        .iter()
+        .filter(|(k, _)| k == "client_id")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let found = match &params.client_id {
+        Found::Absent => vec![],
+        Found::One(id) => vec![id.as_ref()],
+        Found::Repeated => {
+            assert!(ids.len() > 1, "{data:?}");
+            return;
+        }
+    };
+    assert_eq!(found, ids, "{data:?}");
+    let tokens = pairs
+        .iter()
+        .filter(|(k, _)| TOKEN_PARAMS.contains(&k.as_str()))
+        .map(|(_, v)| {
+            if v.is_empty() {
+                Tokens::None
+            } else if TOKEN_PREFIXES.iter().any(|p| v.starts_with(p)) {
+                Tokens::Iam
+            } else {
+                Tokens::Rails
+            }
+        })
+        .max()
+        .unwrap_or_default();
+    assert_eq!(params.tokens, tokens, "{data:?}");
+}
+
+/// Any path names every decision, one client, a bad id or nothing; a client id read from it
+/// is non-empty and reads back the same once encoded again.
+pub fn check_admin_path(data: &[u8]) {
+    let path = String::from_utf8_lossy(data);
+    for path in [path.to_string(), format!("/-/admin/decisions/{path}")] {
+        if let Target::One(id) = admin::target(&path) {
+            assert!(!id.is_empty());
+            let again = format!(
+                "/-/admin/decisions/{}",
+                utf8_percent_encode(&id, NON_ALPHANUMERIC)
+            );
+            assert_eq!(admin::target(&again), Target::One(id), "{path:?}");
+        }
+    }
+}
+
+/// Any payload is an invalidation or ignored; one that is read survives `to_json`.
+pub fn check_invalidation(data: &[u8]) {
+    if let Some(invalidation) = Invalidation::parse(data) {
+        let again = Invalidation::parse(invalidation.to_json().as_bytes());
+        assert_eq!(again, Some(invalidation), "{data:?}");
     }
 }
