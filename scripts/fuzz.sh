@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-secs=${IAMPROXY_FUZZ_SECS:-45}
+secs=${IAMPROXY_FUZZ_SECS:-40}
 log() { printf '\n== %s\n' "$*"; }
 
 if [ "$secs" = 0 ]; then
