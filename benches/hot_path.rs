@@ -11,14 +11,16 @@ use base64::Engine as _;
 use criterion::{criterion_group, criterion_main, Criterion};
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::Method;
-use iamproxy::cache::{DecisionCache, Lookup};
-use iamproxy::classify::{continuity, Endpoint};
+use iamproxy::classify::identify::identify;
+use iamproxy::classify::issuer::continuity;
+use iamproxy::classify::params::{Parameters, RequestView};
+use iamproxy::classify::Endpoint;
 use iamproxy::config::CacheConfig;
+use iamproxy::decision::cache::{DecisionCache, Lookup};
+use iamproxy::decision::preauth::Answer;
+use iamproxy::decision::rules::{PercentageOfActors, RoutingConfig};
 use iamproxy::decision::Destination;
-use iamproxy::identify::identify;
-use iamproxy::params::{Parameters, RequestView};
-use iamproxy::preauth::Answer;
-use iamproxy::rollout::{PercentageOfActors, RoutingConfig};
+use iamproxy::proxy::decide::rules;
 
 fn form_headers() -> HeaderMap {
     let mut headers = HeaderMap::new();
@@ -172,7 +174,14 @@ fn decision(c: &mut Criterion) {
         ..RoutingConfig::default()
     };
     group.bench_function("routing_rules_fall_through", |b| {
-        b.iter(|| black_box(routing.decide(true, None, Some(black_box("bench-app-not-listed")))))
+        b.iter(|| {
+            black_box(rules(
+                &routing,
+                true,
+                None,
+                Some(black_box("bench-app-not-listed")),
+            ))
+        })
     });
     group.finish();
 }

@@ -13,22 +13,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Either, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
-use crate::config::{Config, LogConfig, LogFormat, Secret};
-use crate::connection::{Draining, Timeouts};
-use crate::forward::ResponseBody;
-use crate::identify::identify;
-use crate::params::{Parameters, RequestView};
-use crate::server::{accept_until, Gateway};
+use iamproxy::classify::identify::identify;
+use iamproxy::classify::params::{Parameters, RequestView};
+use iamproxy::config::{Config, LogConfig, LogFormat, Secret};
+use iamproxy::forward::ResponseBody;
+use iamproxy::respond::synthetic;
+use iamproxy::server::accept::{Accept, Limits, Settings};
+use iamproxy::server::connection::Timeouts;
+use iamproxy::Gateway;
 
 /// The stand-ins serve one person trying the demo.
 const STAND_IN_CONNECTIONS: usize = 256;
@@ -116,11 +116,11 @@ format = "text"
 
 /// `iamproxy demo`: start, print what to try, serve until SIGINT/SIGTERM.
 pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<(), DemoError> {
-    let _logging = crate::logging::init(&LogConfig {
+    let _logging = iamproxy::observe::logging::init(&LogConfig {
         format: LogFormat::Text,
         level: tracing::Level::INFO,
     });
-    let shutdown = crate::shutdown_signal();
+    let shutdown = iamproxy::shutdown_signal();
     let demo = start(listen, admin_listen).await?;
     println!("{}", demo.banner());
     demo.serve(shutdown).await;
@@ -128,10 +128,6 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<(), Dem
 }
 
 impl Demo {
-    pub fn gateway(&self) -> &Gateway {
-        &self.gateway
-    }
-
     pub fn banner(&self) -> String {
         let gw = self.gateway.local_addr();
         let admin = self.gateway.admin_addr();
@@ -199,16 +195,12 @@ fn preauthorize(
     } else {
         "rails"
     };
-    let mut response = json_response(
+    let mut response = synthetic(
         StatusCode::OK,
+        "application/vnd.gitlab-workhorse+json",
         format!(r#"{{"destination":"{destination}"}}"#),
     );
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/vnd.gitlab-workhorse+json"),
-    );
-    headers.insert(
+    response.headers_mut().insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("max-age=30"),
     );
@@ -223,13 +215,7 @@ fn served_by(side: &str, status: StatusCode) -> Response<ResponseBody> {
 }
 
 fn json_response(status: StatusCode, body: String) -> Response<ResponseBody> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
+    synthetic(status, "application/json", body)
 }
 
 const STAND_IN_TIMEOUTS: Timeouts = Timeouts {
@@ -246,8 +232,6 @@ where
     let addr = listener.local_addr()?;
     let answer = Arc::new(answer);
     tokio::spawn(async move {
-        let builder = auto::Builder::new(TokioExecutor::new());
-        let draining = Draining::default();
         let make = move |_conn| {
             let answer = answer.clone();
             service_fn(move |request: Request<Incoming>| {
@@ -264,17 +248,17 @@ where
             })
         };
         let stopped = async move { while stop.changed().await.is_ok() {} };
-        let connections = Arc::new(Semaphore::new(STAND_IN_CONNECTIONS));
-        let settings = || (None, STAND_IN_TIMEOUTS);
-        accept_until(
-            &listener,
-            (&builder, &settings),
-            &draining,
-            &connections,
-            make,
-            stopped,
-        )
-        .await;
+        let settings = || Settings {
+            tls: None,
+            timeouts: STAND_IN_TIMEOUTS,
+        };
+        let limits = Limits {
+            max_connections: STAND_IN_CONNECTIONS,
+            max_header_bytes: 65_536,
+        };
+        Accept::new(limits, settings, make)
+            .until(&listener, stopped)
+            .await;
     });
     Ok(addr)
 }

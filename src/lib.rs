@@ -2,58 +2,53 @@
 //! OAuth traffic to an IAM Auth Service one client application at a time, and fails open
 //! to Rails whenever IAM or the routing backend misbehaves.
 //!
-//! The modules follow a request through the gateway:
-//! [`server`] accepts it, [`classify`] names the endpoint, [`params`] reads its query and
-//! form body once, [`classify`] sends codes and tokens back to their issuer, [`identify`]
-//! finds the client application, [`rollout`] applies the rules before the cache, [`cache`]
-//! and [`preauth`] decide where the rest goes, [`forward`] and [`headers`] build the upstream request, [`fallback`] replays it to
-//! Rails when IAM fails, [`respond`] maps errors to statuses, and [`logging`] and [`metrics`]
-//! write it down.
-//! [`proxy`] runs those steps in order.
+//! The folders follow a request through the gateway:
+//! - [`server`] binds the listeners, accepts connections, serves the admin listener and
+//!   drains on shutdown;
+//! - [`proxy`] runs one request's phases in order: classify, buffer, decide, forward,
+//!   record;
+//! - [`classify`] says what a request is: its endpoint, its query and form body, who
+//!   issued its codes and tokens, which client application it belongs to;
+//! - [`decision`] says where it goes: the decision and its reasons, the `[routing]`
+//!   controls, the pre-authorize client, the decision cache and its fleet-wide
+//!   invalidation;
+//! - [`forward`] builds and sends the upstream requests: headers, upgrades, the pooled
+//!   clients, the IAM breaker;
+//! - [`respond`] makes the gateway's own responses and maps errors to statuses;
+//! - [`observe`] writes it down: metrics and logs.
+//!
+//! [`config`] reads the TOML file; [`state`] holds what every request shares and swaps it
+//! on reload.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod cache;
 pub mod classify;
 pub mod config;
-pub mod connection;
 pub mod decision;
-pub mod demo;
-pub mod fallback;
-pub mod fleet;
 pub mod forward;
-pub mod headers;
-pub mod identify;
-pub mod log_writer;
-pub mod logging;
-pub mod metrics;
-pub mod params;
-pub mod preauth;
+pub mod observe;
 pub mod proxy;
 pub mod respond;
-pub mod rollout;
 pub mod server;
 pub mod state;
-pub mod tls;
-pub mod upgrade;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 
 pub use config::Config;
 pub use server::{Gateway, StartError};
+pub use state::Reloader;
 
 /// The version reported by `--version` and sent to the pre-authorize backend.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Binds the listeners and serves until `shutdown` resolves and in-flight requests drain.
 /// SIGHUP re-reads `config_path` and swaps the new configuration in (see
-/// [`server::Reloader::apply`]); an invalid file is logged and the running configuration
-/// stays. `log_level` is the process's log handle from [`logging::init`], if it owns one.
+/// [`Reloader::apply`]); an invalid file is logged and the running configuration stays.
+/// `log_level` is the process's log handle from [`observe::logging::init`], if it owns one.
 pub async fn run(
     config_path: &Path,
     config: Config,
-    log_level: Option<logging::LogLevel>,
+    log_level: Option<observe::logging::LogLevel>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -86,7 +81,7 @@ pub async fn run(
 async fn reload_on_sighup(
     path: PathBuf,
     mut hangups: tokio::signal::unix::Signal,
-    reloader: server::Reloader,
+    reloader: Reloader,
 ) {
     while hangups.recv().await.is_some() {
         let config = match Config::load(&path) {

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use iamproxy::{config::Config, demo, logging};
+use iamproxy::{config::Config, observe::logging};
+
+mod demo;
 
 #[derive(Parser)]
 #[command(

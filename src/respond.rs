@@ -1,4 +1,5 @@
-//! Responses the gateway makes itself, and the one place request errors map to statuses.
+//! Responses the gateway makes itself — errors, probes, `/metrics`, admin JSON, the demo's
+//! stand-ins — through one builder, and the one place request errors map to statuses.
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
@@ -59,17 +60,30 @@ impl ProxyError {
     }
 }
 
+/// The one builder of a response the gateway makes itself.
+pub fn synthetic(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<ResponseBody> {
+    let mut response = Response::new(Either::Right(Full::new(body.into())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
 /// A short plain-text response.
 pub fn text_response(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
-        text.as_bytes(),
-    ))));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
+    synthetic(status, "text/plain; charset=utf-8", text)
+}
+
+/// A JSON response, one line.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ResponseBody> {
+    let mut bytes = serde_json::to_vec(body).unwrap_or_default();
+    bytes.push(b'\n');
+    synthetic(status, "application/json", bytes)
 }
 
 #[cfg(test)]

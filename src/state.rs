@@ -1,44 +1,51 @@
-//! The application state every request shares: configuration, upstream clients, the
-//! decision cache and the breaker, in one `Arc` and nowhere else.
+//! The state every request shares — configuration, upstream clients, the decision cache,
+//! the breaker, the metrics — in one `Arc` ([`AppState`]); the live holder a reload swaps
+//! it in ([`Live`]); and the reload itself ([`Reloader`]).
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::StatusCode;
 
-use crate::cache::DecisionCache;
-use crate::classify::RouteTable;
-use crate::config::{Config, Upstream};
-use crate::fallback::Breaker;
-use crate::forward::{pooled_client, HttpClient};
-use crate::headers::RequestIds;
-use crate::metrics::Metrics;
-use crate::preauth::PreauthClient;
+use crate::classify::Endpoints;
+use crate::config::{Config, LogFormat, RedisConfig, ServerConfig, UpstreamUrl};
+use crate::decision::cache::DecisionCache;
+use crate::decision::preauth::PreauthClient;
+use crate::forward::breaker::Breaker;
+use crate::forward::client::{pooled_client, HttpClient};
+use crate::forward::headers::RequestIds;
+use crate::observe::logging::LogLevel;
+use crate::observe::metrics::Metrics;
 
 #[derive(Debug)]
 pub struct AppState {
     pub config: Config,
-    pub routes: RouteTable,
-    pub rails: RailsRoute,
+    /// The OAuth paths and their endpoints.
+    pub endpoints: Endpoints,
+    pub rails: RailsUpstream,
     /// `None` when no `[iam]` table is configured: every request goes to Rails.
-    pub iam: Option<IamRoute>,
+    pub iam: Option<IamUpstream>,
     pub cache: DecisionCache,
     pub request_ids: RequestIds,
     /// Outlives reloads: counters keep counting across them.
     pub metrics: Arc<Metrics>,
 }
 
+/// Rails and how to reach it.
 #[derive(Debug)]
-pub struct RailsRoute {
-    pub upstream: Upstream,
+pub struct RailsUpstream {
+    pub url: UpstreamUrl,
     pub timeout: Duration,
     pub client: HttpClient,
 }
 
+/// IAM, how to reach it, and the pre-authorize backend that decides who goes there.
 #[derive(Debug)]
-pub struct IamRoute {
-    pub upstream: Upstream,
+pub struct IamUpstream {
+    pub url: UpstreamUrl,
     pub timeout: Duration,
     pub fallback_statuses: Vec<StatusCode>,
     pub token_prefixes: Vec<String>,
@@ -62,8 +69,8 @@ impl AppState {
     }
 
     fn build(config: Config, previous: Option<&AppState>) -> AppState {
-        let rails = RailsRoute {
-            upstream: config.rails.url.clone(),
+        let rails = RailsUpstream {
+            url: config.rails.url.clone(),
             timeout: config.rails.timeout,
             client: pooled_client(config.rails.connect_timeout, &config.rails.url.tls),
         };
@@ -79,8 +86,8 @@ impl AppState {
                         old.url.uri == iam.url.uri && old.circuit_breaker == iam.circuit_breaker
                     })
                     .map(|(_, route)| route.breaker.clone());
-                IamRoute {
-                    upstream: iam.url.clone(),
+                IamUpstream {
+                    url: iam.url.clone(),
                     timeout: iam.timeout,
                     fallback_statuses: iam.fallback_statuses.clone(),
                     token_prefixes: iam.token_prefixes.clone(),
@@ -101,7 +108,7 @@ impl AppState {
                 |previous| previous.cache.clone(),
             );
         AppState {
-            routes: RouteTable::new(&config.oauth.paths),
+            endpoints: Endpoints::new(&config.oauth.paths),
             rails,
             iam,
             cache,
@@ -128,12 +135,115 @@ impl AppState {
     }
 }
 
+/// What every request reads first: the current state, swapped whole by a reload, so a
+/// request sees one configuration from start to end.
+pub struct Live {
+    state: ArcSwap<AppState>,
+    /// Readiness: false once shutdown has begun.
+    ready: AtomicBool,
+}
+
+impl Live {
+    pub fn new(state: AppState) -> Live {
+        Live {
+            state: ArcSwap::from_pointee(state),
+            ready: AtomicBool::new(true),
+        }
+    }
+
+    pub fn current(&self) -> Arc<AppState> {
+        self.state.load_full()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Readiness turns 503 from now on.
+    pub fn shutting_down(&self) {
+        self.ready.store(false, Ordering::Release);
+    }
+}
+
+/// Swaps a new configuration into a serving gateway.
+#[derive(Clone)]
+pub struct Reloader {
+    live: Arc<Live>,
+    /// What the listeners were started with.
+    started: ServerConfig,
+    /// What the Redis subscription was started with.
+    redis: Option<RedisConfig>,
+    /// The process's logs, when this gateway owns them: their level reloads, their format
+    /// does not.
+    log: Option<(LogLevel, LogFormat)>,
+}
+
+impl Reloader {
+    pub fn new(live: Arc<Live>, started: ServerConfig, redis: Option<RedisConfig>) -> Reloader {
+        Reloader {
+            live,
+            started,
+            redis,
+            log: None,
+        }
+    }
+
+    /// Also applies `log.level` to the process's logs, started with `format`.
+    pub fn with_logs(mut self, level: LogLevel, format: LogFormat) -> Reloader {
+        self.log = Some((level, format));
+        self
+    }
+
+    /// Swaps `config` in: requests that start from now on use it, requests in flight
+    /// finish with the one they started with, and no connection is dropped. Settings the
+    /// listeners were built with cannot change without a restart; their keys are
+    /// returned, and they keep their old values.
+    pub fn apply(&self, config: Config) -> Vec<&'static str> {
+        let mut needs_restart = listener_changes(&self.started, &config.server);
+        if self.redis != config.redis {
+            needs_restart.push("redis");
+        }
+        if let Some((level, format)) = &self.log {
+            level.set(config.log.level);
+            if *format != config.log.format {
+                needs_restart.push("log.format");
+            }
+        }
+        let next = self.live.current().reloaded(config);
+        self.live.state.store(Arc::new(next));
+        needs_restart
+    }
+}
+
+/// The keys whose values the listeners were built with and so keep until a restart.
+fn listener_changes(started: &ServerConfig, new: &ServerConfig) -> Vec<&'static str> {
+    [
+        ("server.listen", started.listen != new.listen),
+        (
+            "server.admin_listen",
+            started.admin_listen != new.admin_listen,
+        ),
+        ("server.tls", started.tls.is_some() != new.tls.is_some()),
+        (
+            "server.max_connections",
+            started.max_connections != new.max_connections,
+        ),
+        (
+            "server.max_header_bytes",
+            started.max_header_bytes != new.max_header_bytes,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(key, changed)| changed.then_some(key))
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::Lookup;
+    use crate::decision::cache::Lookup;
+    use crate::decision::preauth::Answer;
     use crate::decision::Destination;
-    use crate::preauth::Answer;
 
     fn config(cache_ttl: &str) -> Config {
         Config::from_toml(&format!(
@@ -165,5 +275,24 @@ mod tests {
         let changed = same.reloaded(config("30s"));
         assert!(Arc::ptr_eq(&state.metrics, &changed.metrics));
         assert!(!cached(&changed).await, "changed [cache]: a new cache");
+    }
+
+    fn server(extra: &str) -> ServerConfig {
+        Config::from_toml(&format!(
+            "[server]\n{extra}\n[rails]\nurl = \"http://127.0.0.1:1\"\n"
+        ))
+        .unwrap()
+        .server
+    }
+
+    #[test]
+    fn only_listener_bound_keys_are_reported_as_needing_a_restart() {
+        let started = server("");
+        assert!(listener_changes(&started, &server("max_body_bytes = 10")).is_empty());
+        let changed = server("listen = \"127.0.0.1:1\"\nmax_connections = 5");
+        assert_eq!(
+            listener_changes(&started, &changed),
+            ["server.listen", "server.max_connections"]
+        );
     }
 }

@@ -11,12 +11,13 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, StatusCode};
-use iamproxy::classify::{continuity, Continuity, Endpoint};
+use iamproxy::classify::identify::{identify, Identity, Source, Unknown};
+use iamproxy::classify::issuer::{continuity, Continuity};
+use iamproxy::classify::params::{Parameters, RequestView};
+use iamproxy::classify::Endpoint;
 use iamproxy::config::CacheConfig;
+use iamproxy::decision::preauth::{parse_answer, Outcome};
 use iamproxy::decision::Destination;
-use iamproxy::identify::{identify, Identity, Source, Unknown};
-use iamproxy::params::{Parameters, RequestView};
-use iamproxy::preauth::parse_answer;
 use proptest::prelude::*;
 use proptest::sample::select;
 use proptest::test_runner::FileFailurePersistence;
@@ -724,9 +725,9 @@ proptest! {
                 prop_assert!(answer.stale_if_error <= max_stale);
             }
             Err(error) if status != StatusCode::OK => {
-                prop_assert_eq!(error.outcome(), "bad_status");
+                prop_assert_eq!(error.outcome(), Outcome::BadStatus);
             }
-            Err(error) => prop_assert_eq!(error.outcome(), "bad_response"),
+            Err(error) => prop_assert_eq!(error.outcome(), Outcome::BadResponse),
         }
     }
 

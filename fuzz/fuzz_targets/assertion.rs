@@ -7,7 +7,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::Method;
-use iamproxy::identify::Source;
+use iamproxy::classify::identify::Source;
 use iamproxy_fuzz::Request;
 use libfuzzer_sys::fuzz_target;
 

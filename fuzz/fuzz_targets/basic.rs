@@ -5,7 +5,7 @@
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use hyper::Method;
-use iamproxy::identify::Source;
+use iamproxy::classify::identify::Source;
 use iamproxy_fuzz::Request;
 use libfuzzer_sys::fuzz_target;
 

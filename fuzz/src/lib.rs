@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, StatusCode};
-use iamproxy::admin::{self, Target};
-use iamproxy::classify::{continuity, Continuity, Endpoint};
+use iamproxy::classify::identify::{identify, Identity, Source};
+use iamproxy::classify::issuer::{continuity, Continuity};
+use iamproxy::classify::params::{Found, Parameters, Params, Part, RequestView, Tokens};
+use iamproxy::classify::Endpoint;
 use iamproxy::config::CacheConfig;
-use iamproxy::fleet::Invalidation;
-use iamproxy::identify::{identify, Identity, Source};
-use iamproxy::params::{Found, Parameters, Params, Part, RequestView, Tokens};
-use iamproxy::preauth::parse_answer;
+use iamproxy::decision::fleet::Invalidation;
+use iamproxy::decision::preauth::parse_answer;
+use iamproxy::server::admin::{self, Target};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 
 const FORM: &str = "application/x-www-form-urlencoded";

@@ -29,7 +29,7 @@ impl Captured {
             format: LogFormat::Json,
             level: tracing::Level::DEBUG,
         };
-        iamproxy::logging::subscriber(&config, move || sink.clone())
+        iamproxy::observe::logging::subscriber(&config, move || sink.clone())
     }
 
     /// Installed once per test binary as the global subscriber, shared by all its tests.

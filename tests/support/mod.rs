@@ -296,7 +296,7 @@ pub struct TestGateway {
     pub secret: SecretFile,
     /// The configuration it started with, as TOML.
     pub toml: String,
-    pub reloader: iamproxy::server::Reloader,
+    pub reloader: iamproxy::Reloader,
     shutdown: Option<oneshot::Sender<()>>,
     pub finished: Option<tokio::task::JoinHandle<()>>,
 }

@@ -14,8 +14,8 @@ use serde::Serialize;
 
 use crate::config::{CacheConfig, PreauthorizeConfig};
 use crate::decision::Destination;
-use crate::forward::Connector;
-use crate::headers::X_REQUEST_ID;
+use crate::forward::client::Connector;
+use crate::forward::headers::X_REQUEST_ID;
 
 static GITLAB_WORKHORSE: HeaderName = HeaderName::from_static("gitlab-workhorse");
 static GITLAB_WORKHORSE_API_REQUEST: HeaderName =
@@ -56,13 +56,43 @@ pub enum PreauthError {
 }
 
 impl PreauthError {
-    /// The outcome label for metrics and logs.
-    pub fn outcome(&self) -> &'static str {
+    pub fn outcome(&self) -> Outcome {
         match self {
-            PreauthError::Timeout(_) => "timeout",
-            PreauthError::Connect(_) => "connect_error",
-            PreauthError::BadStatus(_) => "bad_status",
-            PreauthError::BadResponse(_) => "bad_response",
+            PreauthError::Timeout(_) => Outcome::Timeout,
+            PreauthError::Connect(_) => Outcome::ConnectError,
+            PreauthError::BadStatus(_) => Outcome::BadStatus,
+            PreauthError::BadResponse(_) => Outcome::BadResponse,
+        }
+    }
+}
+
+/// How a pre-authorize call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Timeout,
+    ConnectError,
+    BadStatus,
+    BadResponse,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Ok,
+        Outcome::Timeout,
+        Outcome::ConnectError,
+        Outcome::BadStatus,
+        Outcome::BadResponse,
+    ];
+
+    /// The `outcome` label of the metrics and the logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Timeout => "timeout",
+            Outcome::ConnectError => "connect_error",
+            Outcome::BadStatus => "bad_status",
+            Outcome::BadResponse => "bad_response",
         }
     }
 }
@@ -97,12 +127,13 @@ impl PreauthClient {
     /// `limits` caps the lifetimes an answer may ask for.
     pub fn new(config: &PreauthorizeConfig, limits: &CacheConfig) -> PreauthClient {
         PreauthClient {
-            client: crate::forward::pooled_client(config.timeout, &config.tls),
+            client: crate::forward::client::pooled_client(config.timeout, &config.tls),
             url: config.url.to_string(),
             key: EncodingKey::from_secret(config.secret.as_bytes()),
             timeout: config.timeout,
             limits: limits.clone(),
-            user_agent: HeaderValue::from_static(concat!("iamproxy/", env!("CARGO_PKG_VERSION"))),
+            user_agent: HeaderValue::from_str(&format!("iamproxy/{}", crate::VERSION))
+                .unwrap_or(HeaderValue::from_static("iamproxy")),
         }
     }
 
@@ -316,7 +347,7 @@ mod tests {
         ];
         for (pairs, body) in cases {
             let err = parse(&pairs, body).unwrap_err();
-            assert_eq!(err.outcome(), "bad_response", "{pairs:?} {body}");
+            assert_eq!(err.outcome(), Outcome::BadResponse, "{pairs:?} {body}");
         }
     }
 
@@ -325,7 +356,7 @@ mod tests {
         for status in [201, 204, 302, 307, 404, 500] {
             let status = StatusCode::from_u16(status).unwrap();
             let err = parse_answer(status, &headers(&[JSON]), b"{}", &limits()).unwrap_err();
-            assert_eq!(err.outcome(), "bad_status");
+            assert_eq!(err.outcome(), Outcome::BadStatus);
         }
     }
 

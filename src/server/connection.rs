@@ -90,10 +90,10 @@ pub struct Conn {
 
 impl Conn {
     /// Marks a request in flight until the guard drops; services call it first.
-    pub fn request_started(&self) -> InFlight {
+    pub fn request_started(&self) -> Busy {
         self.activity.in_flight.fetch_add(1, Ordering::AcqRel);
         self.activity.head_since.store(NONE, Ordering::Release);
-        InFlight(self.activity.clone())
+        Busy(self.activity.clone())
     }
 
     /// A token that keeps shutdown waiting, for work that outlives the request (tunnels).
@@ -102,11 +102,12 @@ impl Conn {
     }
 }
 
-/// See [`Conn::request_started`].
+/// A request in flight on a connection: its clocks stop until this drops. See
+/// [`Conn::request_started`].
 #[derive(Debug)]
-pub struct InFlight(Arc<Activity>);
+pub struct Busy(Arc<Activity>);
 
-impl Drop for InFlight {
+impl Drop for Busy {
     fn drop(&mut self) {
         let activity = &self.0;
         activity.idle_since.store(activity.now(), Ordering::Release);
@@ -297,8 +298,12 @@ pub async fn serve<M, S, B>(
 {
     match tls {
         None => {
-            let conn = (peer, false, false);
-            run(stream, conn, builder, timeouts, drain, make).await;
+            let peer = Peer {
+                addr: peer,
+                https: false,
+                http2: false,
+            };
+            run(stream, peer, builder, timeouts, drain, make).await;
         }
         Some(acceptor) => {
             let handshake = acceptor.accept(stream);
@@ -314,16 +319,30 @@ pub async fn serve<M, S, B>(
                         return;
                     }
                 };
-            let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            run(stream, (peer, true, http2), builder, timeouts, drain, make).await;
+            let peer = Peer {
+                addr: peer,
+                https: true,
+                http2: stream.get_ref().1.alpn_protocol() == Some(b"h2"),
+            };
+            run(stream, peer, builder, timeouts, drain, make).await;
         }
     }
 }
 
-/// Serves `stream` from `peer`, `(peer, https, http2 by ALPN)`, to the end.
+/// The other end of a connection, as the handshake left it.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    addr: SocketAddr,
+    /// It spoke TLS to us.
+    https: bool,
+    /// It chose HTTP/2 by ALPN.
+    http2: bool,
+}
+
+/// Serves `stream` from `peer` to the end.
 async fn run<I, M, S, B>(
     stream: I,
-    (peer, https, http2): (SocketAddr, bool, bool),
+    peer: Peer,
     builder: auto::Builder<TokioExecutor>,
     timeouts: Timeouts,
     mut drain: Drain,
@@ -339,10 +358,10 @@ async fn run<I, M, S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let activity = Arc::new(Activity::new(http2));
+    let activity = Arc::new(Activity::new(peer.http2));
     let service = make(Arc::new(Conn {
-        peer,
-        https,
+        peer: peer.addr,
+        https: peer.https,
         activity: activity.clone(),
         drain: drain.clone(),
     }));

@@ -9,8 +9,9 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 
-use crate::connection::{Conn, Drain};
-use crate::forward::{downstream_response, ResponseBody};
+use super::headers::connection_tokens;
+use super::{downstream_response, ResponseBody};
+use crate::server::connection::{Conn, Drain};
 
 /// A client's request to switch protocols.
 #[derive(Debug)]
@@ -28,13 +29,8 @@ pub fn requested(request: &mut Request<Incoming>, conn: &Conn) -> Option<Upgrade
         return None;
     }
     let protocol = request.headers().get(header::UPGRADE)?.clone();
-    let asks = request
-        .headers()
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    let asks =
+        connection_tokens(request.headers()).any(|token| token.eq_ignore_ascii_case("upgrade"));
     asks.then(|| Upgrade {
         protocol,
         client: hyper::upgrade::on(request),

@@ -19,8 +19,8 @@ use tracing_subscriber::layer::{Context, Filter, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{Layer, Registry};
 
+use super::log_writer::{self, Flush};
 use crate::config::{LogConfig, LogFormat};
-use crate::log_writer::{self, Flush};
 
 /// Builds the subscriber for `config`, writing to `writer`. Tests pass a capturing writer
 /// and so exercise the same formatting as production.
@@ -63,7 +63,7 @@ pub struct Installed {
 }
 
 /// Installs the process-wide subscriber, logging to stderr through the batching writer
-/// ([`crate::log_writer`]). `None` if a subscriber was installed already.
+/// ([`super::log_writer`]). `None` if a subscriber was installed already.
 pub fn init(config: &LogConfig) -> Option<Installed> {
     let (writer, flush) = log_writer::batched(io::stderr());
     let (subscriber, level) = subscriber_with_level(config, writer);

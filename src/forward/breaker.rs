@@ -1,5 +1,4 @@
-//! Failing open to Rails: why a request bound for IAM was replayed, and the IAM circuit
-//! breaker that stops sending traffic to an IAM that keeps failing.
+//! The IAM circuit breaker: stops sending traffic to an IAM that keeps failing.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -7,36 +6,29 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Why an IAM-bound request was served by Rails instead.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FallbackReason {
-    /// IAM refused, reset or closed the connection before sending response headers.
-    ConnectError,
-    /// IAM sent no response headers within `iam.timeout`.
-    Timeout,
-    /// IAM answered one of `iam.fallback_statuses`.
-    Status,
-    /// The breaker is open: IAM was not tried.
-    BreakerOpen,
-}
-
-impl FallbackReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FallbackReason::ConnectError => "connect_error",
-            FallbackReason::Timeout => "timeout",
-            FallbackReason::Status => "status",
-            FallbackReason::BreakerOpen => "breaker_open",
-        }
-    }
-}
-
 /// The breaker's externally visible state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
     Closed,
     Open,
     HalfOpen,
+}
+
+impl BreakerState {
+    pub const ALL: [BreakerState; 3] = [
+        BreakerState::Closed,
+        BreakerState::Open,
+        BreakerState::HalfOpen,
+    ];
+
+    /// The `state` label of `iamproxy_iam_breaker_state`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
 }
 
 /// A consecutive-failure circuit breaker. Lock-free: the closed state, which is what the

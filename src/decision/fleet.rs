@@ -4,13 +4,12 @@
 //! gateway serves as usual, logs, and reconnects with backoff; on reconnecting it drops its
 //! whole cache, since it may have missed messages.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::config::RedisConfig;
-use crate::server::Live;
+use crate::decision::cache::DecisionCache;
 
 /// A message on the channel.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -44,13 +43,26 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::fro
 /// Connecting, subscribing and publishing each get this long.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Subscribes for as long as the returned task runs (abort it at shutdown).
-pub fn subscribe(live: Arc<Live>, config: RedisConfig) -> tokio::task::JoinHandle<()> {
+/// Why talking to Redis failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("{0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("no answer within {REDIS_TIMEOUT:?}")]
+    Timeout,
+}
+
+/// Subscribes for as long as the returned task runs (abort it at shutdown). Each message
+/// applies to the cache `current` gives at that moment: a reload may have replaced it.
+pub fn subscribe<C>(config: RedisConfig, current: C) -> tokio::task::JoinHandle<()>
+where
+    C: Fn() -> DecisionCache + Send + Sync + 'static,
+{
     tokio::spawn(async move {
         let mut backoff = BACKOFF.0;
         let mut connected_before = false;
         loop {
-            match listen(&live, &config, &mut connected_before, &mut backoff).await {
+            match listen(&current, &config, &mut connected_before, &mut backoff).await {
                 Ok(()) => tracing::warn!("redis closed the subscription, reconnecting"),
                 Err(error) => tracing::warn!(
                     error = %error,
@@ -66,23 +78,22 @@ pub fn subscribe(live: Arc<Live>, config: RedisConfig) -> tokio::task::JoinHandl
 
 /// One subscription, until the connection ends.
 async fn listen(
-    live: &Live,
+    current: &impl Fn() -> DecisionCache,
     config: &RedisConfig,
     connected_before: &mut bool,
     backoff: &mut Duration,
-) -> Result<(), String> {
-    let client = redis::Client::open(config.url.as_str()).map_err(|e| e.to_string())?;
+) -> Result<(), FleetError> {
+    let client = redis::Client::open(config.url.as_str())?;
     let mut pubsub = tokio::time::timeout(REDIS_TIMEOUT, async {
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(&config.channel).await?;
         Ok::<_, redis::RedisError>(pubsub)
     })
     .await
-    .map_err(|_| "timed out connecting".to_string())?
-    .map_err(|e| e.to_string())?;
+    .map_err(|_| FleetError::Timeout)??;
     *backoff = BACKOFF.0;
     if std::mem::replace(connected_before, true) {
-        let dropped = live.current().cache.invalidate_all().await;
+        let dropped = current().invalidate_all().await;
         tracing::info!(dropped, "redis reconnected: cached decisions dropped");
     } else {
         tracing::info!(channel = config.channel.as_str(), "redis subscribed");
@@ -92,13 +103,12 @@ async fn listen(
         std::future::poll_fn(|cx| futures_core::Stream::poll_next(messages.as_mut(), cx)).await
     {
         let payload: Vec<u8> = message.get_payload_bytes().to_vec();
-        apply(live, &payload).await;
+        apply(&current(), &payload).await;
     }
     Ok(())
 }
 
-async fn apply(live: &Live, payload: &[u8]) {
-    let cache = &live.current().cache;
+async fn apply(cache: &DecisionCache, payload: &[u8]) {
     match Invalidation::parse(payload) {
         Some(Invalidation::One { client_id }) => {
             let invalidated = cache.invalidate(&client_id).await;
@@ -120,8 +130,8 @@ async fn apply(live: &Live, payload: &[u8]) {
 }
 
 /// Publishes `invalidation` to the fleet; whether Redis took it.
-pub async fn publish(config: &RedisConfig, invalidation: &Invalidation) -> Result<(), String> {
-    let client = redis::Client::open(config.url.as_str()).map_err(|e| e.to_string())?;
+pub async fn publish(config: &RedisConfig, invalidation: &Invalidation) -> Result<(), FleetError> {
+    let client = redis::Client::open(config.url.as_str())?;
     tokio::time::timeout(REDIS_TIMEOUT, async {
         let mut connection = client.get_multiplexed_async_connection().await?;
         redis::cmd("PUBLISH")
@@ -131,9 +141,8 @@ pub async fn publish(config: &RedisConfig, invalidation: &Invalidation) -> Resul
             .await
     })
     .await
-    .map_err(|_| "timed out".to_string())?
-    .map(|_| ())
-    .map_err(|e| e.to_string())
+    .map_err(|_| FleetError::Timeout)??;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -20,41 +20,19 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::classify::Endpoint;
-use crate::decision::{Decision, Destination, Reason};
-use crate::fallback::{BreakerState, FallbackReason};
-use crate::preauth::PreauthError;
+use super::process::ProcessGauges;
+use crate::classify::{route_label, Endpoint};
+use crate::decision::preauth::{Outcome, PreauthError};
+use crate::decision::{Decision, Destination, FallbackReason, Reason};
+use crate::forward::breaker::BreakerState;
+use crate::forward::client::Upstream;
 
-/// `route` label values: the five OAuth endpoints in [`Endpoint::ALL`] order, then `other`.
-const ROUTES: [&str; 6] = [
-    "authorize",
-    "authorize_device",
-    "token",
-    "revoke",
-    "introspect",
-    "other",
-];
-const DESTINATIONS: [Destination; 2] = [Destination::Iam, Destination::Rails];
+/// `route` label values: the OAuth endpoints in [`Endpoint::ALL`] order, then `other`.
+const ROUTES: usize = Endpoint::ALL.len() + 1;
 const METHODS: [&str; 8] = [
     "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other",
 ];
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-/// In [`Reason`] declaration order, so `reason as usize` indexes it.
-const REASONS: [Reason; 13] = [
-    Reason::NotOauth,
-    Reason::IamDisabled,
-    Reason::Continuity,
-    Reason::RailsIssued,
-    Reason::UnknownClient,
-    Reason::Cache,
-    Reason::Preauthorize,
-    Reason::Stale,
-    Reason::PreauthorizeError,
-    Reason::KillSwitch,
-    Reason::ForceIam,
-    Reason::ForceRails,
-    Reason::Percentage,
-];
 /// The decisions that can happen, exported at 0 from start-up so that `rate()` sees the
 /// first one.
 const POSSIBLE_DECISIONS: [(Destination, Reason); 16] = [
@@ -75,25 +53,6 @@ const POSSIBLE_DECISIONS: [(Destination, Reason); 16] = [
     (Destination::Rails, Reason::PreauthorizeError),
     (Destination::Rails, Reason::IamDisabled),
 ];
-const FALLBACK_REASONS: [FallbackReason; 4] = [
-    FallbackReason::ConnectError,
-    FallbackReason::Timeout,
-    FallbackReason::Status,
-    FallbackReason::BreakerOpen,
-];
-const PREAUTH_OUTCOMES: [&str; 5] = [
-    "ok",
-    "timeout",
-    "connect_error",
-    "bad_status",
-    "bad_response",
-];
-const BREAKER_STATES: [(BreakerState, &str); 3] = [
-    (BreakerState::Closed, "closed"),
-    (BreakerState::Open, "open"),
-    (BreakerState::HalfOpen, "half_open"),
-];
-
 /// 1 ms to 60 s: a cached OAuth request takes about a millisecond, `rails.timeout`
 /// defaults to a minute.
 const REQUEST_BUCKETS: [f64; 15] = [
@@ -103,20 +62,6 @@ const REQUEST_BUCKETS: [f64; 15] = [
 /// `preauthorize.timeout` defaults to 500 ms.
 const PREAUTH_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0,
-];
-
-/// An upstream whose connections can fail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Upstream {
-    Iam,
-    Rails,
-    Preauthorize,
-}
-
-const UPSTREAMS: [(Upstream, &str); 3] = [
-    (Upstream::Iam, "iam"),
-    (Upstream::Rails, "rails"),
-    (Upstream::Preauthorize, "preauthorize"),
 ];
 
 /// The gateway's metrics. Recording methods take plain enums and are lock-free.
@@ -185,12 +130,11 @@ impl Metrics {
                 &["route", "destination"],
             ),
         );
-        let request_duration = Family::new(request_duration, ROUTES.len() * DESTINATIONS.len());
-        for (route, label) in ROUTES.into_iter().enumerate() {
-            for destination in DESTINATIONS {
-                request_duration.get(duration_index(route, destination), || {
-                    [label, destination.as_str()]
-                });
+        let request_duration = Family::new(request_duration, ROUTES * Destination::ALL.len());
+        for endpoint in Endpoint::ALL.map(Some).into_iter().chain([None]) {
+            for destination in Destination::ALL {
+                let index = duration_index(route_index(endpoint), destination);
+                request_duration.get(index, || [route_label(endpoint), destination.as_str()]);
             }
         }
 
@@ -204,7 +148,7 @@ impl Metrics {
                 &["destination", "reason"],
             ),
         );
-        let decisions = Family::new(decisions, DESTINATIONS.len() * REASONS.len());
+        let decisions = Family::new(decisions, Destination::ALL.len() * Reason::ALL.len());
         for (destination, reason) in POSSIBLE_DECISIONS {
             decisions.get(decision_index(destination, reason), || {
                 [destination.as_str(), reason.as_str()]
@@ -257,7 +201,7 @@ impl Metrics {
         Metrics {
             requests: Family::new(
                 requests,
-                ROUTES.len() * DESTINATIONS.len() * METHODS.len() * STATUS_CLASSES.len(),
+                ROUTES * Destination::ALL.len() * METHODS.len() * STATUS_CLASSES.len(),
             ),
             request_duration,
             in_flight: register(
@@ -284,8 +228,8 @@ impl Metrics {
                 &registry,
                 IntGauge::new("iamproxy_decision_cache_entries", "Decisions in the cache."),
             ),
-            preauth_calls: PREAUTH_OUTCOMES
-                .map(|outcome| preauth_calls.with_label_values(&[outcome])),
+            preauth_calls: Outcome::ALL
+                .map(|outcome| preauth_calls.with_label_values(&[outcome.as_str()])),
             preauth_duration: register(
                 &registry,
                 Histogram::with_opts(
@@ -296,10 +240,10 @@ impl Metrics {
                     .buckets(PREAUTH_BUCKETS.to_vec()),
                 ),
             ),
-            fallbacks: FALLBACK_REASONS
+            fallbacks: FallbackReason::ALL
                 .map(|reason| fallbacks.with_label_values(&[reason.as_str()])),
-            breaker_state: BREAKER_STATES
-                .map(|(_, state)| breaker_state.with_label_values(&[state])),
+            breaker_state: BreakerState::ALL
+                .map(|state| breaker_state.with_label_values(&[state.as_str()])),
             breaker_opens: register(
                 &registry,
                 IntCounter::new(
@@ -308,8 +252,8 @@ impl Metrics {
                      included.",
                 ),
             ),
-            connection_errors: UPSTREAMS
-                .map(|(_, upstream)| connection_errors.with_label_values(&[upstream])),
+            connection_errors: Upstream::ALL
+                .map(|upstream| connection_errors.with_label_values(&[upstream.as_str()])),
             process: ProcessGauges::register(&registry),
             registry,
         }
@@ -340,7 +284,7 @@ impl Metrics {
         self.requests
             .get(index, || {
                 [
-                    ROUTES[route],
+                    route_label(endpoint),
                     destination.as_str(),
                     METHODS[method],
                     STATUS_CLASSES[class],
@@ -349,7 +293,7 @@ impl Metrics {
             .inc();
         self.request_duration
             .get(duration_index(route, destination), || {
-                [ROUTES[route], destination.as_str()]
+                [route_label(endpoint), destination.as_str()]
             })
             .observe(elapsed.as_secs_f64());
     }
@@ -376,10 +320,8 @@ impl Metrics {
 
     /// One pre-authorize call; a connection failure also counts as a connection error.
     pub fn preauthorize(&self, error: Option<&PreauthError>, elapsed: Duration) {
-        let outcome = error.map_or("ok", PreauthError::outcome);
-        if let Some(index) = PREAUTH_OUTCOMES.iter().position(|o| *o == outcome) {
-            self.preauth_calls[index].inc();
-        }
+        let outcome = error.map_or(Outcome::Ok, PreauthError::outcome);
+        self.preauth_calls[outcome as usize].inc();
         if matches!(error, Some(PreauthError::Connect(_))) {
             self.connection_error(Upstream::Preauthorize);
         }
@@ -403,8 +345,8 @@ impl Metrics {
     pub fn render(&self, cache_entries: u64, breaker: Option<BreakerState>) -> Vec<u8> {
         self.cache_entries
             .set(i64::try_from(cache_entries).unwrap_or(i64::MAX));
-        for ((state, _), gauge) in BREAKER_STATES.iter().zip(&self.breaker_state) {
-            gauge.set(i64::from(breaker == Some(*state)));
+        for (state, gauge) in BreakerState::ALL.into_iter().zip(&self.breaker_state) {
+            gauge.set(i64::from(breaker == Some(state)));
         }
         if let Some(process) = &self.process {
             process.update();
@@ -457,7 +399,7 @@ impl<M, const LABELS: usize> Family<M, LABELS> {
     }
 }
 
-fn register<C: Collector + Clone + 'static>(
+pub(super) fn register<C: Collector + Clone + 'static>(
     registry: &Registry,
     collector: prometheus::Result<C>,
 ) -> C {
@@ -471,15 +413,15 @@ fn register<C: Collector + Clone + 'static>(
 }
 
 fn route_index(endpoint: Option<Endpoint>) -> usize {
-    endpoint.map_or(ROUTES.len() - 1, |endpoint| endpoint as usize)
+    endpoint.map_or(ROUTES - 1, |endpoint| endpoint as usize)
 }
 
 fn duration_index(route: usize, destination: Destination) -> usize {
-    route * DESTINATIONS.len() + destination as usize
+    route * Destination::ALL.len() + destination as usize
 }
 
 fn decision_index(destination: Destination, reason: Reason) -> usize {
-    destination as usize * REASONS.len() + reason as usize
+    destination as usize * Reason::ALL.len() + reason as usize
 }
 
 fn method_index(method: &Method) -> usize {
@@ -491,77 +433,6 @@ fn method_index(method: &Method) -> usize {
 
 fn status_class_index(status: StatusCode) -> usize {
     usize::from(status.as_u16() / 100).clamp(1, 5) - 1
-}
-
-/// Standard process gauges, read from `/proc/self` at scrape time (Linux only).
-struct ProcessGauges {
-    resident_memory: IntGauge,
-    open_fds: IntGauge,
-    cpu_seconds: prometheus::Counter,
-}
-
-impl ProcessGauges {
-    fn register(registry: &Registry) -> Option<ProcessGauges> {
-        read_resident_memory()?;
-        Some(ProcessGauges {
-            resident_memory: register(
-                registry,
-                IntGauge::new(
-                    "process_resident_memory_bytes",
-                    "Resident memory size in bytes.",
-                ),
-            ),
-            open_fds: register(
-                registry,
-                IntGauge::new("process_open_fds", "Number of open file descriptors."),
-            ),
-            cpu_seconds: register(
-                registry,
-                prometheus::Counter::new(
-                    "process_cpu_seconds_total",
-                    "Total user and system CPU time spent in seconds.",
-                ),
-            ),
-        })
-    }
-
-    fn update(&self) {
-        if let Some(bytes) = read_resident_memory() {
-            self.resident_memory
-                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
-        }
-        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
-            self.open_fds
-                .set(i64::try_from(fds.count()).unwrap_or(i64::MAX));
-        }
-        // The kernel keeps the running total; the counter catches up with it.
-        if let Some(seconds) = read_cpu_seconds() {
-            let behind = seconds - self.cpu_seconds.get();
-            if behind > 0.0 {
-                self.cpu_seconds.inc_by(behind);
-            }
-        }
-    }
-}
-
-/// `VmRSS` from `/proc/self/status`, in bytes.
-fn read_resident_memory() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// utime + stime from `/proc/self/stat`, in seconds (Linux counts them in USER_HZ, 100
-/// on every architecture Rust targets).
-fn read_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // The command name (field 2) may contain spaces; fields after it are plain.
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    let mut fields = after_name.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) as f64 / 100.0)
 }
 
 #[cfg(test)]
@@ -579,26 +450,42 @@ mod tests {
             .map(|v| v.parse().unwrap())
     }
 
+    /// The label arrays are indexed by `value as usize`: each enum's `ALL` must list its
+    /// values in declaration order.
     #[test]
     fn label_tables_follow_the_enum_order_used_as_indexes() {
-        let routes: Vec<&str> = Endpoint::ALL.iter().map(|e| e.as_str()).collect();
-        assert_eq!(routes, ROUTES[..5]);
         for (index, endpoint) in Endpoint::ALL.into_iter().enumerate() {
             assert_eq!(route_index(Some(endpoint)), index);
         }
-        assert_eq!(ROUTES[route_index(None)], "other");
-        for (index, reason) in REASONS.into_iter().enumerate() {
-            assert_eq!(reason as usize, index);
-        }
-        for (index, reason) in FALLBACK_REASONS.into_iter().enumerate() {
-            assert_eq!(reason as usize, index);
-        }
-        for (index, (upstream, _)) in UPSTREAMS.into_iter().enumerate() {
-            assert_eq!(upstream as usize, index);
-        }
-        for (index, destination) in DESTINATIONS.into_iter().enumerate() {
-            assert_eq!(destination as usize, index);
-        }
+        assert_eq!(route_index(None), ROUTES - 1);
+        assert_eq!(route_label(None), "other");
+        let positions = [
+            Reason::ALL
+                .iter()
+                .enumerate()
+                .all(|(i, r)| *r as usize == i),
+            FallbackReason::ALL
+                .iter()
+                .enumerate()
+                .all(|(i, r)| *r as usize == i),
+            Upstream::ALL
+                .iter()
+                .enumerate()
+                .all(|(i, u)| *u as usize == i),
+            Destination::ALL
+                .iter()
+                .enumerate()
+                .all(|(i, d)| *d as usize == i),
+            Outcome::ALL
+                .iter()
+                .enumerate()
+                .all(|(i, o)| *o as usize == i),
+            BreakerState::ALL
+                .iter()
+                .enumerate()
+                .all(|(i, b)| *b as usize == i),
+        ];
+        assert_eq!(positions, [true; 6]);
     }
 
     #[test]
@@ -678,18 +565,18 @@ mod tests {
             );
             assert_eq!(value(&text, &series), Some(0.0), "{series}");
         }
-        for reason in FALLBACK_REASONS {
+        for reason in FallbackReason::ALL {
             let series = format!(
                 r#"iamproxy_fallbacks_total{{reason="{}"}}"#,
                 reason.as_str()
             );
             assert_eq!(value(&text, &series), Some(0.0), "{series}");
         }
-        for outcome in PREAUTH_OUTCOMES {
+        for outcome in Outcome::ALL.map(Outcome::as_str) {
             let series = format!(r#"iamproxy_preauthorize_calls_total{{outcome="{outcome}"}}"#);
             assert_eq!(value(&text, &series), Some(0.0), "{series}");
         }
-        for (_, upstream) in UPSTREAMS {
+        for upstream in Upstream::ALL.map(Upstream::as_str) {
             let series =
                 format!(r#"iamproxy_upstream_connection_errors_total{{upstream="{upstream}"}}"#);
             assert_eq!(value(&text, &series), Some(0.0), "{series}");

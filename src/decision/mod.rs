@@ -1,4 +1,11 @@
-//! The routing decision for one OAuth request: where it goes and why.
+//! Where a request goes and why: the routing decision, its reason, and why a request bound
+//! for IAM ended at Rails. Their `as_str` labels are the metrics' and the logs' label
+//! values; `ALL` lists every value in declaration order.
+
+pub mod cache;
+pub mod fleet;
+pub mod preauth;
+pub mod rules;
 
 /// Which upstream serves a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -8,6 +15,8 @@ pub enum Destination {
 }
 
 impl Destination {
+    pub const ALL: [Destination; 2] = [Destination::Iam, Destination::Rails];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Destination::Iam => "iam",
@@ -19,8 +28,6 @@ impl Destination {
 /// Why a request was routed where it was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
-    /// The path is not an OAuth endpoint.
-    NotOauth,
     /// No `[iam]` table is configured.
     IamDisabled,
     /// A verifier or an IAM-issued code or token: the flow started at IAM and must finish
@@ -52,9 +59,23 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub const ALL: [Reason; 12] = [
+        Reason::IamDisabled,
+        Reason::Continuity,
+        Reason::RailsIssued,
+        Reason::UnknownClient,
+        Reason::Cache,
+        Reason::Preauthorize,
+        Reason::Stale,
+        Reason::PreauthorizeError,
+        Reason::KillSwitch,
+        Reason::ForceIam,
+        Reason::ForceRails,
+        Reason::Percentage,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
-            Reason::NotOauth => "not_oauth",
             Reason::IamDisabled => "iam_disabled",
             Reason::Continuity => "continuity",
             Reason::RailsIssued => "rails_issued",
@@ -82,6 +103,56 @@ impl Decision {
         Decision {
             destination: Destination::Rails,
             reason,
+        }
+    }
+}
+
+/// Why an IAM-bound request was served by Rails instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FallbackReason {
+    /// IAM refused, reset or closed the connection before sending response headers.
+    ConnectError,
+    /// IAM sent no response headers within `iam.timeout`.
+    Timeout,
+    /// IAM answered one of `iam.fallback_statuses`.
+    Status,
+    /// The breaker is open: IAM was not tried.
+    BreakerOpen,
+}
+
+impl FallbackReason {
+    pub const ALL: [FallbackReason; 4] = [
+        FallbackReason::ConnectError,
+        FallbackReason::Timeout,
+        FallbackReason::Status,
+        FallbackReason::BreakerOpen,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FallbackReason::ConnectError => "connect_error",
+            FallbackReason::Timeout => "timeout",
+            FallbackReason::Status => "status",
+            FallbackReason::BreakerOpen => "breaker_open",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The metrics index their tables by `value as usize`.
+    #[test]
+    fn all_lists_every_value_in_declaration_order() {
+        for (i, destination) in Destination::ALL.into_iter().enumerate() {
+            assert_eq!(destination as usize, i);
+        }
+        for (i, reason) in Reason::ALL.into_iter().enumerate() {
+            assert_eq!(reason as usize, i, "{reason:?}");
+        }
+        for (i, reason) in FallbackReason::ALL.into_iter().enumerate() {
+            assert_eq!(reason as usize, i, "{reason:?}");
         }
     }
 }

@@ -1,4 +1,6 @@
-//! Which OAuth client application a buffered OAuth request belongs to (DESIGN §2).
+//! Which OAuth client application a buffered OAuth request belongs to: the `Authorization:
+//! Basic` user, the form body's or the query's `client_id`, or a client assertion's issuer,
+//! all present sources agreeing (README "How a request is routed").
 
 use std::borrow::Cow;
 
@@ -7,9 +9,9 @@ use base64::Engine;
 use hyper::header::AUTHORIZATION;
 use hyper::HeaderMap;
 
-use crate::params::{Found, Parameters, Part, Unreadable};
+use crate::classify::params::{Found, Parameters, Part, Unreadable};
 
-/// RFC 6749 sets no limit; DESIGN §2 does, so an oversized id never reaches the
+/// RFC 6749 sets no limit; the gateway does, so an oversized id never reaches the
 /// pre-authorize backend or the decision cache.
 const MAX_CLIENT_ID_BYTES: usize = 255;
 
@@ -245,67 +247,18 @@ fn jwt_issuer(jwt: &str) -> Option<String> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::params::RequestView;
-    use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+    use crate::classify::params::tests::Req;
     use hyper::Method;
 
-    /// An owned request that lends out a `RequestView`; shared with the classify tests.
-    #[derive(Default)]
-    pub(crate) struct Req {
-        method: Method,
-        query: Option<String>,
-        headers: HeaderMap,
-        body: Vec<u8>,
+    /// Identification of a test request, as `proxy::decide` reads it (no IAM prefixes:
+    /// they play no part in identification).
+    trait Identify {
+        fn identify(&self) -> Identity<'_>;
     }
 
-    impl Req {
-        pub(crate) fn get(query: &str) -> Req {
-            Req::default().query(query)
-        }
-
-        pub(crate) fn post_form(body: &str) -> Req {
-            Req::post("application/x-www-form-urlencoded", body)
-        }
-
-        pub(crate) fn post(content_type: &str, body: &str) -> Req {
-            let req = Req {
-                method: Method::POST,
-                body: body.as_bytes().to_vec(),
-                ..Req::default()
-            };
-            req.header(CONTENT_TYPE, content_type)
-        }
-
-        pub(crate) fn query(mut self, query: &str) -> Req {
-            self.query = Some(query.to_owned());
-            self
-        }
-
-        fn header(mut self, name: HeaderName, value: &str) -> Req {
-            let value = HeaderValue::from_str(value).expect("valid header value");
-            self.headers.append(name, value);
-            self
-        }
-
-        fn authorization(self, value: &str) -> Req {
-            self.header(AUTHORIZATION, value)
-        }
-
-        fn basic(self, credentials: &str) -> Req {
-            self.authorization(&format!("Basic {}", STANDARD.encode(credentials)))
-        }
-
-        pub(crate) fn view(&self) -> RequestView<'_> {
-            RequestView {
-                method: &self.method,
-                query: self.query.as_deref(),
-                headers: &self.headers,
-                body: &self.body,
-            }
-        }
-
+    impl Identify for Req {
         fn identify(&self) -> Identity<'_> {
             identify(&self.headers, &Parameters::read(&self.view(), &[]))
         }

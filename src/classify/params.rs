@@ -245,8 +245,68 @@ fn is_form(headers: &HeaderMap) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION};
+
+    /// An owned request that lends out a `RequestView`; shared with the identification
+    /// and issuer tests.
+    #[derive(Default)]
+    pub(crate) struct Req {
+        pub(crate) method: Method,
+        pub(crate) query: Option<String>,
+        pub(crate) headers: HeaderMap,
+        pub(crate) body: Vec<u8>,
+    }
+
+    impl Req {
+        pub(crate) fn get(query: &str) -> Req {
+            Req::default().query(query)
+        }
+
+        pub(crate) fn post_form(body: &str) -> Req {
+            Req::post(FORM_MEDIA_TYPE, body)
+        }
+
+        pub(crate) fn post(content_type: &str, body: &str) -> Req {
+            let req = Req {
+                method: Method::POST,
+                body: body.as_bytes().to_vec(),
+                ..Req::default()
+            };
+            req.header(CONTENT_TYPE, content_type)
+        }
+
+        pub(crate) fn query(mut self, query: &str) -> Req {
+            self.query = Some(query.to_owned());
+            self
+        }
+
+        pub(crate) fn header(mut self, name: HeaderName, value: &str) -> Req {
+            let value = HeaderValue::from_str(value).expect("valid header value");
+            self.headers.append(name, value);
+            self
+        }
+
+        pub(crate) fn authorization(self, value: &str) -> Req {
+            self.header(AUTHORIZATION, value)
+        }
+
+        pub(crate) fn basic(self, credentials: &str) -> Req {
+            self.authorization(&format!("Basic {}", STANDARD.encode(credentials)))
+        }
+
+        pub(crate) fn view(&self) -> RequestView<'_> {
+            RequestView {
+                method: &self.method,
+                query: self.query.as_deref(),
+                headers: &self.headers,
+                body: &self.body,
+            }
+        }
+    }
 
     fn prefixes() -> Vec<String> {
         vec!["giat_".to_owned(), "ory_".to_owned()]

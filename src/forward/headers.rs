@@ -29,15 +29,21 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name) || name.as_str().starts_with("proxy-")
 }
 
-/// Removes hop-by-hop headers, including every header the `Connection` header names.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Collect the names first: `Connection` may name headers we are about to remove.
-    let named: Vec<HeaderName> = headers
+/// The options of every `Connection` header, trimmed (`close`, `upgrade`, header names).
+pub fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .map(str::trim)
+}
+
+/// Removes hop-by-hop headers, including every header the `Connection` header names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Collect the names first: `Connection` may name headers we are about to remove.
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
         .collect();
     for name in named {
         headers.remove(name);

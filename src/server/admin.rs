@@ -1,31 +1,99 @@
-//! The admin API, on the admin listener: look at and forget cached decisions. It is off
-//! (every path 404) unless `admin.token_file` is set, and then every call needs
+//! The admin listener: the liveness and readiness probes, `/metrics`, and the admin API,
+//! which looks at and forgets cached decisions. The admin API is off (every path 404)
+//! unless `admin.token_file` is set, and then every call needs
 //! `Authorization: Bearer <token>` (else 401).
 //!
-//! - `GET /-/admin/decisions/<client_id>`: the cached answer and the `[routing]` rule that
-//!   applies to the client, each `null` when there is none.
+//! - `GET /-/admin/decisions/<client_id>`: the cached answer and the rule before the
+//!   cache that decides for the client, each `null` when there is none.
 //! - `DELETE /-/admin/decisions/<client_id>`: forget one client's answer.
 //! - `DELETE /-/admin/decisions`: forget every answer.
 //!
 //! `<client_id>` is percent-encoded as in a URL path.
 
-use bytes::Bytes;
-use http_body_util::{Either, Full};
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
-use hyper::{Method, Response, StatusCode};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
 use percent_encoding::percent_decode_str;
 use serde_json::{json, Value};
+use tokio::net::TcpListener;
 
-use crate::fleet::{self, Invalidation};
+use super::accept::{timeouts, Accept, Limits, Settings};
+use super::connection::Conn;
+use crate::config::ServerConfig;
+use crate::decision::fleet::{self, Invalidation};
 use crate::forward::ResponseBody;
-use crate::rollout::Rule;
-use crate::state::AppState;
+use crate::observe::metrics;
+use crate::proxy::decide::{rules, Rule};
+use crate::respond::{json_response, synthetic, text_response};
+use crate::state::{AppState, Live};
 
 /// Every admin API path starts with this.
 pub const PREFIX: &str = "/-/admin/";
 const DECISIONS: &str = "/-/admin/decisions";
 
-pub async fn respond(
+/// Scrapers and probes need few connections; a flood of them must not starve the process.
+const ADMIN_CONNECTIONS: usize = 64;
+
+/// Serves the admin listener until `stop` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    live: Arc<Live>,
+    server: &ServerConfig,
+    stop: impl Future,
+) {
+    let settings = {
+        let live = live.clone();
+        move || Settings {
+            tls: None,
+            timeouts: timeouts(&live.current().config.server),
+        }
+    };
+    let make = move |conn: Arc<Conn>| {
+        let live = live.clone();
+        service_fn(move |request: Request<Incoming>| {
+            let live = live.clone();
+            let conn = conn.clone();
+            async move {
+                let _busy = conn.request_started();
+                Ok::<_, Infallible>(route(&live, &request).await)
+            }
+        })
+    };
+    let limits = Limits {
+        max_connections: ADMIN_CONNECTIONS,
+        max_header_bytes: server.max_header_bytes,
+    };
+    Accept::new(limits, settings, make)
+        .until(&listener, stop)
+        .await;
+}
+
+async fn route(live: &Live, request: &Request<Incoming>) -> Response<ResponseBody> {
+    let path = request.uri().path();
+    if path.starts_with(PREFIX) {
+        let state = live.current();
+        return respond(&state, request.method(), path, request.headers()).await;
+    }
+    match path {
+        "/-/liveness" => text_response(StatusCode::OK, "ok\n"),
+        "/-/readiness" if live.is_ready() => text_response(StatusCode::OK, "ready\n"),
+        "/-/readiness" => text_response(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+        "/metrics" => synthetic(
+            StatusCode::OK,
+            metrics::CONTENT_TYPE,
+            live.current().render_metrics().await,
+        ),
+        _ => text_response(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// The admin API.
+async fn respond(
     state: &AppState,
     method: &Method,
     path: &str,
@@ -152,11 +220,12 @@ async fn inspect(state: &AppState, client_id: &str) -> Value {
     });
     // The rules the request path applies before the cache, for a request that carries no
     // code or token.
-    let rule = match state
-        .config
-        .routing
-        .decide(state.iam.is_some(), None, Some(client_id))
-    {
+    let rule = match rules(
+        &state.config.routing,
+        state.iam.is_some(),
+        None,
+        Some(client_id),
+    ) {
         Rule::Decided(decision) => json!({
             "destination": decision.destination.as_str(),
             "reason": decision.reason.as_str(),
@@ -168,18 +237,6 @@ async fn inspect(state: &AppState, client_id: &str) -> Value {
 
 fn bad_request(why: &str) -> Response<ResponseBody> {
     json_response(StatusCode::BAD_REQUEST, &json!({"error": why}))
-}
-
-fn json_response(status: StatusCode, body: &Value) -> Response<ResponseBody> {
-    let mut bytes = serde_json::to_vec(body).unwrap_or_default();
-    bytes.push(b'\n');
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from(bytes))));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
 }
 
 #[cfg(test)]

@@ -1,5 +1,11 @@
-//! Forwarding: the pooled upstream clients, the request head prepared once per request,
-//! the one function that turns it into an upstream request, and upstream timeouts.
+//! Forwarding to the upstreams: the request head prepared once per request, the one
+//! function that turns it into an upstream request, the wait for response headers, and
+//! the bodies in both directions.
+
+pub mod breaker;
+pub mod client;
+pub mod headers;
+pub mod upgrade;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -14,51 +20,17 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, Uri, Version};
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls::ClientConfig;
 use tokio::sync::oneshot;
 
-use crate::config::Upstream;
-use crate::headers::{self, X_FORWARDED_HOST, X_REQUEST_ID};
+use crate::config::UpstreamUrl;
+use client::HttpClient;
+use headers::{X_FORWARDED_HOST, X_REQUEST_ID};
 
 /// A request body going upstream: streamed from the client, or buffered (OAuth requests,
 /// which may be replayed).
 pub type RequestBody = Either<Streamed, Full<Bytes>>;
 /// A response body going to the client: streamed from upstream, or made by the gateway.
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
-/// Plain TCP for `http` upstreams, TLS for `https` ones.
-pub type Connector = HttpsConnector<HttpConnector>;
-pub type HttpClient = Client<Connector, RequestBody>;
-
-/// How long an idle upstream connection stays pooled.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// A keep-alive pool to one kind of upstream. Each upstream gets its own so that one slow
-/// upstream cannot starve the others of connections. `tls` decides which certificates an
-/// `https` upstream may present; `connect_timeout` bounds the TCP connect, and the TLS
-/// handshake counts against the request's own timeout.
-pub fn pooled_client<B>(connect_timeout: Duration, tls: &ClientConfig) -> Client<Connector, B>
-where
-    B: Body + Send + 'static,
-    B::Data: Send,
-{
-    let mut tcp = HttpConnector::new();
-    tcp.set_nodelay(true);
-    tcp.set_connect_timeout(Some(connect_timeout));
-    // The https connector needs to see the scheme: http stays plain TCP.
-    tcp.enforce_http(false);
-    let connector = HttpsConnectorBuilder::new()
-        .with_tls_config(tls.clone())
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(tcp);
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .build(connector)
-}
 
 /// The client request's head, cleaned once: hop-by-hop and gateway-only headers removed,
 /// forwarding headers and the correlation id set. Every upstream request is built from it,
@@ -131,7 +103,7 @@ pub enum HostRule {
 pub fn upstream_request(
     head: &Head,
     mut headers: HeaderMap,
-    upstream: &Upstream,
+    upstream: &UpstreamUrl,
     host_rule: HostRule,
     body: RequestBody,
 ) -> Request<RequestBody> {
@@ -287,14 +259,14 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
 
-    fn upstream(url: &str) -> Upstream {
+    fn upstream(url: &str) -> UpstreamUrl {
         let uri: Uri = url.parse().unwrap();
         let authority = uri.authority().unwrap().clone();
-        Upstream {
+        UpstreamUrl {
             host: HeaderValue::from_str(authority.as_str()).unwrap(),
             authority,
             uri,
-            tls: crate::tls::unused_client_config(),
+            tls: crate::server::tls::unused_client_config(),
         }
     }
 

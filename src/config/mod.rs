@@ -1,0 +1,178 @@
+//! Configuration: one TOML file, read in two stages — the raw serde structs ([`raw`]), then
+//! a validated, typed [`Config`] ([`build`]) whose errors name the key — and the value types
+//! it is made of ([`values`]).
+
+mod build;
+mod raw;
+mod values;
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::time::Duration;
+
+use hyper::{StatusCode, Uri};
+use rustls::ClientConfig;
+use std::sync::Arc;
+
+use crate::classify::Endpoint;
+use crate::decision::rules::RoutingConfig;
+use crate::server::tls::{ServerTls, TlsError};
+pub use build::DEFAULTS;
+pub use values::{parse_duration, AdminToken, Cidr, Secret, UpstreamUrl};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read config file: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// toml/serde's own message, which already names unknown keys with line and column.
+    #[error("{0}")]
+    Parse(String),
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl From<TlsError> for ConfigError {
+    fn from(error: TlsError) -> ConfigError {
+        invalid(error.key, error.reason)
+    }
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    /// `preauthorize.secret_file` is read as given, so a relative path is relative to the cwd.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let raw = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        build::config(raw)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub oauth: OauthConfig,
+    pub rails: RailsConfig,
+    /// Absent: every request goes to Rails.
+    pub iam: Option<IamConfig>,
+    /// Always present when `iam` is; allowed but unused without it.
+    pub preauthorize: Option<PreauthorizeConfig>,
+    pub cache: CacheConfig,
+    pub routing: RoutingConfig,
+    /// `None`: the admin API is off and its paths answer 404.
+    pub admin_token: Option<AdminToken>,
+    /// Fleet-wide invalidation; `None`: this instance's cache is its own.
+    pub redis: Option<RedisConfig>,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`; may hold a password, so it is never logged.
+    pub url: String,
+    pub channel: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// A request's headers must arrive within this from its first byte (a new
+    /// connection's, from accept, TLS handshake included).
+    pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request in flight is closed after this.
+    pub idle_timeout: Duration,
+    /// An OAuth request body must arrive in full within this; a trickling client gets 408.
+    pub body_read_timeout: Duration,
+    pub max_body_bytes: u64,
+    /// Client connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Request line plus headers; larger gets 431 (HTTP/2: the header list size).
+    pub max_header_bytes: usize,
+    /// Path plus query; longer gets 414.
+    pub max_uri_bytes: usize,
+    pub shutdown_timeout: Duration,
+    pub graceful_shutdown_delay: Duration,
+    /// Peers whose X-Forwarded-For / X-Request-Id are kept rather than replaced.
+    pub trusted_cidrs: Vec<Cidr>,
+    /// Present: the main listener speaks only HTTPS.
+    pub tls: Option<ServerTls>,
+}
+
+#[derive(Debug, Clone)]
+pub struct OauthConfig {
+    pub paths: Vec<(String, Endpoint)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RailsConfig {
+    pub url: UpstreamUrl,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct IamConfig {
+    pub url: UpstreamUrl,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub fallback_statuses: Vec<StatusCode>,
+    pub token_prefixes: Vec<String>,
+    pub circuit_breaker: BreakerConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BreakerConfig {
+    pub consecutive_failures: NonZeroU32,
+    pub open_for: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct PreauthorizeConfig {
+    /// Full URL including the path; never a query, the gateway adds `client_id`.
+    pub url: Uri,
+    pub secret: Secret,
+    pub timeout: Duration,
+    /// What the backend's certificate must chain to; unused for `http`.
+    pub tls: Arc<ClientConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    pub ttl: Duration,
+    pub max_entries: u64,
+    /// Longest an expired answer is still served while the pre-authorize backend fails
+    /// (RFC 5861 `stale-if-error`); zero: never.
+    pub stale_if_error: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: tracing::Level,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,141 @@
+//! The first stage: the TOML file exactly as written, every key optional, unknown keys
+//! refused by serde (naming them with line and column).
+
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default)]
+    pub(super) server: RawServer,
+    #[serde(default)]
+    pub(super) oauth: RawOauth,
+    pub(super) rails: Option<RawRails>,
+    pub(super) iam: Option<RawIam>,
+    pub(super) preauthorize: Option<RawPreauthorize>,
+    #[serde(default)]
+    pub(super) cache: RawCache,
+    #[serde(default)]
+    pub(super) routing: RawRouting,
+    #[serde(default)]
+    pub(super) admin: RawAdmin,
+    pub(super) redis: Option<RawRedis>,
+    #[serde(default)]
+    pub(super) log: RawLog,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServer {
+    pub(super) listen: Option<String>,
+    pub(super) admin_listen: Option<String>,
+    pub(super) header_read_timeout: Option<String>,
+    pub(super) idle_timeout: Option<String>,
+    pub(super) body_read_timeout: Option<String>,
+    pub(super) max_body_bytes: Option<i64>,
+    pub(super) max_connections: Option<i64>,
+    pub(super) max_header_bytes: Option<i64>,
+    pub(super) max_uri_bytes: Option<i64>,
+    pub(super) shutdown_timeout: Option<String>,
+    pub(super) graceful_shutdown_delay: Option<String>,
+    pub(super) trusted_cidrs: Option<Vec<String>>,
+    pub(super) tls: Option<RawServerTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServerTls {
+    pub(super) certificate_file: Option<String>,
+    pub(super) key_file: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOauth {
+    pub(super) paths: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRails {
+    pub(super) url: Option<String>,
+    pub(super) ca_file: Option<String>,
+    pub(super) connect_timeout: Option<String>,
+    pub(super) timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIam {
+    pub(super) url: Option<String>,
+    pub(super) ca_file: Option<String>,
+    pub(super) connect_timeout: Option<String>,
+    pub(super) timeout: Option<String>,
+    pub(super) fallback_statuses: Option<Vec<i64>>,
+    pub(super) token_prefixes: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) circuit_breaker: RawBreaker,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBreaker {
+    pub(super) consecutive_failures: Option<i64>,
+    pub(super) open_for: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPreauthorize {
+    pub(super) url: Option<String>,
+    pub(super) ca_file: Option<String>,
+    pub(super) secret_file: Option<String>,
+    pub(super) timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCache {
+    pub(super) ttl: Option<String>,
+    pub(super) max_entries: Option<i64>,
+    pub(super) stale_if_error: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRedis {
+    pub(super) url: Option<String>,
+    pub(super) channel: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub(super) token_file: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRouting {
+    pub(super) mode: Option<String>,
+    pub(super) rails_issued: Option<String>,
+    pub(super) force_iam: Option<Vec<String>>,
+    pub(super) force_rails: Option<Vec<String>>,
+    pub(super) max_forced_clients: Option<i64>,
+    pub(super) percentage_of_actors: Option<RawPercentage>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPercentage {
+    pub(super) flag: Option<String>,
+    pub(super) actor: Option<String>,
+    pub(super) percent: Option<f64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLog {
+    pub(super) format: Option<String>,
+    pub(super) level: Option<String>,
+}

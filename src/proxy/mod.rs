@@ -1,0 +1,230 @@
+//! The request path. [`handle`] runs these phases in order, each a named function, over one
+//! per-request context ([`Exchange`]):
+//!
+//! 1. **classify** — is the path an OAuth endpoint? If not, [`pass_through`] streams it to
+//!    Rails untouched (tunnelling a WebSocket upgrade, see [`crate::forward::upgrade`]).
+//! 2. **prepare** — clean the head once (hop-by-hop, gateway-only headers, forwarding
+//!    headers, correlation id); every upstream request is built from it.
+//! 3. **buffer** — read the OAuth body, up to `max_body_bytes` ([`buffer_body`]).
+//! 4. **decide** — read the query and form body once, send codes and tokens back to
+//!    their issuer, identify the client, apply the rules before the cache, then the
+//!    decision cache and the pre-authorize backend ([`decide`]).
+//! 5. **forward** — to Rails, or to IAM with fail-open replay to Rails ([`replay`]).
+//! 6. **record** — one access line and the request metrics ([`access`]).
+//!
+//! Nothing here panics or hands a hyper error to the client: every outcome is a response,
+//! and [`ProxyError`] maps failures to statuses in one place.
+
+pub mod access;
+pub mod decide;
+pub mod replay;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use hyper::body::{Body, Incoming};
+use hyper::header::{self, HeaderMap};
+use hyper::{Request, Response};
+
+use crate::classify::Endpoint;
+use crate::decision::Destination;
+use crate::forward::client::Upstream;
+use crate::forward::headers::X_REQUEST_ID;
+use crate::forward::upgrade::{self, Upgrade};
+use crate::forward::{
+    self, downstream_response, upstream_request, Downstream, Head, HostRule, Progress, RequestBody,
+    ResponseBody, Streamed, UpstreamError,
+};
+use crate::respond::ProxyError;
+use crate::server::connection::Conn;
+use crate::state::AppState;
+use access::{log_str, AccessLog};
+
+/// One request's context: created at the start of [`handle`], passed to each phase, and
+/// written down as the access line at the end.
+struct Exchange<'a> {
+    state: &'a AppState,
+    /// `None`: not an OAuth endpoint.
+    endpoint: Option<Endpoint>,
+    access: AccessLog,
+}
+
+/// Serves one client request.
+pub async fn handle(
+    state: &AppState,
+    conn: &Conn,
+    mut request: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let _in_flight = state.metrics.in_flight();
+    let endpoint = state.endpoints.classify(request.uri().path());
+    let upgrade = match endpoint {
+        None => upgrade::requested(&mut request, conn),
+        Some(_) => None,
+    };
+    let (parts, body) = request.into_parts();
+    let client = Downstream {
+        addr: conn.peer,
+        https: conn.https,
+        trusted: state.is_trusted(conn.peer.ip()),
+    };
+    let head = Head::prepare(parts, client, || state.request_ids.next());
+    let mut exchange = Exchange {
+        state,
+        endpoint,
+        access: AccessLog::new(&head, endpoint),
+    };
+
+    let uri_bytes = head.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+    let result = match endpoint {
+        _ if uri_bytes > state.config.server.max_uri_bytes => Err(ProxyError::UriTooLong),
+        None => pass_through(&exchange, head, body, upgrade).await,
+        Some(endpoint) => oauth(&mut exchange, endpoint, head, body).await,
+    };
+    let mut response = result.unwrap_or_else(ProxyError::into_response);
+    let access = &exchange.access;
+    response
+        .headers_mut()
+        .entry(X_REQUEST_ID.clone())
+        .or_insert_with(|| access.request_id.clone());
+    let elapsed = started.elapsed();
+    state.metrics.request(
+        exchange.endpoint,
+        access.destination,
+        &access.method,
+        response.status(),
+        elapsed,
+    );
+    access.emit(response.status(), elapsed);
+    response
+}
+
+/// Non-OAuth traffic: streamed to Rails both ways, never buffered; upgrades tunnelled.
+async fn pass_through(
+    exchange: &Exchange<'_>,
+    mut head: Head,
+    body: Incoming,
+    upgrade: Option<Upgrade>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let mut headers = std::mem::take(&mut head.headers);
+    if let Some(upgrade) = &upgrade {
+        upgrade.restore_request_headers(&mut headers);
+    }
+    let state = exchange.state;
+    let response = if body.is_end_stream() {
+        rails_exchange(state, &head, headers, empty_body(), None).await?
+    } else {
+        let (body, progress) = Streamed::new(body);
+        rails_exchange(state, &head, headers, Either::Left(body), Some(progress)).await?
+    };
+    Ok(match upgrade {
+        Some(upgrade) => upgrade.relay(response),
+        None => downstream_response(response),
+    })
+}
+
+/// OAuth traffic: buffer, decide, forward.
+async fn oauth(
+    exchange: &mut Exchange<'_>,
+    endpoint: Endpoint,
+    mut head: Head,
+    body: Incoming,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let state = exchange.state;
+    let config = &state.config.server;
+    let body = buffer_body(
+        body,
+        &head.headers,
+        config.max_body_bytes,
+        config.body_read_timeout,
+    )
+    .await?;
+    let decision = decide::decide(exchange, endpoint, &head, &body).await;
+    match (decision.destination, &state.iam) {
+        (Destination::Iam, Some(iam)) => replay::to_iam(exchange, iam, head, body).await,
+        _ => {
+            let headers = std::mem::take(&mut head.headers);
+            to_rails(state, &head, headers, body).await
+        }
+    }
+}
+
+/// Reads an OAuth request body, refusing one over `limit` up front (Content-Length) or as
+/// soon as a chunked body crosses it.
+async fn buffer_body(
+    body: Incoming,
+    headers: &HeaderMap,
+    limit: u64,
+    timeout: Duration,
+) -> Result<Bytes, ProxyError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(ProxyError::BodyTooLarge);
+    }
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge),
+        Ok(Err(_)) => Err(ProxyError::BodyUnreadable),
+        Err(_) => Err(ProxyError::BodyTimeout),
+    }
+}
+
+/// A buffered OAuth request to Rails.
+async fn to_rails(
+    state: &AppState,
+    head: &Head,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let body = Either::Right(Full::new(body));
+    let response = rails_exchange(state, head, headers, body, None).await?;
+    Ok(downstream_response(response))
+}
+
+/// Sends to Rails and waits for its response headers, mapping failures to 502 / 504.
+async fn rails_exchange(
+    state: &AppState,
+    head: &Head,
+    headers: HeaderMap,
+    body: RequestBody,
+    mut progress: Option<Progress>,
+) -> Result<Response<Incoming>, ProxyError> {
+    let rails = &state.rails;
+    let request = upstream_request(head, headers, &rails.url, HostRule::Keep, body);
+    let sent = progress.as_mut().and_then(Progress::take_sent);
+    match forward::send(&rails.client, request, sent, rails.timeout).await {
+        Ok(response) => Ok(response),
+        Err(UpstreamError::Timeout) => {
+            tracing::warn!(
+                correlation_id = log_str(&head.request_id),
+                timeout_ms = u64::try_from(rails.timeout.as_millis()).unwrap_or(u64::MAX),
+                "rails sent no response headers in time"
+            );
+            Err(ProxyError::RailsTimeout)
+        }
+        // A broken client body aborts the upstream request too: the client's fault.
+        Err(UpstreamError::Connect(_))
+            if progress.as_ref().is_some_and(Progress::client_failed) =>
+        {
+            Err(ProxyError::BodyUnreadable)
+        }
+        Err(UpstreamError::Connect(error)) => {
+            state.metrics.connection_error(Upstream::Rails);
+            tracing::warn!(
+                correlation_id = log_str(&head.request_id),
+                error = %error,
+                "rails unreachable"
+            );
+            Err(ProxyError::RailsUnavailable)
+        }
+    }
+}
+
+fn empty_body() -> RequestBody {
+    Either::Right(Full::new(Bytes::new()))
+}

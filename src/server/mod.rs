@@ -1,0 +1,196 @@
+//! The gateway's listeners from bind to exit: the main listener (HTTP/1.1 and HTTP/2 on one
+//! port, over TLS when `[server.tls]` is set) and the admin listener, served until shutdown,
+//! then drained.
+
+pub mod accept;
+pub mod admin;
+pub mod connection;
+pub mod tls;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, RedisConfig, ServerConfig};
+use crate::decision::fleet;
+use crate::proxy;
+use crate::state::{AppState, Live, Reloader};
+use accept::{timeouts, Accept, Limits, Settings};
+use connection::{Conn, Draining};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{key}: cannot listen on {addr}: {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A gateway whose listeners are bound but not yet serving. Binding first lets callers
+/// (tests, the demo) learn the real addresses when they asked for port 0.
+pub struct Gateway {
+    live: Arc<Live>,
+    /// What the listeners were started with; see [`Reloader::apply`].
+    started: ServerConfig,
+    /// What the Redis subscription was started with.
+    redis: Option<RedisConfig>,
+    main: TcpListener,
+    admin: TcpListener,
+}
+
+impl Gateway {
+    pub async fn bind(config: Config) -> Result<Gateway, StartError> {
+        let main = bind("server.listen", config.server.listen).await?;
+        let admin = bind("server.admin_listen", config.server.admin_listen).await?;
+        Ok(Gateway {
+            started: config.server.clone(),
+            redis: config.redis.clone(),
+            live: Arc::new(Live::new(AppState::new(config))),
+            main,
+            admin,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.main.local_addr().unwrap_or(self.started.listen)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().unwrap_or(self.started.admin_listen)
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        self.live.current()
+    }
+
+    /// Applies new configurations to this gateway while it serves.
+    pub fn reloader(&self) -> Reloader {
+        Reloader::new(self.live.clone(), self.started.clone(), self.redis.clone())
+    }
+
+    /// Serves until `shutdown` resolves, then: readiness turns 503; connections are still
+    /// accepted for `graceful_shutdown_delay` so load balancers can notice; the listener
+    /// closes; in-flight requests get `shutdown_timeout` to finish. Both durations are
+    /// read from the configuration current when shutdown begins.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let Gateway {
+            live,
+            started,
+            redis,
+            main,
+            admin,
+        } = self;
+        let subscription = redis.map(|redis| {
+            let live = live.clone();
+            fleet::subscribe(redis, move || live.current().cache.clone())
+        });
+        let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let admin_task = tokio::spawn({
+            let (live, started) = (live.clone(), started.clone());
+            async move {
+                admin::serve(admin, live, &started, async {
+                    let _ = admin_stopped.await;
+                })
+                .await;
+            }
+        });
+        // Each request is served with the configuration current when it arrived.
+        let make = {
+            let live = live.clone();
+            move |conn: Arc<Conn>| {
+                let live = live.clone();
+                service_fn(move |request| {
+                    let state = live.current();
+                    let conn = conn.clone();
+                    async move {
+                        let _busy = conn.request_started();
+                        Ok::<_, Infallible>(proxy::handle(&state, &conn, request).await)
+                    }
+                })
+            }
+        };
+        let settings = main_settings(&live, &started);
+        let accept = Accept::new(Limits::of(&started), settings, make);
+
+        accept.until(&main, shutdown).await;
+        let server = begin_shutdown(&live);
+        accept
+            .until(&main, tokio::time::sleep(server.graceful_shutdown_delay))
+            .await;
+        drop(main);
+        drain(&accept.draining, server.shutdown_timeout).await;
+
+        let _ = stop_admin.send(());
+        let _ = admin_task.await;
+        if let Some(subscription) = subscription {
+            subscription.abort();
+        }
+    }
+}
+
+/// What each connection of the main listener is served with: the configuration current
+/// when it was accepted, so a reload changes the certificate and the timeouts for the next
+/// ones. The listener keeps the scheme it started with; see `listener_changes`.
+fn main_settings(
+    live: &Arc<Live>,
+    started: &ServerConfig,
+) -> impl Fn() -> Settings + Send + Sync + 'static {
+    let (live, started_tls) = (live.clone(), started.tls.clone());
+    move || {
+        let state = live.current();
+        let server = &state.config.server;
+        let tls = started_tls
+            .as_ref()
+            .map(|started| server.tls.as_ref().unwrap_or(started))
+            .map(|tls| TlsAcceptor::from(tls.config.clone()));
+        Settings {
+            tls,
+            timeouts: timeouts(server),
+        }
+    }
+}
+
+/// Readiness turns 503; returns the configuration to drain with.
+fn begin_shutdown(live: &Live) -> ServerConfig {
+    live.shutting_down();
+    let server = live.current().config.server.clone();
+    tracing::info!(
+        delay_ms = millis(server.graceful_shutdown_delay),
+        "shutting down: readiness reports 503"
+    );
+    server
+}
+
+/// Lets the connections (and tunnels) still open finish, for at most `timeout`.
+async fn drain(draining: &Draining, timeout: Duration) {
+    tracing::info!(
+        connections = draining.count(),
+        "listener closed, draining connections and tunnels"
+    );
+    match tokio::time::timeout(timeout, draining.drain()).await {
+        Ok(()) => tracing::info!("drained, exiting"),
+        Err(_) => tracing::warn!(
+            timeout_ms = millis(timeout),
+            "requests still in flight at shutdown_timeout, exiting anyway"
+        ),
+    }
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { key, addr, source })
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
