@@ -4,11 +4,12 @@
 
 use std::borrow::Cow;
 
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use hyper::header::AUTHORIZATION;
 use hyper::HeaderMap;
 
+use crate::classify::assertion;
 use crate::classify::params::{Found, Parameters, Part, Unreadable};
 
 /// RFC 6749 sets no limit; the gateway does, so an oversized id never reaches the
@@ -207,49 +208,18 @@ fn assertion_issuer<'a>(params: &Parameters<'a>) -> Result<Found<Cow<'a, str>>, 
     };
     Ok(match found {
         Found::One(jwt) => Found::One(Cow::Owned(
-            jwt_issuer(jwt).ok_or(Unknown::MalformedAssertion)?,
+            assertion::issuer(jwt).ok_or(Unknown::MalformedAssertion)?,
         )),
         Found::Absent => Found::Absent,
         Found::Repeated => Found::Repeated,
     })
 }
 
-/// RFC 7523 §2.2: a client authenticating itself has `iss` = `sub` = its client_id.
-fn jwt_issuer(jwt: &str) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Claims {
-        iss: Option<String>,
-        sub: Option<String>,
-    }
-    let mut parts = jwt.split('.');
-    let (Some(_), Some(payload), Some(_), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return None;
-    };
-    let payload = URL_SAFE_NO_PAD.decode(payload).ok()?;
-    // JSON is UTF-8 (RFC 8259 §8.1); serde_json checks that only in the fields it reads,
-    // so it would take invalid bytes in a skipped claim (found by the `assertion` fuzz
-    // target).
-    let payload = std::str::from_utf8(&payload).ok()?;
-    // RFC 7519 §7.2: the claims are a JSON object. A derived struct would also accept an
-    // array, reading `["app", "app"]` as iss = sub = "app".
-    if payload.trim_start().as_bytes().first() != Some(&b'{') {
-        return None;
-    }
-    match serde_json::from_str(payload).ok()? {
-        Claims {
-            iss: Some(iss),
-            sub: Some(sub),
-        } if iss == sub => Some(iss),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::classify::params::tests::Req;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use hyper::Method;
 
     /// Identification of a test request, as `proxy::decide` reads it (no IAM prefixes:

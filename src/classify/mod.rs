@@ -2,6 +2,7 @@
 //! say, which server issued the codes and tokens it carries, and which client application
 //! it belongs to.
 
+pub mod assertion;
 pub mod identify;
 pub mod issuer;
 pub mod params;

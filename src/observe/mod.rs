@@ -1,6 +1,7 @@
 //! What the gateway tells its operators: Prometheus metrics, structured logs, and the
 //! thread that writes the logs.
 
+mod family;
 pub mod log_writer;
 pub mod logging;
 pub mod metrics;

@@ -3,7 +3,7 @@
 
 use prometheus::{IntGauge, Registry};
 
-use super::metrics::register;
+use super::family::register;
 
 /// Standard process gauges, read from `/proc/self` at scrape time (Linux only).
 pub(super) struct ProcessGauges {
