@@ -52,7 +52,7 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("cache.stale_if_error", "5m"),
     ("routing.mode", "preauthorize"),
     ("routing.rails_issued", "rails"),
-    // Seed 002's limit on an allowlist: long lists belong in Flipper, not in a config file.
+    // GitLab's own limit on an allowlist of actors: long lists belong in Flipper, not here.
     ("routing.max_forced_clients", "200"),
     ("redis.channel", "iamproxy:decisions"),
     ("log.format", "json"),

@@ -572,3 +572,28 @@ fn cidr_matches_v4_v6_bare_and_mapped_addresses() {
     let msg = err(&set(MINIMAL, "server", "trusted_cidrs", r#"["::1", "x"]"#));
     assert_eq!(msg, r#"server.trusted_cidrs[1]: invalid CIDR "x""#);
 }
+
+/// The README's configuration table shows the defaults the builders use: every key of
+/// [`DEFAULTS`] is in it, with the same value.
+#[test]
+fn readme_configuration_table_shows_every_default() {
+    let readme = include_str!("../../../README.md");
+    let shown: std::collections::HashMap<&str, String> = readme
+        .lines()
+        .filter_map(|line| {
+            let mut cells = line.strip_prefix("| `")?.splitn(3, " | ");
+            let key = cells.next()?.strip_suffix('`')?;
+            let value = cells.next()?.trim_matches('`');
+            // Lists are shown as TOML arrays, the table writes them comma-separated.
+            let value = value.trim_matches(['[', ']']).replace('"', "");
+            Some((key, value))
+        })
+        .collect();
+    for (key, default) in DEFAULTS {
+        assert_eq!(
+            shown.get(key).map(String::as_str),
+            Some(*default),
+            "README's row for {key}"
+        );
+    }
+}
