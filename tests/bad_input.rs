@@ -19,12 +19,13 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
-use support::{gateway, Answer, Reply, TestClient, TestGateway};
+use support::process::own_rss;
+use support::raw::{RawConnection, RawResponse};
+use support::{gateway, send, Reply, TestClient, TestGateway};
 
-/// Longest any single exchange in this file may take before the test fails.
+/// Longest any one request of the many-client-ids test may take before the test fails.
 const BOUND: Duration = Duration::from_secs(5);
 const FORM: &str = "application/x-www-form-urlencoded";
 /// The request every case is followed by, to show the gateway still serves.
@@ -32,141 +33,6 @@ const HEALTHY: &str = "/healthy-path";
 
 // ---------------------------------------------------------------------------------------
 // Raw connections
-
-/// One response read off a raw connection.
-#[derive(Debug)]
-struct RawResponse {
-    status: u16,
-    /// Lower-cased names, in the order received.
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl RawResponse {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// Which fake served it, from the default `{"served_by": …}` body.
-    fn served_by(&self) -> String {
-        serde_json::from_slice::<serde_json::Value>(&self.body)
-            .ok()
-            .and_then(|v| v["served_by"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| format!("<{self:?}>"))
-    }
-}
-
-/// A client connection that sends bytes as given and reads responses byte by byte.
-struct RawConnection {
-    stream: TcpStream,
-    received: Vec<u8>,
-}
-
-impl RawConnection {
-    /// Connects and writes `request`. A write error is ignored: the gateway may answer and
-    /// close before it has read everything (e.g. a 413 before the body).
-    async fn send(addr: SocketAddr, request: &[u8]) -> RawConnection {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        let _ = stream.write_all(request).await;
-        RawConnection {
-            stream,
-            received: Vec::new(),
-        }
-    }
-
-    /// Reads exactly one response (it must carry `Content-Length`), leaving any bytes
-    /// after it for [`RawConnection::assert_closed`] to complain about.
-    async fn response(&mut self) -> RawResponse {
-        let read = async {
-            loop {
-                if let Some(response) = self.take_response() {
-                    return response;
-                }
-                let mut chunk = [0u8; 16 * 1024];
-                match self.stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => panic!(
-                        "connection ended before a complete response; received {:?}",
-                        String::from_utf8_lossy(&self.received)
-                    ),
-                    Ok(n) => self.received.extend_from_slice(&chunk[..n]),
-                }
-            }
-        };
-        tokio::time::timeout(BOUND, read)
-            .await
-            .expect("the gateway answered in time")
-    }
-
-    fn take_response(&mut self) -> Option<RawResponse> {
-        let end = self.received.windows(4).position(|w| w == b"\r\n\r\n")?;
-        let head = String::from_utf8(self.received[..end].to_vec()).expect("ASCII head");
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap();
-        let status = status_line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-        let headers: Vec<(String, String)> = lines
-            .map(|line| {
-                let (name, value) = line.split_once(':').expect("header line");
-                (name.trim().to_ascii_lowercase(), value.trim().to_owned())
-            })
-            .collect();
-        let length: usize = headers
-            .iter()
-            .find(|(n, _)| n == "content-length")
-            .map(|(_, v)| v.parse().unwrap())
-            .unwrap_or_else(|| panic!("response without content-length: {head}"));
-        let body_start = end + 4;
-        if self.received.len() < body_start + length {
-            return None;
-        }
-        let body = self.received[body_start..body_start + length].to_vec();
-        self.received.drain(..body_start + length);
-        Some(RawResponse {
-            status,
-            headers,
-            body,
-        })
-    }
-
-    /// Asserts the gateway closes the connection (FIN, or a reset when it left request
-    /// bytes unread) without sending anything more after `response`.
-    async fn assert_closed(mut self, response: &RawResponse) {
-        let rest = tokio::time::timeout(BOUND, async {
-            let mut rest = Vec::new();
-            let _ = self.stream.read_to_end(&mut rest).await;
-            rest
-        })
-        .await
-        .unwrap_or_else(|_| panic!("the gateway closed the connection after {response:?}"));
-        self.received.extend_from_slice(&rest);
-        assert!(
-            self.received.is_empty(),
-            "nothing after the response, got {:?}",
-            String::from_utf8_lossy(&self.received)
-        );
-    }
-
-    /// Asserts nothing more arrived: no second response to bytes a wrong parse would have
-    /// left over.
-    async fn assert_nothing_more(mut self) {
-        let mut chunk = [0u8; 1024];
-        match tokio::time::timeout(Duration::from_millis(200), self.stream.read(&mut chunk)).await {
-            Err(_) | Ok(Ok(0)) | Ok(Err(_)) => {}
-            Ok(Ok(n)) => self.received.extend_from_slice(&chunk[..n]),
-        }
-        assert!(
-            self.received.is_empty(),
-            "a second response: {:?}",
-            String::from_utf8_lossy(&self.received)
-        );
-    }
-}
 
 /// Sends `request` raw, reads one response, asserts its status, and that the connection
 /// is then closed.
@@ -214,12 +80,6 @@ fn assert_untouched(gw: &TestGateway, before: (usize, usize, usize), case: &str)
         before,
         "{case}: (rails, iam, preauthorize) received nothing"
     );
-}
-
-async fn send(request: Request<Full<Bytes>>) -> Answer {
-    tokio::time::timeout(BOUND, TestClient::new().send(request))
-        .await
-        .expect("the gateway answered in time")
 }
 
 fn post(url: &str, content_type: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
@@ -945,21 +805,6 @@ impl Drop for CountingUpstream {
     }
 }
 
-/// Resident memory of this process (the gateway runs in it), in bytes.
-fn resident_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .expect("VmRSS in /proc/self/status");
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS value");
-    kib * 1024
-}
-
 /// `n` distinct ids that look random: splitmix64's finaliser is a bijection on u64, so
 /// distinct counters give distinct ids; the seed differs per run.
 fn random_client_id(seed: u64, n: u64) -> String {
@@ -1036,13 +881,13 @@ async fn distinct_client_ids_far_beyond_max_entries_keep_the_cache_within_it_and
     };
 
     let started = Instant::now();
-    let rss_at_start = resident_bytes();
+    let rss_at_start = own_rss();
     // The first ids fill the cache and the connection pools (and let the other tests in
     // this binary, which share the process, finish); growth is measured from there.
     send_distinct_ids(&gw, seed, 0..WARM_UP).await;
-    let rss_before = resident_bytes();
+    let rss_before = own_rss();
     send_distinct_ids(&gw, seed, WARM_UP..DISTINCT_CLIENTS).await;
-    let rss_after = resident_bytes();
+    let rss_after = own_rss();
     let elapsed = started.elapsed();
 
     assert_eq!(

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Request;
-use support::{gateway, refused_addr, Answer, Recorded, Reply, TestClient, TestGateway};
+use support::{gateway, refused_addr, send, Answer, Recorded, Reply, TestClient, TestGateway};
 
 /// Longest any single request in this file may take before the test fails.
 const BOUND: Duration = Duration::from_secs(5);
@@ -49,12 +49,6 @@ fn token_request(gw: &TestGateway) -> Request<Full<Bytes>> {
         .header("x-custom", "second")
         .body(Full::new(Bytes::from_static(body.as_bytes())))
         .unwrap()
-}
-
-async fn send(request: Request<Full<Bytes>>) -> Answer {
-    tokio::time::timeout(BOUND, TestClient::new().send(request))
-        .await
-        .expect("the gateway answered in time")
 }
 
 /// Routes the next requests' client to `destination`, uncached, so one test can send the

@@ -49,7 +49,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Request;
 use support::metrics::scrape;
-use support::{gateway, refused_addr, Answer, GatewayBuilder, Reply, TestClient, TestGateway};
+use support::raw::{RawConnection, Received};
+use support::{gateway, refused_addr, send, Answer, GatewayBuilder, Reply, TestGateway};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
@@ -73,12 +74,6 @@ fn short_timeouts() -> GatewayBuilder {
         .set("iam.circuit_breaker", "consecutive_failures = 100")
         .set("rails", "timeout = \"300ms\"")
         .set("preauthorize", "timeout = \"200ms\"")
-}
-
-async fn send(request: Request<Full<Bytes>>) -> Answer {
-    timeout(BOUND, TestClient::new().send(request))
-        .await
-        .expect("the gateway answered in time")
 }
 
 /// A client-credentials token request for `client_id`; `query` (may be empty) tells the
@@ -354,57 +349,30 @@ async fn raw_faulty(upstream: &'static str) -> RawUpstream {
     .await
 }
 
-/// What a client reading raw bytes saw before the gateway closed or reset the connection.
-struct RawResponse {
-    head: String,
-    body: Vec<u8>,
-}
-
 /// Sends `head` (plus `body`) on a new connection with `Connection: close`, and reads
 /// until the gateway ends the connection, by FIN or RST.
-async fn raw_exchange(addr: SocketAddr, head: &str, body: &str) -> RawResponse {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
+async fn raw_exchange(addr: SocketAddr, head: &str, body: &str) -> Received {
+    let mut connection = RawConnection::connect(addr).await;
     let request = format!(
         "{head}\r\nhost: gitlab.example.com\r\nconnection: close\r\n\
          content-length: {}\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut received = Vec::new();
-    let mut chunk = [0u8; 4096];
-    timeout(BOUND, async {
-        loop {
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => received.extend_from_slice(&chunk[..n]),
-            }
-        }
-    })
-    .await
-    .expect("the gateway ended the connection in time");
-    let end = received
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(received.len(), |end| end + 4);
-    RawResponse {
-        head: String::from_utf8_lossy(&received[..end]).to_lowercase(),
-        body: received[end..].to_vec(),
-    }
+    connection.write(request.as_bytes()).await;
+    connection.read_to_end(BOUND).await
 }
 
 /// The client saw the upstream's `200` head declaring 1000 bytes, then only the 10 the
 /// upstream sent before resetting, then the end of the connection: a short body.
-fn assert_truncated(seen: &RawResponse, case: &str) {
+fn assert_truncated(seen: &Received, case: &str) {
+    let head = seen.head.to_lowercase();
     assert!(
-        seen.head.starts_with("http/1.1 200"),
-        "{case}: the upstream's status was relayed: {:?}",
-        seen.head
+        head.starts_with("http/1.1 200"),
+        "{case}: the upstream's status was relayed: {head:?}"
     );
     assert!(
-        seen.head
-            .contains(&format!("\r\ncontent-length: {DECLARED}\r\n")),
-        "{case}: the declared length was relayed: {:?}",
-        seen.head
+        head.contains(&format!("\r\ncontent-length: {DECLARED}\r\n")),
+        "{case}: the declared length was relayed: {head:?}"
     );
     assert_eq!(
         String::from_utf8_lossy(&seen.body),

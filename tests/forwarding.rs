@@ -18,9 +18,10 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::{gateway, refused_addr, Answer, Reply, TestClient, TestGateway};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use support::process::own_peak_rss;
+use support::raw::RawConnection;
+use support::{gateway, refused_addr, send, Reply, TestClient, TestGateway};
+use tokio::net::TcpListener;
 
 /// Longest any single exchange in this file may take before the test fails.
 const BOUND: Duration = Duration::from_secs(30);
@@ -29,10 +30,6 @@ async fn bounded<T>(exchange: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(BOUND, exchange)
         .await
         .expect("the exchange finished in time")
-}
-
-async fn send(request: Request<Full<Bytes>>) -> Answer {
-    bounded(TestClient::new().send(request)).await
 }
 
 fn token_form() -> Full<Bytes> {
@@ -303,19 +300,11 @@ async fn post_chunked(addr: SocketAddr, path: &str, body: &[u8], chunk: usize) -
         request.extend_from_slice(b"\r\n");
     }
     request.extend_from_slice(b"0\r\n\r\n");
-    let response = bounded(async {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        stream.write_all(&request).await.unwrap();
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.unwrap();
-        response
-    })
-    .await;
-    let text = String::from_utf8_lossy(&response);
-    text.split(' ')
-        .nth(1)
-        .and_then(|status| status.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"))
+    let mut connection = RawConnection::connect(addr).await;
+    connection.write(&request).await;
+    let response = connection.read_to_end(BOUND).await;
+    assert!(!response.reset, "closed, not reset: {response:?}");
+    response.status()
 }
 
 #[tokio::test]
@@ -598,16 +587,6 @@ async fn stream_through(gw: &TestGateway, path: &str, body: Generated) -> (u16, 
     .await
 }
 
-/// Peak resident memory of this process (`VmHWM`), in KiB.
-fn peak_rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/self/status")
-}
-
 /// Runs `transfer` and asserts the process's peak RSS grew by less than 64 MiB. The peak
 /// is first reset to the current RSS where the kernel allows it (`clear_refs`), so the
 /// reading covers only the transfer. Large transfers run one at a time so that each
@@ -616,9 +595,9 @@ async fn assert_flat_memory<T>(transfer: impl std::future::Future<Output = T>) -
     static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _alone = ONE_AT_A_TIME.lock().await;
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-    let before = peak_rss_kib();
+    let before = own_peak_rss() / 1024;
     let result = transfer.await;
-    let after = peak_rss_kib();
+    let after = own_peak_rss() / 1024;
     println!("peak RSS before {before} KiB, after {after} KiB");
     assert!(
         after.saturating_sub(before) < 64 * 1024,

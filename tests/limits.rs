@@ -6,26 +6,16 @@ mod support;
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use support::raw::RawConnection;
 use support::{gateway, Reply, TestClient};
 
-/// Sends `request` on `stream` and reads until the status line is in; returns the status.
-async fn exchange(stream: &mut TcpStream, request: &[u8]) -> u16 {
-    stream.write_all(request).await.unwrap();
-    let mut head = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-            .await
-            .expect("a response within 5 s")
-            .unwrap();
-        assert!(n > 0, "connection closed before a response");
-        head.extend_from_slice(&buf[..n]);
-    }
-    let status = std::str::from_utf8(&head[9..12]).unwrap();
-    status.parse().unwrap()
+/// Sends `request` on `connection` and reads its response (within
+/// [`support::raw::PATIENCE`], 5 s); returns the status.
+async fn exchange(connection: &mut RawConnection, request: &[u8]) -> u16 {
+    connection.write(request).await;
+    connection.response().await.status
 }
 
 fn get(path: &str, extra_headers: &str) -> Vec<u8> {
@@ -61,10 +51,10 @@ async fn headers_over_max_header_bytes_are_431_and_the_gateway_keeps_serving() {
         .set("server", "max_header_bytes = 8192")
         .start()
         .await;
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let mut connection = RawConnection::connect(gw.addr).await;
     let big = format!("x-big: {}\r\n", "v".repeat(9000));
     assert_eq!(
-        exchange(&mut stream, &get("/api/v4/version", &big)).await,
+        exchange(&mut connection, &get("/api/v4/version", &big)).await,
         431
     );
 
@@ -72,17 +62,17 @@ async fn headers_over_max_header_bytes_are_431_and_the_gateway_keeps_serving() {
     for i in 0..150 {
         many.push_str(&format!("x-h{i}: v\r\n"));
     }
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let mut connection = RawConnection::connect(gw.addr).await;
     assert_eq!(
-        exchange(&mut stream, &get("/api/v4/version", &many)).await,
+        exchange(&mut connection, &get("/api/v4/version", &many)).await,
         431
     );
     assert_eq!(gw.rails.count(), 0);
 
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let mut connection = RawConnection::connect(gw.addr).await;
     let fits = format!("x-ok: {}\r\n", "v".repeat(4000));
     assert_eq!(
-        exchange(&mut stream, &get("/api/v4/version", &fits)).await,
+        exchange(&mut connection, &get("/api/v4/version", &fits)).await,
         200
     );
 }
@@ -90,42 +80,27 @@ async fn headers_over_max_header_bytes_are_431_and_the_gateway_keeps_serving() {
 #[tokio::test]
 async fn connections_over_max_connections_wait_until_one_closes() {
     let gw = gateway().set("server", "max_connections = 2").start().await;
-    let mut first = TcpStream::connect(gw.addr).await.unwrap();
-    let mut second = TcpStream::connect(gw.addr).await.unwrap();
+    let mut first = RawConnection::connect(gw.addr).await;
+    let mut second = RawConnection::connect(gw.addr).await;
     assert_eq!(exchange(&mut first, &get("/one", "")).await, 200);
     assert_eq!(exchange(&mut second, &get("/two", "")).await, 200);
 
     // Both stay open (keep-alive): a third connection is not served...
-    let mut third = TcpStream::connect(gw.addr).await.unwrap();
-    third.write_all(&get("/three", "")).await.unwrap();
-    let mut buf = [0u8; 64];
-    let waited = tokio::time::timeout(Duration::from_millis(300), third.read(&mut buf)).await;
-    assert!(
-        waited.is_err(),
-        "a third connection was served beyond the limit"
-    );
+    let mut third = RawConnection::connect(gw.addr).await;
+    third.write(&get("/three", "")).await;
+    third
+        .assert_silent_for(
+            Duration::from_millis(300),
+            "a third connection was served beyond the limit",
+        )
+        .await;
     assert_eq!(gw.rails.count(), 2);
 
-    // ...until one of the first two goes away.
+    // ...until one of the first two goes away: served within 5 s.
     drop(first);
-    let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
-        .await
-        .expect("served once a slot frees")
-        .unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+    let served = third.response().await;
+    assert!(served.status_line.starts_with("HTTP/1.1 200"), "{served:?}");
     assert_eq!(gw.rails.count(), 3);
-}
-
-/// Reads until the gateway closes the connection, failing after `within`.
-async fn closed_within(stream: &mut TcpStream, within: Duration) {
-    let mut buf = [0u8; 64];
-    let closed = tokio::time::timeout(within, stream.read(&mut buf))
-        .await
-        .unwrap_or_else(|_| panic!("the connection is still open after {within:?}"));
-    assert!(
-        matches!(closed, Ok(0) | Err(_)),
-        "expected EOF, got {closed:?}"
-    );
 }
 
 #[tokio::test]
@@ -137,12 +112,14 @@ async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout_not_header_r
         )
         .start()
         .await;
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    assert_eq!(exchange(&mut stream, &get("/first", "")).await, 200);
+    let mut connection = RawConnection::connect(gw.addr).await;
+    assert_eq!(exchange(&mut connection, &get("/first", "")).await, 200);
     // Well past the header read timeout, well before the idle timeout: still usable.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(exchange(&mut stream, &get("/second", "")).await, 200);
-    closed_within(&mut stream, Duration::from_secs(10)).await;
+    assert_eq!(exchange(&mut connection, &get("/second", "")).await, 200);
+    connection
+        .assert_closed_within(Duration::from_secs(10))
+        .await;
     assert_eq!(gw.rails.count(), 2);
 }
 
@@ -153,16 +130,16 @@ async fn a_request_head_that_stalls_is_closed_after_header_read_timeout() {
         .start()
         .await;
     // On a fresh connection, and on a keep-alive one after its first request.
-    let mut fresh = TcpStream::connect(gw.addr).await.unwrap();
-    fresh.write_all(b"GET /slow HTTP/1.1\r\nHo").await.unwrap();
-    let mut reused = TcpStream::connect(gw.addr).await.unwrap();
+    let mut fresh = RawConnection::connect(gw.addr).await;
+    fresh.write(b"GET /slow HTTP/1.1\r\nHo").await;
+    let mut reused = RawConnection::connect(gw.addr).await;
     assert_eq!(exchange(&mut reused, &get("/first", "")).await, 200);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    reused.write_all(b"GET /slow HTTP/1.1\r\nHo").await.unwrap();
+    reused.write(b"GET /slow HTTP/1.1\r\nHo").await;
     eprintln!("fresh");
-    closed_within(&mut fresh, Duration::from_secs(5)).await;
+    fresh.assert_closed_within(Duration::from_secs(5)).await;
     eprintln!("reused");
-    closed_within(&mut reused, Duration::from_secs(5)).await;
+    reused.assert_closed_within(Duration::from_secs(5)).await;
     assert_eq!(gw.rails.count(), 1, "the stalled heads never reached Rails");
 }
 
@@ -172,8 +149,8 @@ async fn a_connection_that_sends_nothing_is_closed_after_header_read_timeout() {
         .set("server", "header_read_timeout = \"300ms\"")
         .start()
         .await;
-    let mut silent = TcpStream::connect(gw.addr).await.unwrap();
-    closed_within(&mut silent, Duration::from_secs(5)).await;
+    let mut silent = RawConnection::connect(gw.addr).await;
+    silent.assert_closed_within(Duration::from_secs(5)).await;
 }
 
 #[tokio::test]
@@ -181,20 +158,20 @@ async fn a_client_that_disconnects_mid_request_cancels_the_upstream_exchange() {
     let gw = gateway().set("iam", "timeout = \"30s\"").start().await;
     gw.preauth.always(Reply::destination("iam"));
     gw.iam.always(Reply::Hang);
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let mut connection = RawConnection::connect(gw.addr).await;
     let body = "grant_type=client_credentials&client_id=app-1";
     let request = format!(
         "POST /oauth/token HTTP/1.1\r\nhost: gateway\r\ncontent-type: \
          application/x-www-form-urlencoded\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(request.as_bytes()).await.unwrap();
+    connection.write(request.as_bytes()).await;
     let in_flight =
         |scrape: &support::metrics::Scrape| scrape.value("iamproxy_requests_in_flight", &[]);
     poll_until("IAM holds the request", || async { gw.iam.count() == 1 }).await;
     assert_eq!(in_flight(&support::metrics::scrape(gw.admin).await), 1.0);
 
-    drop(stream);
+    drop(connection);
     poll_until("the request is dropped", || async {
         in_flight(&support::metrics::scrape(gw.admin).await) == 0.0
     })

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, StatusCode};
 use support::metrics::{scrape, Scrape};
-use support::{gateway, refused_addr, Answer, Reply, TestClient, TestGateway};
+use support::{gateway, refused_addr, send, Answer, Reply, TestGateway};
 
 /// Longest any single request in this file may take before the test fails.
 const BOUND: Duration = Duration::from_secs(5);
@@ -57,12 +57,6 @@ fn requests(
 
 fn decision(destination: &'static str, reason: &'static str) -> [(&'static str, &'static str); 2] {
     [("destination", destination), ("reason", reason)]
-}
-
-async fn send(request: Request<Full<Bytes>>) -> Answer {
-    tokio::time::timeout(BOUND, TestClient::new().send(request))
-        .await
-        .expect("the gateway answered in time")
 }
 
 /// POSTs a form to `/oauth/token`.

@@ -26,7 +26,7 @@ use hyper::{Request, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use support::metrics::{scrape, Scrape};
-use support::process::{free_addr, Iamproxy, TempFile};
+use support::process::{free_addr, rss_of, Iamproxy, TempFile};
 use support::{FakeUpstream, Recorded, Reply, SecretFile};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -1075,18 +1075,6 @@ async fn sample_rss(
     }
     assert!(rss.baseline != 0, "the run ended before the warm-up did");
     rss
-}
-
-/// `VmRSS` of a process, in bytes.
-fn rss_of(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kib| kib * 1024)
-        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
 }
 
 /// The open descriptor count once closing connections have closed: polled until it is

@@ -6,6 +6,7 @@
 pub mod logs;
 pub mod metrics;
 pub mod process;
+pub mod raw;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -486,6 +487,19 @@ impl Answer {
             .and_then(|v| v["served_by"].as_str().map(str::to_owned))
             .unwrap_or_else(|| format!("<{}: {}>", self.status, self.text()))
     }
+}
+
+/// Longest [`send`] waits for an answer before the test fails: generous, as a loaded
+/// machine and a debug build are slow. A test that asserts how fast an answer comes times
+/// it itself.
+pub const ANSWER_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Sends `request` with a fresh [`TestClient`], failing the test unless the gateway
+/// answers within [`ANSWER_PATIENCE`].
+pub async fn send(request: Request<Full<Bytes>>) -> Answer {
+    tokio::time::timeout(ANSWER_PATIENCE, TestClient::new().send(request))
+        .await
+        .expect("the gateway answered in time")
 }
 
 /// A small HTTP/1.1 client with its own pool.

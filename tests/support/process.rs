@@ -193,3 +193,35 @@ pub fn free_addr() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap()
 }
+
+/// A `kB` field of `/proc/<process>/status` (`VmRSS`, `VmHWM`, …), in bytes; `process` is
+/// a pid or `"self"`.
+pub fn status_bytes(process: impl std::fmt::Display, field: &str) -> u64 {
+    let path = format!("/proc/{process}/status");
+    let status = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let value = status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {field} in {path}"));
+    match value.split_whitespace().collect::<Vec<_>>()[..] {
+        [kib, "kB"] => kib.parse::<u64>().map(|kib| kib * 1024).ok(),
+        _ => None,
+    }
+    .unwrap_or_else(|| panic!("{path}: {field}:{value}, want a count of kB"))
+}
+
+/// Resident memory (`VmRSS`) of process `pid`, in bytes.
+pub fn rss_of(pid: u32) -> u64 {
+    status_bytes(pid, "VmRSS")
+}
+
+/// Resident memory (`VmRSS`) of this test process, where an in-process gateway runs, in
+/// bytes.
+pub fn own_rss() -> u64 {
+    status_bytes("self", "VmRSS")
+}
+
+/// Peak resident memory (`VmHWM`) of this test process, in bytes.
+pub fn own_peak_rss() -> u64 {
+    status_bytes("self", "VmHWM")
+}
