@@ -66,8 +66,38 @@ const ISSUE_BODY_BYTES: usize = 2048;
 async fn soak_mixed_traffic_with_iam_flapping_and_reloads_fails_no_request_and_stays_bounded() {
     let plan = Plan::from_env();
     let started = Instant::now();
+    let fakes = start_fakes().await;
+    let mut gateway = start_gateway(&fakes).await;
+    let run = run_traffic(&gateway, &fakes, plan, started).await;
 
-    // ---- Upstreams -------------------------------------------------------------------
+    assert_no_request_failed(&gateway, &run);
+    let after_traffic = scrape(gateway.admin()).await;
+    assert_metrics_agree_with_the_clients(&after_traffic, &fakes, &run, plan);
+    let settled = reload_to_drop_the_pools(&gateway, &run).await;
+    report_the_end(&gateway, &run, &after_traffic, &settled, started);
+    assert_no_socket_leaked(&gateway, &after_traffic, &settled);
+    stop_and_check_the_log(&mut gateway, &run).await;
+    assert_memory_stayed_bounded(&run.rss, &settled);
+}
+
+// ---- The steps --------------------------------------------------------------------------
+
+/// The fakes behind the gateway, and what steers IAM.
+struct Fakes {
+    rails: FakeUpstream,
+    /// Kept for the run: IAM is reached through `iam_gate`.
+    _iam: FakeUpstream,
+    preauth: FakeUpstream,
+    /// IAM's current [`Phase`].
+    phase: Arc<AtomicU8>,
+    /// IAM's address as the gateway knows it.
+    iam_gate: Gate,
+    secret: SecretFile,
+}
+
+/// Rails, IAM (behind its [`Gate`], answering as the [`Phase`] says) and a pre-authorize
+/// backend routing each client id where [`expected_route`] says; all only count requests.
+async fn start_fakes() -> Fakes {
     let rails = FakeUpstream::start("rails").await;
     let iam = FakeUpstream::start("iam").await;
     let preauth = FakeUpstream::start("preauthorize").await;
@@ -85,46 +115,104 @@ async fn soak_mixed_traffic_with_iam_flapping_and_reloads_fails_no_request_and_s
         Reply::destination(expected_route(&id).as_str())
     });
     let iam_gate = Gate::start(iam.addr).await;
-    let secret = SecretFile::new();
+    Fakes {
+        rails,
+        _iam: iam,
+        preauth,
+        phase,
+        iam_gate,
+        secret: SecretFile::new(),
+    }
+}
 
-    // ---- The gateway -----------------------------------------------------------------
+/// The gateway binary under test, its config file and what its log showed.
+struct Gateway {
+    process: Iamproxy,
+    config: TempFile,
+    configs: Configs,
+    logs: Arc<LogCounts>,
+    /// `process_open_fds` once it was ready, before any traffic.
+    fds_at_start: f64,
+    /// The client that found it ready, kept for the whole test with its pooled admin
+    /// connection, which `fds_at_start` counted.
+    _readiness_client: HttpClient,
+}
+
+impl Gateway {
+    fn addr(&self) -> SocketAddr {
+        self.configs.addr
+    }
+
+    fn admin(&self) -> SocketAddr {
+        self.configs.admin
+    }
+}
+
+/// Starts the binary on free ports with the first valid config and waits until it is ready.
+async fn start_gateway(fakes: &Fakes) -> Gateway {
     let (addr, admin) = (free_addr(), free_addr());
     let configs = Configs {
         addr,
         admin,
-        rails: rails.url(),
-        iam: format!("http://{}", iam_gate.addr),
-        preauth: format!("{}/-/oauth/iam_routing", preauth.url()),
-        secret: secret.path().display().to_string(),
+        rails: fakes.rails.url(),
+        iam: format!("http://{}", fakes.iam_gate.addr),
+        preauth: format!("{}/-/oauth/iam_routing", fakes.preauth.url()),
+        secret: fakes.secret.path().display().to_string(),
     };
     let config = TempFile::new(&configs.valid(0));
     let logs = Arc::new(LogCounts::default());
-    let mut gateway = Iamproxy::start_filtered(&["--config", config.path()], {
+    let process = Iamproxy::start_filtered(&["--config", config.path()], {
         let logs = logs.clone();
         move |line: &str| logs.keep(line)
     });
-    let client = http_client();
-    wait_until_ready(&gateway, &client, admin).await;
+    let readiness_client = http_client();
+    wait_until_ready(&process, &readiness_client, admin).await;
     let fds_at_start = scrape(admin).await.value("process_open_fds", &[]);
+    Gateway {
+        process,
+        config,
+        configs,
+        logs,
+        fds_at_start,
+        _readiness_client: readiness_client,
+    }
+}
 
-    // ---- The run ---------------------------------------------------------------------
+/// What the run left to check.
+struct Run {
+    tally: Arc<Tally>,
+    reloads: Reloads,
+    rss: Rss,
+}
+
+/// The run: [`CLIENTS`] clients sending the mix, IAM flapping, the gateway's memory sampled
+/// and its config reloaded, until `plan.run` is over and the distinct ids are sent (or
+/// `plan.longest()` has passed).
+async fn run_traffic(gateway: &Gateway, fakes: &Fakes, plan: Plan, started: Instant) -> Run {
+    let (addr, admin) = (gateway.addr(), gateway.admin());
     let (stopping, stop) = watch::channel(false);
     let tally = Arc::new(Tally::default());
     let clients: Vec<_> = (0..CLIENTS)
         .map(|task| {
             let tally = tally.clone();
-            let phase = phase.clone();
+            let phase = fakes.phase.clone();
             let stop = stop.clone();
             tokio::spawn(client_loop(task, addr, plan, started, phase, tally, stop))
         })
         .collect();
     let phases = tokio::spawn(flap_iam(
-        phase.clone(),
-        iam_gate.open.clone(),
+        fakes.phase.clone(),
+        fakes.iam_gate.open.clone(),
         plan,
         stop.clone(),
     ));
-    let memory = tokio::spawn(sample_rss(gateway.pid, admin, plan, started, stop.clone()));
+    let memory = tokio::spawn(sample_rss(
+        gateway.process.pid,
+        admin,
+        plan,
+        started,
+        stop.clone(),
+    ));
     let stopper = async {
         tokio::time::sleep_until((started + plan.run).into()).await;
         // A slow machine gets more time for the distinct ids, up to a bound.
@@ -137,9 +225,9 @@ async fn soak_mixed_traffic_with_iam_flapping_and_reloads_fails_no_request_and_s
     };
     let (reloads, ()) = tokio::join!(
         reload_until(
-            &gateway,
-            &config,
-            &configs,
+            &gateway.process,
+            &gateway.config,
+            &gateway.configs,
             plan,
             started,
             stop.clone(),
@@ -166,7 +254,7 @@ async fn soak_mixed_traffic_with_iam_flapping_and_reloads_fails_no_request_and_s
         sent as f64 / traffic_secs,
         tally.summary(),
         fresh + 2 * KNOWN_IDS as u64,
-        preauth.count(),
+        fakes.preauth.count(),
         reloads.reloaded,
         rss.start / 1024,
         rss.baseline / 1024,
@@ -175,19 +263,31 @@ async fn soak_mixed_traffic_with_iam_flapping_and_reloads_fails_no_request_and_s
         rss_of(std::process::id()) / 1024,
     );
     eprintln!("soak: gateway RSS samples (s, KiB): {}", rss.samples);
+    Run {
+        tally,
+        reloads,
+        rss,
+    }
+}
 
-    // ---- Afterwards: counts, metrics, descriptors ------------------------------------
-    let failures = tally.failures.lock().unwrap().clone();
-    let failed = tally.failed.load(Ordering::Relaxed);
+fn assert_no_request_failed(gateway: &Gateway, run: &Run) {
+    let failures = run.tally.failures.lock().unwrap().clone();
+    let failed = run.tally.failed.load(Ordering::Relaxed);
     assert!(
         failed == 0,
         "{failed} client requests failed (first {}):\n{}\nkept gateway log:\n{}",
         failures.len(),
         failures.join("\n"),
-        tail(&gateway.stderr(), 40)
+        tail(&gateway.process.stderr(), 40)
     );
+}
 
-    let metrics = scrape(admin).await;
+/// The gateway's metrics after the traffic against what the clients sent and got, and
+/// what the fakes received.
+fn assert_metrics_agree_with_the_clients(metrics: &Scrape, fakes: &Fakes, run: &Run, plan: Plan) {
+    let tally = &run.tally;
+    let sent = tally.sent();
+    let fresh = tally.fresh.load(Ordering::Relaxed);
     let counted = metrics.sum("iamproxy_requests_total", &[]);
     assert_eq!(
         counted, sent as f64,
@@ -208,7 +308,7 @@ async fn soak_mixed_traffic_with_iam_flapping_and_reloads_fails_no_request_and_s
         entries <= MAX_ENTRIES as f64,
         "decision cache holds {entries} entries, max_entries is {MAX_ENTRIES}"
     );
-    let fallbacks = Fallbacks::from(&metrics);
+    let fallbacks = Fallbacks::from(metrics);
     eprintln!("soak: {fallbacks:?}");
     assert!(
         tally.by_iam.load(Ordering::Relaxed) > 0,
@@ -224,7 +324,7 @@ async fn soak_mixed_traffic_with_iam_flapping_and_reloads_fails_no_request_and_s
         "{fallbacks:?} counted, but only {replayed} IAM-routed answers came from Rails"
     );
     assert_eq!(
-        rails.count() as u64,
+        fakes.rails.count() as u64,
         tally.by_rails(),
         "Rails received one request per answer it gave: nothing sent twice"
     );
@@ -234,20 +334,42 @@ async fn soak_mixed_traffic_with_iam_flapping_and_reloads_fails_no_request_and_s
         plan.distinct_ids
     );
     assert!(
-        preauth.count() as u64 >= fresh,
+        fakes.preauth.count() as u64 >= fresh,
         "every fresh id needs a pre-authorize call: {} calls for {fresh} ids",
-        preauth.count()
+        fakes.preauth.count()
     );
+}
 
-    // Pooled upstream connections are open descriptors; a reload starts new pools, so
-    // after one every socket of the run must be closed.
-    let fds_after_traffic = metrics.value("process_open_fds", &[]);
-    let final_reload = reloads.next_valid + 1;
-    std::fs::write(&config.0, configs.valid(final_reload)).unwrap();
-    gateway.signal("HUP");
-    wait_for_reloads(&gateway, reloads.reloaded + 1).await;
-    let fds_at_end = settled_fds(admin, fds_at_start).await;
-    let final_rss = rss_of(gateway.pid);
+/// The gateway once a last reload has dropped the run's upstream pools.
+struct Settled {
+    /// `process_open_fds`, polled until it settles.
+    fds_at_end: f64,
+    /// The gateway's `VmRSS`, in bytes.
+    final_rss: u64,
+}
+
+/// Pooled upstream connections are open descriptors; a reload starts new pools, so after
+/// one every socket of the run must be closed.
+async fn reload_to_drop_the_pools(gateway: &Gateway, run: &Run) -> Settled {
+    let final_reload = run.reloads.next_valid + 1;
+    std::fs::write(&gateway.config.0, gateway.configs.valid(final_reload)).unwrap();
+    gateway.process.signal("HUP");
+    wait_for_reloads(&gateway.process, run.reloads.reloaded + 1).await;
+    let fds_at_end = settled_fds(gateway.admin(), gateway.fds_at_start).await;
+    Settled {
+        fds_at_end,
+        final_rss: rss_of(gateway.process.pid),
+    }
+}
+
+fn report_the_end(
+    gateway: &Gateway,
+    run: &Run,
+    after_traffic: &Scrape,
+    settled: &Settled,
+    started: Instant,
+) {
+    let (rss, final_rss) = (&run.rss, settled.final_rss);
     let max_growth = rss.max.saturating_sub(rss.baseline);
     let final_growth = final_rss.saturating_sub(rss.baseline);
     eprintln!(
@@ -259,23 +381,39 @@ async fn soak_mixed_traffic_with_iam_flapping_and_reloads_fails_no_request_and_s
         rss.max / 1024,
         final_rss / 1024,
         RSS_GROWTH_BOUND / 1024,
-        gateway.stderr().lines().count(),
-        logs.lines.load(Ordering::Relaxed),
+        gateway.process.stderr().lines().count(),
+        gateway.logs.lines.load(Ordering::Relaxed),
         started.elapsed().as_secs_f64(),
+        fds_at_start = gateway.fds_at_start,
+        fds_after_traffic = after_traffic.value("process_open_fds", &[]),
+        fds_at_end = settled.fds_at_end,
         max_growth_kib = max_growth / 1024,
         final_growth_kib = final_growth / 1024,
     );
+}
+
+fn assert_no_socket_leaked(gateway: &Gateway, after_traffic: &Scrape, settled: &Settled) {
+    let (fds_at_start, fds_at_end) = (gateway.fds_at_start, settled.fds_at_end);
+    let fds_after_traffic = after_traffic.value("process_open_fds", &[]);
     assert!(
         fds_at_end <= fds_at_start + 2.0,
         "open descriptors: {fds_at_start} at start, {fds_at_end} after the run and a reload \
          dropped the pools ({fds_after_traffic} with the pools): sockets leaked"
     );
+}
 
-    gateway.sigterm();
-    gateway.assert_exits_cleanly().await;
-    let access_lines = logs.access.load(Ordering::Relaxed);
-    assert_eq!(access_lines, sent, "one access line per request");
-    let stderr = gateway.stderr();
+/// SIGTERM: the gateway exits cleanly, having logged one access line per request and no
+/// reload failure but the deliberate one.
+async fn stop_and_check_the_log(gateway: &mut Gateway, run: &Run) {
+    gateway.process.sigterm();
+    gateway.process.assert_exits_cleanly().await;
+    let access_lines = gateway.logs.access.load(Ordering::Relaxed);
+    assert_eq!(
+        access_lines,
+        run.tally.sent(),
+        "one access line per request"
+    );
+    let stderr = gateway.process.stderr();
     assert_eq!(
         count(&stderr, MSG_RELOAD_FAILED),
         1,
@@ -288,8 +426,14 @@ async fn soak_mixed_traffic_with_iam_flapping_and_reloads_fails_no_request_and_s
         "no reload touched a key that needs a restart:\n{}",
         tail(&stderr, 40)
     );
+}
 
-    // ---- Memory ----------------------------------------------------------------------
+/// The gateway's resident memory, at its largest sample and at the end, stayed within
+/// [`RSS_GROWTH_BOUND`] of the baseline.
+fn assert_memory_stayed_bounded(rss: &Rss, settled: &Settled) {
+    let final_rss = settled.final_rss;
+    let max_growth = rss.max.saturating_sub(rss.baseline);
+    let final_growth = final_rss.saturating_sub(rss.baseline);
     assert!(
         max_growth <= RSS_GROWTH_BOUND && final_growth <= RSS_GROWTH_BOUND,
         "resident memory grew past the bound: baseline {} KiB, max {} KiB, final {} KiB, \
