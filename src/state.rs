@@ -15,7 +15,7 @@ use crate::config::{Config, LogFormat, RedisConfig, ServerConfig, UpstreamUrl};
 use crate::decision::cache::DecisionCache;
 use crate::decision::preauth::PreauthClient;
 use crate::forward::breaker::Breaker;
-use crate::forward::client::{pooled_client, HttpClient};
+use crate::forward::client::Pool;
 use crate::forward::headers::RequestIds;
 use crate::observe::logging::LogLevel;
 use crate::observe::metrics::Metrics;
@@ -39,7 +39,7 @@ pub struct AppState {
 pub struct RailsUpstream {
     pub url: UpstreamUrl,
     pub timeout: Duration,
-    pub client: HttpClient,
+    pub pool: Pool,
 }
 
 /// IAM, how to reach it, and the pre-authorize backend that decides who goes there.
@@ -49,7 +49,7 @@ pub struct IamUpstream {
     pub timeout: Duration,
     pub fallback_statuses: Vec<StatusCode>,
     pub token_prefixes: Vec<String>,
-    pub client: HttpClient,
+    pub pool: Pool,
     /// Kept across a reload that leaves IAM's URL and breaker settings alone.
     pub breaker: Arc<Breaker>,
     pub preauth: PreauthClient,
@@ -72,7 +72,11 @@ impl AppState {
         let rails = RailsUpstream {
             url: config.rails.url.clone(),
             timeout: config.rails.timeout,
-            client: pooled_client(config.rails.connect_timeout, &config.rails.url.tls),
+            pool: Pool::new(
+                &config.rails.url.uri,
+                &config.rails.url.tls,
+                config.rails.connect_timeout,
+            ),
         };
         // Config validation guarantees [preauthorize] whenever [iam] is present.
         let iam = config
@@ -91,7 +95,7 @@ impl AppState {
                     timeout: iam.timeout,
                     fallback_statuses: iam.fallback_statuses.clone(),
                     token_prefixes: iam.token_prefixes.clone(),
-                    client: pooled_client(iam.connect_timeout, &iam.url.tls),
+                    pool: Pool::new(&iam.url.uri, &iam.url.tls, iam.connect_timeout),
                     breaker: same_breaker.unwrap_or_else(|| {
                         Arc::new(Breaker::new(
                             iam.circuit_breaker.consecutive_failures,

@@ -24,6 +24,8 @@
 #   BIN          the iamproxy binary (default: cargo build --release, then target/release)
 #   ONLY         extended regex: run only the rows whose name matches
 #   PORT_BASE    first of the loopback ports used (29000; up to PORT_BASE+9)
+#   PROFILE_DIR  keep each row's callgrind dump there as callgrind.<row>, for
+#                `callgrind_annotate --inclusive=yes` (unset: dumps are thrown away)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -36,6 +38,7 @@ ACCESS_LOG=${ACCESS_LOG:-off}
 BIN=${BIN:-}
 ONLY=${ONLY:-}
 PORT_BASE=${PORT_BASE:-29000}
+PROFILE_DIR=${PROFILE_DIR:-}
 
 P_UPSTREAM=$PORT_BASE           # Rails and the pre-authorize backend
 P_IAM=$((PORT_BASE + 1))
@@ -211,6 +214,7 @@ count() {
     dump=$(ls -t "$out".* 2>/dev/null | head -n 1)
     [[ -n "$dump" ]] || die "$name: no callgrind dump"
     total=$(awk '/^(summary|totals):/ { print $2; exit }' "$dump")
+    [[ -z "$PROFILE_DIR" ]] || { mkdir -p "$PROFILE_DIR" && cp "$dump" "$PROFILE_DIR/callgrind.$name"; }
     printf '%-18s %10d\n' "$name" $((total / REQUESTS))
 }
 

@@ -4,17 +4,17 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, StatusCode, Uri};
-use hyper_util::client::legacy::Client;
 use jsonwebtoken::{EncodingKey, Header};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::Serialize;
 
 use crate::config::{CacheConfig, PreauthorizeConfig};
 use crate::decision::Destination;
-use crate::forward::client::Connector;
+use crate::forward::client::Pool;
+use crate::forward::RequestBody;
 use crate::forward::headers::X_REQUEST_ID;
 
 static GITLAB_WORKHORSE: HeaderName = HeaderName::from_static("gitlab-workhorse");
@@ -106,8 +106,11 @@ struct Claims {
 /// A pooled client of its own, so a slow pre-authorize backend never holds connections
 /// the proxied traffic needs.
 pub struct PreauthClient {
-    client: Client<Connector, Empty<Bytes>>,
+    pool: Pool,
     url: String,
+    /// The URL's path, origin-form, and its authority as `Host`.
+    path: String,
+    host: HeaderValue,
     key: EncodingKey,
     timeout: Duration,
     limits: CacheConfig,
@@ -127,8 +130,14 @@ impl PreauthClient {
     /// `limits` caps the lifetimes an answer may ask for.
     pub fn new(config: &PreauthorizeConfig, limits: &CacheConfig) -> PreauthClient {
         PreauthClient {
-            client: crate::forward::client::pooled_client(config.timeout, &config.tls),
+            pool: Pool::new(&config.url, &config.tls, config.timeout),
             url: config.url.to_string(),
+            path: config.url.path().to_owned(),
+            host: config
+                .url
+                .authority()
+                .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
+                .unwrap_or(HeaderValue::from_static("localhost")),
             key: EncodingKey::from_secret(config.secret.as_bytes()),
             timeout: config.timeout,
             limits: limits.clone(),
@@ -157,8 +166,8 @@ impl PreauthClient {
     ) -> Result<Answer, PreauthError> {
         let request = self.request(client_id, request_id)?;
         let response = self
-            .client
-            .request(request)
+            .pool
+            .send(request)
             .await
             .map_err(|e| PreauthError::Connect(crate::forward::error_chain(&e)))?;
         let (parts, body) = response.into_parts();
@@ -180,19 +189,20 @@ impl PreauthClient {
         &self,
         client_id: &str,
         request_id: &HeaderValue,
-    ) -> Result<Request<Empty<Bytes>>, PreauthError> {
+    ) -> Result<Request<RequestBody>, PreauthError> {
         let uri: Uri = format!(
             "{}?client_id={}",
-            self.url,
+            self.path,
             utf8_percent_encode(client_id, QUERY_VALUE)
         )
         .parse()
         .map_err(|_| PreauthError::Connect("cannot build request URI".into()))?;
         let jwt = self.sign()?;
-        let mut request = Request::new(Empty::new());
+        let mut request = Request::new(Either::Right(Full::new(Bytes::new())));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri;
         let headers = request.headers_mut();
+        headers.insert(header::HOST, self.host.clone());
         headers.insert(GITLAB_WORKHORSE.clone(), self.user_agent.clone());
         headers.insert(GITLAB_WORKHORSE_API_REQUEST.clone(), jwt);
         headers.insert(header::ACCEPT, HeaderValue::from_static(WORKHORSE_JSON));

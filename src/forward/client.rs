@@ -1,18 +1,35 @@
-//! The pooled HTTP clients, one per upstream, and the upstreams' names.
+//! The upstream clients: one keep-alive pool per upstream, driving hyper's HTTP/1.1
+//! client connections directly, and the upstreams' names.
+//!
+//! A pool knows its one upstream, so a checkout is a pop off a short stack: no host
+//! hashing, no URI rebuilding, no task spawned per request. A connection goes back on the
+//! stack when its response body has been read to the end ([`UpstreamBody`]); a body
+//! dropped early takes its connection with it. A request that finds no idle connection
+//! opens one, and takes whichever comes first: its own, or one another exchange returns
+//! meanwhile (so a burst does not wait on a burst of connects). A request that finds its
+//! pooled connection closed by the upstream before a byte was sent is sent again on
+//! another one.
 
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::body::Body;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
 
 use super::RequestBody;
-
-/// Plain TCP for `http` upstreams, TLS for `https` ones.
-pub type Connector = HttpsConnector<HttpConnector>;
-pub type HttpClient = Client<Connector, RequestBody>;
 
 /// The upstreams the gateway talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,28 +54,286 @@ impl Upstream {
 
 /// How long an idle upstream connection stays pooled.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections kept per upstream; one more returned closes the oldest.
+const MAX_IDLE: usize = 1024;
 
-/// A keep-alive pool to one kind of upstream. Each upstream gets its own so that one slow
-/// upstream cannot starve the others of connections. `tls` decides which certificates an
-/// `https` upstream may present; `connect_timeout` bounds the TCP connect, and the TLS
-/// handshake counts against the request's own timeout.
-pub fn pooled_client<B>(connect_timeout: Duration, tls: &ClientConfig) -> Client<Connector, B>
+/// Why an upstream exchange failed before response headers.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("tcp connect error: {0}")]
+    Connect(std::io::Error),
+    #[error("tcp connect timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("tls handshake error: {0}")]
+    Tls(std::io::Error),
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+/// Keep-alive connections to one upstream. Cheap to clone: clones share the connections.
+#[derive(Clone)]
+pub struct Pool(Arc<Shared>);
+
+struct Shared {
+    /// `host:port`, resolved at each connect.
+    addr: String,
+    /// `Some` for `https`: the connector and the name the certificate must carry (`None`
+    /// if the host is not a name a certificate can carry).
+    tls: Option<(TlsConnector, Option<ServerName<'static>>)>,
+    connect_timeout: Duration,
+    slots: Mutex<Slots>,
+}
+
+#[derive(Default)]
+struct Slots {
+    /// Oldest first; checkouts take the newest, which is the least likely to have been
+    /// closed by the upstream.
+    idle: VecDeque<Idle>,
+    /// Requests opening a connection, oldest first, that take a returned one instead.
+    waiting: VecDeque<oneshot::Sender<SendRequest<RequestBody>>>,
+}
+
+struct Idle {
+    sender: SendRequest<RequestBody>,
+    since: Instant,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("addr", &self.0.addr)
+            .field("tls", &self.0.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    /// A pool to the upstream at `url` (`http` or `https`; the path is the caller's).
+    /// `tls` decides which certificates an `https` upstream may present; `connect_timeout`
+    /// bounds name resolution and the TCP connect, and the TLS handshake counts against
+    /// the request's own timeout.
+    pub fn new(url: &Uri, tls: &Arc<ClientConfig>, connect_timeout: Duration) -> Pool {
+        let https = url.scheme_str() == Some("https");
+        // Config validation guarantees a host; the default ports follow the scheme.
+        let host = url.host().unwrap_or("localhost");
+        let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tls = https.then(|| {
+            let mut config = ClientConfig::clone(tls);
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let name = host.trim_start_matches('[').trim_end_matches(']');
+            let name = ServerName::try_from(name.to_owned()).ok();
+            (TlsConnector::from(Arc::new(config)), name)
+        });
+        Pool(Arc::new(Shared {
+            addr: format!("{host}:{port}"),
+            tls,
+            connect_timeout,
+            slots: Mutex::default(),
+        }))
+    }
+
+    /// Sends `request` (origin-form URI, `Host` set) on a pooled connection or a new one,
+    /// and resolves with the response headers.
+    pub async fn send(
+        &self,
+        mut request: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        loop {
+            let (mut sender, reused) = match self.checkout().await {
+                Some(sender) => (sender, true),
+                None => self.connect_or_returned().await?,
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.pooled(response, sender)),
+                Err(mut failed) => match failed.take_message() {
+                    // The upstream closed an idle connection as we picked it: nothing was
+                    // sent, so the request goes out again, on another connection.
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(SendError::Http(failed.into_error())),
+                },
+            }
+        }
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.0.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The newest idle connection that is still open and ready for a request.
+    async fn checkout(&self) -> Option<SendRequest<RequestBody>> {
+        loop {
+            let mut sender = {
+                let mut slots = self.slots();
+                let newest = slots.idle.pop_back()?;
+                if newest.since.elapsed() >= POOL_IDLE_TIMEOUT {
+                    // Everything older has expired too.
+                    slots.idle.clear();
+                    return None;
+                }
+                newest.sender
+            };
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    /// A new connection, or one returned while it was being opened (then `true`: reused).
+    /// The connect that loses is abandoned.
+    async fn connect_or_returned(&self) -> Result<(SendRequest<RequestBody>, bool), SendError> {
+        let (tx, mut returned) = oneshot::channel();
+        {
+            let mut slots = self.slots();
+            // Requests that connected first left their places behind.
+            while slots.waiting.front().is_some_and(oneshot::Sender::is_closed) {
+                slots.waiting.pop_front();
+            }
+            slots.waiting.push_back(tx);
+        }
+        let connect = self.connect();
+        tokio::pin!(connect);
+        tokio::select! {
+            biased;
+            Ok(mut sender) = &mut returned => {
+                if sender.ready().await.is_ok() {
+                    return Ok((sender, true));
+                }
+                // Closed meanwhile: only our own connect is left to wait for.
+                Ok((connect.await?, false))
+            }
+            connected = &mut connect => Ok((connected?, false)),
+        }
+    }
+
+    /// Returns a connection whose exchange is over: to the oldest request still opening
+    /// one, else to the idle stack.
+    fn checkin(&self, mut sender: SendRequest<RequestBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut slots = self.slots();
+        while let Some(waiting) = slots.waiting.pop_front() {
+            match waiting.send(sender) {
+                Ok(()) => return,
+                Err(unsent) => sender = unsent,
+            }
+        }
+        let now = Instant::now();
+        while slots
+            .idle
+            .front()
+            .is_some_and(|oldest| now - oldest.since >= POOL_IDLE_TIMEOUT)
+        {
+            slots.idle.pop_front();
+        }
+        if slots.idle.len() >= MAX_IDLE {
+            slots.idle.pop_front();
+        }
+        slots.idle.push_back(Idle { sender, since: now });
+    }
+
+    async fn connect(&self) -> Result<SendRequest<RequestBody>, SendError> {
+        let shared = &self.0;
+        let tcp = tokio::time::timeout(shared.connect_timeout, TcpStream::connect(&*shared.addr))
+            .await
+            .map_err(|_| SendError::ConnectTimeout(shared.connect_timeout))?
+            .map_err(SendError::Connect)?;
+        let _ = tcp.set_nodelay(true);
+        match &shared.tls {
+            None => handshake(tcp).await,
+            Some((connector, name)) => {
+                let name = name.clone().ok_or_else(|| {
+                    SendError::Tls(std::io::Error::other("not a valid TLS server name"))
+                })?;
+                let tls = connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(SendError::Tls)?;
+                handshake(tls).await
+            }
+        }
+    }
+
+    /// The response, with a body that returns `sender` here once read to the end. A
+    /// switched-protocols response's connection belongs to the tunnel.
+    fn pooled(
+        &self,
+        response: Response<Incoming>,
+        sender: SendRequest<RequestBody>,
+    ) -> Response<UpstreamBody> {
+        let reusable = response.status() != StatusCode::SWITCHING_PROTOCOLS;
+        response.map(|inner| {
+            let mut body = UpstreamBody {
+                inner,
+                checkin: reusable.then(|| (sender, self.clone())),
+            };
+            if body.inner.is_end_stream() {
+                body.finish();
+            }
+            body
+        })
+    }
+}
+
+/// Starts an HTTP/1.1 connection on `io`; it runs in a task of its own until the upstream
+/// or the pool closes it. Its errors reach the request in flight, if any.
+async fn handshake<I>(io: I) -> Result<SendRequest<RequestBody>, SendError>
 where
-    B: Body + Send + 'static,
-    B::Data: Send,
+    I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let mut tcp = HttpConnector::new();
-    tcp.set_nodelay(true);
-    tcp.set_connect_timeout(Some(connect_timeout));
-    // The https connector needs to see the scheme: http stays plain TCP.
-    tcp.enforce_http(false);
-    let connector = HttpsConnectorBuilder::new()
-        .with_tls_config(tls.clone())
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(tcp);
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .build(connector)
+    let (sender, connection) = http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        let _ = connection.with_upgrades().await;
+    });
+    Ok(sender)
+}
+
+/// An upstream response body: gives its connection back to the pool at end of stream.
+pub struct UpstreamBody {
+    inner: Incoming,
+    checkin: Option<(SendRequest<RequestBody>, Pool)>,
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamBody {
+    fn finish(&mut self) {
+        if let Some((sender, pool)) = self.checkin.take() {
+            pool.checkin(sender);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.finish(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finish(),
+            // A broken body leaves the connection unusable: it is dropped with `checkin`.
+            Poll::Ready(Some(Err(_))) => self.checkin = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }

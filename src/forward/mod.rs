@@ -23,14 +23,14 @@ use hyper::{Method, Request, Response, Uri, Version};
 use tokio::sync::oneshot;
 
 use crate::config::UpstreamUrl;
-use client::HttpClient;
+use client::{Pool, UpstreamBody};
 use headers::{X_FORWARDED_HOST, X_REQUEST_ID};
 
 /// A request body going upstream: streamed from the client, or buffered (OAuth requests,
 /// which may be replayed).
 pub type RequestBody = Either<Streamed, Full<Bytes>>;
 /// A response body going to the client: streamed from upstream, or made by the gateway.
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
 
 /// The client request's head, cleaned once: hop-by-hop and gateway-only headers removed,
 /// forwarding headers and the correlation id set. Every upstream request is built from it,
@@ -116,12 +116,13 @@ pub fn upstream_request(
         (_, None) => upstream.host.clone(),
     };
     headers.insert(header::HOST, host);
-    let mut uri = upstream.uri.clone().into_parts();
-    uri.path_and_query = head.uri.path_and_query().cloned();
     let mut request = Request::new(body);
     *request.method_mut() = head.method.clone();
-    // Both parts come from URIs that already parsed, so the join is valid.
-    *request.uri_mut() = Uri::from_parts(uri).unwrap_or_else(|_| upstream.uri.clone());
+    // Origin-form: the pool knows where it connects, `Host` says the rest.
+    *request.uri_mut() = match head.uri.path_and_query() {
+        Some(path_and_query) => Uri::from(path_and_query.clone()),
+        None => Uri::from_static("/"),
+    };
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
     request
@@ -140,12 +141,12 @@ pub enum UpstreamError {
 /// has been sent, like Go's `ResponseHeaderTimeout`: a large upload is not cut off by the
 /// time it takes to arrive, only by how long the upstream then keeps us waiting.
 pub async fn send(
-    client: &HttpClient,
+    pool: &Pool,
     request: Request<RequestBody>,
     body_sent: Option<oneshot::Receiver<()>>,
     timeout: Duration,
-) -> Result<Response<Incoming>, UpstreamError> {
-    let exchange = client.request(request);
+) -> Result<Response<UpstreamBody>, UpstreamError> {
+    let exchange = pool.send(request);
     let deadline = async {
         if let Some(sent) = body_sent {
             // An error means hyper dropped the body unfinished: the clock starts too.
@@ -160,7 +161,7 @@ pub async fn send(
 }
 
 /// Removes hop-by-hop headers from an upstream response before it reaches the client.
-pub fn downstream_response(response: Response<Incoming>) -> Response<ResponseBody> {
+pub fn downstream_response(response: Response<UpstreamBody>) -> Response<ResponseBody> {
     let (mut parts, body) = response.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, Either::Left(body))
@@ -297,7 +298,7 @@ mod tests {
         let head = head(Some("gitlab.example.com"));
         let up = upstream("http://127.0.0.1:8080");
         let req = upstream_request(&head, head.headers.clone(), &up, HostRule::Keep, empty());
-        assert_eq!(req.uri(), "http://127.0.0.1:8080/oauth/token?a=1");
+        assert_eq!(req.uri(), "/oauth/token?a=1");
         assert_eq!(req.headers()["host"], "gitlab.example.com");
         assert!(req.headers().get("x-forwarded-host").is_none());
         assert_eq!(req.version(), Version::HTTP_11);

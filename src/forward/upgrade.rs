@@ -10,6 +10,7 @@ use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 
 use super::headers::connection_tokens;
+use super::client::UpstreamBody;
 use super::{downstream_response, ResponseBody};
 use crate::server::connection::{Conn, Drain};
 
@@ -48,7 +49,7 @@ impl Upgrade {
     /// Relays Rails' answer. On 101 the connections are spliced in a task of their own,
     /// which ends when either side closes, or when shutdown begins: a tunnel has no
     /// request boundary to finish at, and WebSocket clients reconnect.
-    pub fn relay(self, mut response: Response<Incoming>) -> Response<ResponseBody> {
+    pub fn relay(self, mut response: Response<UpstreamBody>) -> Response<ResponseBody> {
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             return downstream_response(response);
         }

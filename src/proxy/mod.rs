@@ -29,7 +29,7 @@ use hyper::{Request, Response};
 
 use crate::classify::Endpoint;
 use crate::decision::Destination;
-use crate::forward::client::Upstream;
+use crate::forward::client::{Upstream, UpstreamBody};
 use crate::forward::headers::X_REQUEST_ID;
 use crate::forward::upgrade::{self, Upgrade};
 use crate::forward::{
@@ -193,11 +193,11 @@ async fn rails_exchange(
     headers: HeaderMap,
     body: RequestBody,
     mut progress: Option<Progress>,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     let rails = &state.rails;
     let request = upstream_request(head, headers, &rails.url, HostRule::Keep, body);
     let sent = progress.as_mut().and_then(Progress::take_sent);
-    match forward::send(&rails.client, request, sent, rails.timeout).await {
+    match forward::send(&rails.pool, request, sent, rails.timeout).await {
         Ok(response) => Ok(response),
         Err(UpstreamError::Timeout) => {
             tracing::warn!(

@@ -11,13 +11,13 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+
 use hyper::Response;
 
 use super::access::log_str;
 use super::{to_rails, Exchange};
 use crate::decision::{Destination, FallbackReason};
-use crate::forward::client::Upstream;
+use crate::forward::client::{Upstream, UpstreamBody};
 use crate::forward::{
     self, downstream_response, upstream_request, Head, HostRule, ResponseBody, UpstreamError,
 };
@@ -52,7 +52,7 @@ async fn try_iam(
     iam: &IamUpstream,
     head: &Head,
     body: &Bytes,
-) -> Result<Response<Incoming>, FallbackReason> {
+) -> Result<Response<UpstreamBody>, FallbackReason> {
     let attempt = iam
         .breaker
         .try_acquire()
@@ -65,7 +65,7 @@ async fn try_iam(
         HostRule::Rewrite,
         body,
     );
-    let (outcome, detail) = match forward::send(&iam.client, request, None, iam.timeout).await {
+    let (outcome, detail) = match forward::send(&iam.pool, request, None, iam.timeout).await {
         Ok(response) if iam.fallback_statuses.contains(&response.status()) => {
             let status = response.status();
             (Err(FallbackReason::Status), Cow::Owned(status.to_string()))
