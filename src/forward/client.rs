@@ -141,7 +141,9 @@ impl Pool {
         loop {
             let (mut sender, reused) = match self.checkout().await {
                 Some(sender) => (sender, true),
-                None => self.connect_or_returned().await?,
+                // Boxed: the connect's state is large, and a request that reuses a
+                // connection should not carry (and move) it.
+                None => Box::pin(self.connect_or_returned()).await?,
             };
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(self.pooled(response, sender)),
@@ -185,7 +187,11 @@ impl Pool {
         {
             let mut slots = self.slots();
             // Requests that connected first left their places behind.
-            while slots.waiting.front().is_some_and(oneshot::Sender::is_closed) {
+            while slots
+                .waiting
+                .front()
+                .is_some_and(oneshot::Sender::is_closed)
+            {
                 slots.waiting.pop_front();
             }
             slots.waiting.push_back(tx);
@@ -245,10 +251,7 @@ impl Pool {
                 let name = name.clone().ok_or_else(|| {
                     SendError::Tls(std::io::Error::other("not a valid TLS server name"))
                 })?;
-                let tls = connector
-                    .connect(name, tcp)
-                    .await
-                    .map_err(SendError::Tls)?;
+                let tls = connector.connect(name, tcp).await.map_err(SendError::Tls)?;
                 handshake(tls).await
             }
         }
