@@ -14,8 +14,8 @@ use serde::Serialize;
 use crate::config::{CacheConfig, PreauthorizeConfig};
 use crate::decision::Destination;
 use crate::forward::client::Pool;
-use crate::forward::RequestBody;
 use crate::forward::headers::X_REQUEST_ID;
+use crate::forward::RequestBody;
 
 static GITLAB_WORKHORSE: HeaderName = HeaderName::from_static("gitlab-workhorse");
 static GITLAB_WORKHORSE_API_REQUEST: HeaderName =

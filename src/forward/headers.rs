@@ -41,22 +41,30 @@ pub fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Collect the names first: `Connection` may name headers we are about to remove.
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if headers.contains_key(header::CONNECTION) {
+        // Collect the names first: `Connection` may name headers we are about to remove.
+        // `keep-alive` and `close`, the usual options, name nothing left to remove.
+        let named: Vec<HeaderName> = connection_tokens(headers)
+            .filter(|token| {
+                !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
+            })
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(header::CONNECTION);
     }
-    // Fast path: most requests carry none of these, and `retain`-style rebuilding of the
-    // map would cost more than the lookups.
-    let listed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| is_hop_by_hop(name))
-        .cloned()
-        .collect();
-    for name in listed {
-        headers.remove(name);
+    // Most messages carry no other hop-by-hop header: look before collecting.
+    if headers.keys().any(is_hop_by_hop) {
+        let listed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| is_hop_by_hop(name))
+            .cloned()
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
     }
 }
 
@@ -73,14 +81,20 @@ pub fn remove_gateway_only(headers: &mut HeaderMap) {
     }
 }
 
-/// Sets `X-Forwarded-For` to the client's chain plus the peer. The client's own chain is
-/// kept only when the peer is trusted; otherwise it could forge any origin address.
-pub fn set_forwarded_for(headers: &mut HeaderMap, peer: IpAddr, keep_client_chain: bool) {
+/// An IP address as header text, for [`set_forwarded_for`]: made once per connection.
+pub fn ip_value(ip: IpAddr) -> HeaderValue {
+    // An IP address is always a valid header value.
+    HeaderValue::from_maybe_shared(Bytes::from(ip.to_string()))
+        .unwrap_or(HeaderValue::from_static("unknown"))
+}
+
+/// Sets `X-Forwarded-For` to the client's chain plus the peer (`peer`, from [`ip_value`]).
+/// The client's own chain is kept only when the peer is trusted; otherwise it could forge
+/// any origin address.
+pub fn set_forwarded_for(headers: &mut HeaderMap, peer: &HeaderValue, keep_client_chain: bool) {
     if !keep_client_chain || !headers.contains_key(&X_FORWARDED_FOR) {
-        // The common case: the peer alone, one allocation.
-        if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(peer.to_string())) {
-            headers.insert(X_FORWARDED_FOR.clone(), value);
-        }
+        // The common case: the peer alone, a reference count.
+        headers.insert(X_FORWARDED_FOR.clone(), peer.clone());
         return;
     }
     // A trusted peer's chain, then the peer.
@@ -93,7 +107,7 @@ pub fn set_forwarded_for(headers: &mut HeaderMap, peer: IpAddr, keep_client_chai
     if !value.is_empty() {
         value.push_str(", ");
     }
-    value.push_str(&peer.to_string());
+    value.push_str(peer.to_str().unwrap_or_default());
     // An IP address and ASCII header values joined with ", " are always valid.
     if let Ok(value) = HeaderValue::from_str(&value) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
@@ -137,11 +151,23 @@ impl RequestIds {
         }
     }
 
+    /// 32 lower-case hex digits: the prefix, then the counter.
     pub fn next(&self) -> HeaderValue {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{:016x}{:016x}", self.prefix, n);
-        // Handing the String's buffer over saves copying it into a second allocation.
-        HeaderValue::from_maybe_shared(Bytes::from(id)).unwrap_or(HeaderValue::from_static("0"))
+        let mut id = [0u8; 32];
+        hex(self.prefix, &mut id[..16]);
+        hex(n, &mut id[16..]);
+        // Hex digits are always a valid header value.
+        HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
+    }
+}
+
+/// `value` as 16 lower-case hex digits into `out`.
+fn hex(mut value: u64, out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for byte in out.iter_mut().rev() {
+        *byte = DIGITS[(value & 0xf) as usize];
+        value >>= 4;
     }
 }
 
@@ -219,7 +245,8 @@ mod tests {
     #[test]
     fn forwarded_for_appends_peer_to_trusted_chain() {
         let mut headers = map(&[("X-Forwarded-For", "203.0.113.9")]);
-        set_forwarded_for(&mut headers, "10.0.0.1".parse().unwrap(), true);
+        let peer = ip_value("10.0.0.1".parse().unwrap());
+        set_forwarded_for(&mut headers, &peer, true);
         assert_eq!(headers[&X_FORWARDED_FOR], "203.0.113.9, 10.0.0.1");
     }
 
@@ -244,7 +271,7 @@ mod tests {
             ("X-Forwarded-For", "1.2.3.4"),
             ("X-Forwarded-For", "5.6.7.8"),
         ]);
-        set_forwarded_for(&mut headers, "::1".parse().unwrap(), false);
+        set_forwarded_for(&mut headers, &ip_value("::1".parse().unwrap()), false);
         assert_eq!(headers.get_all(&X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(headers[&X_FORWARDED_FOR], "::1");
     }
@@ -257,6 +284,10 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), 32);
         assert!(is_acceptable_request_id(&a));
+        let (prefix, counter) = a.to_str().unwrap().split_at(16);
+        assert_eq!(prefix, format!("{:016x}", ids.prefix));
+        assert_eq!(counter, format!("{:016x}", 0));
+        assert_eq!(&b.to_str().unwrap()[16..], "0000000000000001");
     }
 
     #[test]

@@ -7,7 +7,6 @@ pub mod client;
 pub mod headers;
 pub mod upgrade;
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -47,8 +46,9 @@ pub struct Head {
 
 /// The client end of the connection a request came on.
 #[derive(Debug, Clone, Copy)]
-pub struct Downstream {
-    pub addr: SocketAddr,
+pub struct Downstream<'a> {
+    /// The peer's IP address as header text, made once per connection.
+    pub ip: &'a HeaderValue,
     /// It spoke TLS to us.
     pub https: bool,
     /// In `server.trusted_cidrs`: its forwarding headers are kept.
@@ -56,7 +56,11 @@ pub struct Downstream {
 }
 
 impl Head {
-    pub fn prepare(parts: Parts, client: Downstream, new_id: impl FnOnce() -> HeaderValue) -> Head {
+    pub fn prepare(
+        parts: Parts,
+        client: Downstream<'_>,
+        new_id: impl FnOnce() -> HeaderValue,
+    ) -> Head {
         let Parts {
             method,
             uri,
@@ -68,7 +72,7 @@ impl Head {
         // `Expect: 100-continue` is between the client and us, and hyper meets it when the
         // body is first read; upstreams get the body without the handshake.
         headers.remove(header::EXPECT);
-        headers::set_forwarded_for(&mut headers, client.addr.ip(), client.trusted);
+        headers::set_forwarded_for(&mut headers, client.ip, client.trusted);
         headers::set_forwarded_proto(&mut headers, client.https, client.trusted);
         let request_id = headers
             .get(&X_REQUEST_ID)
@@ -281,8 +285,9 @@ mod tests {
             builder = builder.header("host", host);
         }
         let (parts, ()) = builder.body(()).unwrap().into_parts();
+        let ip = HeaderValue::from_static("192.0.2.7");
         let client = Downstream {
-            addr: "192.0.2.7:5000".parse().unwrap(),
+            ip: &ip,
             https: false,
             trusted: false,
         };

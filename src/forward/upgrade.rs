@@ -9,8 +9,8 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 
-use super::headers::connection_tokens;
 use super::client::UpstreamBody;
+use super::headers::connection_tokens;
 use super::{downstream_response, ResponseBody};
 use crate::server::connection::{Conn, Drain};
 

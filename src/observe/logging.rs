@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use tracing::field::{Field, Visit};
+use tracing::level_filters::LevelFilter;
 use tracing::subscriber::Interest;
 use tracing::{Event, Level, Metadata, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
@@ -83,6 +84,9 @@ impl LogLevel {
 
     pub fn set(&self, level: Level) {
         self.0.store(rank(level), Ordering::Relaxed);
+        // tracing keeps the most verbose level any subscriber wants in one global, read
+        // before an event is even built: recompute it.
+        tracing::callsite::rebuild_interest_cache();
     }
 
     fn enables(&self, level: Level) -> bool {
@@ -90,9 +94,10 @@ impl LogLevel {
     }
 }
 
-/// Checked per event with one atomic load: no lock, and nothing to rebuild on a change.
-/// Every callsite is "sometimes" interesting, so tracing never caches an answer that a
-/// later reload would make wrong.
+/// Checked per event with one atomic load: no lock. Every callsite is "sometimes"
+/// interesting, so tracing never caches an answer that a later reload would make wrong;
+/// the level is also a hint, so tracing's global maximum turns away every event more
+/// verbose than it (hyper's `trace!`s on the request path) before asking anyone.
 impl<S> Filter<S> for LogLevel {
     fn enabled(&self, metadata: &Metadata<'_>, _: &Context<'_, S>) -> bool {
         self.enables(*metadata.level())
@@ -100,6 +105,16 @@ impl<S> Filter<S> for LogLevel {
 
     fn callsite_enabled(&self, _: &'static Metadata<'static>) -> Interest {
         Interest::sometimes()
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(match self.0.load(Ordering::Relaxed) {
+            0 => LevelFilter::ERROR,
+            1 => LevelFilter::WARN,
+            2 => LevelFilter::INFO,
+            3 => LevelFilter::DEBUG,
+            _ => LevelFilter::TRACE,
+        })
     }
 }
 

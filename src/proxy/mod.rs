@@ -65,7 +65,7 @@ pub async fn handle(
     };
     let (parts, body) = request.into_parts();
     let client = Downstream {
-        addr: conn.peer,
+        ip: &conn.peer_ip,
         https: conn.https,
         trusted: state.is_trusted(conn.peer.ip()),
     };

@@ -138,7 +138,7 @@ fn connection_builder(max_header_bytes: usize) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(TokioTimer::new())
+        .header_read_timeout(None)
         .max_buf_size(max_header_bytes);
     builder
         .http2()

@@ -10,7 +10,13 @@
 //!   gracefully (HTTP/2 gets a GOAWAY).
 //!
 //! A request in flight stops both: a slow upstream is bounded by its own timeout.
+//!
+//! Nothing on the request path touches a timer: reads and requests only write down when
+//! they happened, and one sleep per connection ([`watch`]) looks at those times when it
+//! fires or when the connection's task runs anyway. These are the only clocks: hyper's own
+//! header timer is off.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -20,14 +26,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::{Body, Incoming};
+use hyper::header::HeaderValue;
 use hyper::service::Service;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{watch, Notify};
-use tokio::time::Instant;
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 
 /// Starts shutdown and waits for every [`Drain`] token to be dropped: one per connection,
@@ -82,6 +89,8 @@ pub struct Timeouts {
 #[derive(Debug)]
 pub struct Conn {
     pub peer: SocketAddr,
+    /// The peer's IP address as header text, for `X-Forwarded-For`.
+    pub peer_ip: HeaderValue,
     /// TLS on the client side: `X-Forwarded-Proto: https`.
     pub https: bool,
     activity: Arc<Activity>,
@@ -111,9 +120,7 @@ impl Drop for Busy {
     fn drop(&mut self) {
         let activity = &self.0;
         activity.idle_since.store(activity.now(), Ordering::Release);
-        if activity.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            activity.changed.notify_one();
-        }
+        activity.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -131,8 +138,6 @@ struct Activity {
     /// How many bytes of the HTTP/2 preface the connection began with: all of them is
     /// HTTP/2, [`HTTP1`] once a byte differed.
     preface: AtomicU8,
-    /// Wakes the watchdog when a clock starts.
-    changed: Notify,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
@@ -147,7 +152,6 @@ impl Activity {
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(0),
             preface: AtomicU8::new(if http2 { HTTP2 } else { 0 }),
-            changed: Notify::new(),
         }
     }
 
@@ -174,14 +178,10 @@ impl Activity {
             };
             self.preface.store(next, Ordering::Relaxed);
         }
-        if self.in_flight.load(Ordering::Acquire) == 0 {
-            let now = self.now();
-            let started =
-                self.head_since
-                    .compare_exchange(NONE, now, Ordering::AcqRel, Ordering::Relaxed);
-            if started.is_ok() {
-                self.changed.notify_one();
-            }
+        if self.in_flight.load(Ordering::Acquire) == 0
+            && self.head_since.load(Ordering::Acquire) == NONE
+        {
+            self.head_since.store(self.now(), Ordering::Release);
         }
     }
 
@@ -207,19 +207,33 @@ enum Expiry {
     Idle,
 }
 
-/// Resolves when the connection has been idle, or slow sending headers, for too long.
-async fn expired(activity: &Activity, timeouts: Timeouts) -> Expiry {
+/// Ready when the connection has been idle, or slow sending headers, for too long.
+///
+/// `sleep` is armed at the earliest deadline known. A clock that starts earlier (a request
+/// head) is seen here because the caller polls this after the connection, whose read
+/// started it; a deadline that moves later (a request ended) just lets `sleep` fire early,
+/// look again, and sleep on. So a request costs no timer work; a busy connection costs one
+/// wake-up per idle timeout.
+fn watch(
+    cx: &mut Context<'_>,
+    activity: &Activity,
+    timeouts: Timeouts,
+    mut sleep: Pin<&mut Sleep>,
+) -> Poll<Expiry> {
+    if let Some((at, _)) = activity.deadline(timeouts) {
+        if at < sleep.deadline() {
+            sleep.as_mut().reset(at);
+        }
+    }
     loop {
-        // A clock that starts after this look wakes us through `changed`'s permit.
+        std::task::ready!(sleep.as_mut().poll(cx));
+        // It fired: the time is at least its deadline.
+        let now = sleep.deadline();
         match activity.deadline(timeouts) {
-            None => activity.changed.notified().await,
-            Some((at, why)) if at <= Instant::now() => return why,
-            Some((at, _)) => {
-                tokio::select! {
-                    () = tokio::time::sleep_until(at) => {}
-                    () = activity.changed.notified() => {}
-                }
-            }
+            Some((at, why)) if at <= now => return Poll::Ready(why),
+            Some((at, _)) => sleep.as_mut().reset(at),
+            // A request in flight: nothing expires, look again later.
+            None => sleep.as_mut().reset(now + timeouts.idle),
         }
     }
 }
@@ -361,6 +375,7 @@ async fn run<I, M, S, B>(
     let activity = Arc::new(Activity::new(peer.http2));
     let service = make(Arc::new(Conn {
         peer: peer.addr,
+        peer_ip: crate::forward::headers::ip_value(peer.addr.ip()),
         https: peer.https,
         activity: activity.clone(),
         drain: drain.clone(),
@@ -375,19 +390,24 @@ async fn run<I, M, S, B>(
     // Once closed for idleness, a connection gets one more clock to go: HTTP/1 keeps a
     // connection open that holds part of a request head.
     let mut idle_closed = false;
+    let started = drain.started();
+    tokio::pin!(started);
+    let first = activity
+        .deadline(timeouts)
+        .map_or(Instant::now(), |(at, _)| at);
+    let sleep = tokio::time::sleep_until(first);
+    tokio::pin!(sleep);
     loop {
+        // The connection first: the watchdog then sees the clocks its reads started.
         tokio::select! {
+            biased;
             result = connection.as_mut() => {
                 if let Err(error) = result {
                     tracing::debug!(error = %error, "connection ended with an error");
                 }
                 return;
             }
-            () = drain.started(), if !draining => {
-                connection.as_mut().graceful_shutdown();
-                draining = true;
-            }
-            expiry = expired(&activity, timeouts) => match expiry {
+            expiry = std::future::poll_fn(|cx| watch(cx, &activity, timeouts, sleep.as_mut())) => match expiry {
                 Expiry::Idle if !idle_closed => {
                     connection.as_mut().graceful_shutdown();
                     idle_closed = true;
@@ -400,6 +420,10 @@ async fn run<I, M, S, B>(
                     return;
                 }
             },
+            () = &mut started, if !draining => {
+                connection.as_mut().graceful_shutdown();
+                draining = true;
+            }
         }
     }
 }
@@ -427,6 +451,7 @@ mod tests {
         activity.on_read(b"GET / HTTP/1.1\r\n");
         let conn = Conn {
             peer: "127.0.0.1:1".parse().unwrap(),
+            peer_ip: HeaderValue::from_static("127.0.0.1"),
             https: false,
             activity: activity.clone(),
             drain: Draining::default().token(),
@@ -454,6 +479,67 @@ mod tests {
         assert_eq!(why, Expiry::Idle);
         activity.on_read(b"ping frame");
         assert_eq!(activity.deadline(TIMEOUTS).unwrap().1, Expiry::Idle);
+    }
+
+    /// Polls `future` once; `None` if it is pending.
+    async fn poll_once<F: std::future::Future + Unpin>(future: &mut F) -> Option<F::Output> {
+        tokio::select! {
+            biased;
+            output = future => Some(output),
+            () = std::future::ready(()) => None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_starts_while_the_watchdog_sleeps_on_the_idle_clock_is_cut_in_time() {
+        let activity = Arc::new(Activity::new(false));
+        activity.on_read(b"GET / HTTP/1.1\r\n\r\n");
+        let conn = Conn {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            peer_ip: HeaderValue::from_static("127.0.0.1"),
+            https: false,
+            activity: activity.clone(),
+            drain: Draining::default().token(),
+        };
+        drop(conn.request_started());
+        let started = Instant::now();
+        let sleep = tokio::time::sleep_until(started + Duration::from_secs(3600));
+        tokio::pin!(sleep);
+        let mut watchdog =
+            std::future::poll_fn(|cx| watch(cx, &activity, TIMEOUTS, sleep.as_mut()));
+        assert_eq!(poll_once(&mut watchdog).await, None, "idle for 0 s of 60");
+
+        tokio::time::advance(Duration::from_secs(5)).await;
+        activity.on_read(b"G");
+        // The connection's task runs after a read: the watchdog looks again.
+        assert_eq!(poll_once(&mut watchdog).await, None, "a head for 0 s of 10");
+        assert_eq!(watchdog.await, Expiry::HeaderRead);
+        assert_eq!(Instant::now(), started + Duration::from_secs(15));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_connection_is_not_cut_and_its_idle_clock_starts_when_the_request_ends() {
+        let activity = Arc::new(Activity::new(false));
+        activity.on_read(b"GET / HTTP/1.1\r\n\r\n");
+        let conn = Conn {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            peer_ip: HeaderValue::from_static("127.0.0.1"),
+            https: false,
+            activity: activity.clone(),
+            drain: Draining::default().token(),
+        };
+        let request = conn.request_started();
+        let started = Instant::now();
+        let sleep = tokio::time::sleep_until(started + Duration::from_secs(10));
+        tokio::pin!(sleep);
+        let mut watchdog =
+            std::future::poll_fn(|cx| watch(cx, &activity, TIMEOUTS, sleep.as_mut()));
+        // Five minutes in flight: the watchdog wakes and sleeps on.
+        tokio::time::advance(Duration::from_secs(300)).await;
+        assert_eq!(poll_once(&mut watchdog).await, None);
+        drop(request);
+        assert_eq!(watchdog.await, Expiry::Idle);
+        assert_eq!(Instant::now(), started + Duration::from_secs(360));
     }
 
     #[tokio::test]
