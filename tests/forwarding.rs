@@ -50,6 +50,65 @@ fn names(headers: &HeaderMap) -> Vec<&str> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Upstream connections
+
+#[tokio::test]
+async fn sequential_requests_share_one_keep_alive_connection_per_upstream() {
+    let gw = gateway().start().await;
+    gw.preauth.always(Reply::destination("iam"));
+    for _ in 0..20 {
+        let answer = send(
+            Request::get(gw.url("/api/v4/projects"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(answer.served_by(), "rails");
+        let answer = send(
+            form_post(gw.url("/oauth/token"))
+                .body(token_form())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(answer.served_by(), "iam");
+    }
+    assert_eq!(gw.rails.count(), 20);
+    assert_eq!(gw.iam.count(), 20);
+    assert_eq!(
+        (
+            gw.rails.connections(),
+            gw.iam.connections(),
+            gw.preauth.connections()
+        ),
+        (1, 1, 1),
+        "(rails, iam, preauthorize) connections for 20 requests each, one after another"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_the_upstream_closes_is_replaced_without_failing_a_request() {
+    let gw = gateway().start().await;
+    gw.rails
+        .always(Reply::text(200, "once").with_header("connection", "close"));
+    for round in 0..5 {
+        let answer = send(
+            Request::get(gw.url("/api/v4/projects"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(answer.status, 200, "request {round}: {}", answer.text());
+    }
+    assert_eq!(
+        gw.rails.connections(),
+        5,
+        "a new connection after each close"
+    );
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
 // Header hygiene
 
 /// Hop-by-hop and gateway-only headers a client may send, and one end-to-end header that

@@ -104,6 +104,8 @@ pub struct FakeUpstream {
     /// Off: requests are counted, not kept (long runs).
     remember: Arc<std::sync::atomic::AtomicBool>,
     count: Arc<AtomicUsize>,
+    /// Connections accepted.
+    connections: Arc<AtomicUsize>,
     responder: Arc<Mutex<Arc<Responder>>>,
     _stop: Arc<oneshot::Sender<()>>,
 }
@@ -126,6 +128,7 @@ impl FakeUpstream {
             requests: Arc::default(),
             remember: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             count: Arc::default(),
+            connections: Arc::default(),
             responder: Arc::new(Mutex::new(default)),
             _stop: Arc::new(stop),
         };
@@ -137,6 +140,7 @@ impl FakeUpstream {
                     _ = &mut stopped => return,
                 };
                 let fake = serving.clone();
+                fake.connections.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
                         let fake = fake.clone();
@@ -172,6 +176,11 @@ impl FakeUpstream {
 
     pub fn count(&self) -> usize {
         self.count.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
