@@ -14,7 +14,6 @@ use tracing::level_filters::LevelFilter;
 use tracing::subscriber::Interest;
 use tracing::{Event, Level, Metadata, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::layer::{Context, Filter, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
@@ -143,33 +142,65 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let mut time = String::with_capacity(32);
-        SystemTime.format_time(&mut Writer::new(&mut time))?;
-        let mut fields = JsonFields::default();
-        event.record(&mut fields);
-        let level = event.metadata().level().as_str().to_ascii_lowercase();
-        write!(writer, "{{\"time\":{},\"level\":\"{level}\"", json(&time))?;
-        if let Some(msg) = &fields.msg {
-            write!(writer, ",\"msg\":{}", json(msg))?;
-        }
-        writeln!(writer, "{}}}", fields.rest)
+        // The fields' buffers are the thread's own, reused line after line: a line costs no
+        // allocation once they have grown to fit. (An event logged while one is formatted,
+        // from inside a field's `Debug`, gets buffers of its own.)
+        FIELDS.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut fields) => json_line(&mut fields, event, &mut writer),
+            Err(_) => json_line(&mut JsonFields::default(), event, &mut writer),
+        })
     }
+}
+
+/// Formats `event` as one JSON line into `writer`, through `fields`' buffers.
+fn json_line(fields: &mut JsonFields, event: &Event<'_>, writer: &mut Writer<'_>) -> fmt::Result {
+    fields.msg.clear();
+    fields.has_msg = false;
+    fields.rest.clear();
+    event.record(fields);
+    let line = &mut fields.line;
+    line.clear();
+    line.push_str("{\"time\":\"");
+    write_time(line, std::time::SystemTime::now());
+    line.push_str("\",\"level\":\"");
+    line.push_str(match *event.metadata().level() {
+        Level::ERROR => "error",
+        Level::WARN => "warn",
+        Level::INFO => "info",
+        Level::DEBUG => "debug",
+        Level::TRACE => "trace",
+    });
+    line.push('"');
+    if fields.has_msg {
+        line.push_str(",\"msg\":");
+        write_json_str(line, &fields.msg);
+    }
+    line.push_str(&fields.rest);
+    line.push_str("}\n");
+    writer.write_str(line)
+}
+
+thread_local! {
+    static FIELDS: std::cell::RefCell<JsonFields> = std::cell::RefCell::default();
 }
 
 #[derive(Default)]
 struct JsonFields {
-    msg: Option<String>,
+    /// The `message` field, when the event has one (`has_msg`).
+    msg: String,
+    has_msg: bool,
     /// `,"name":value` pairs, already encoded.
     rest: String,
+    /// The whole line, assembled.
+    line: String,
 }
 
 impl JsonFields {
-    /// Starts `,"name":` and returns the buffer to write the value into. Written in
-    /// place: a line costs no allocation per field (the access line has ten).
+    /// Starts `,"name":` and returns the buffer to write the value into.
     fn key(&mut self, field: &Field) -> &mut String {
-        self.rest.push(',');
-        write_json_str(&mut self.rest, field.name());
-        self.rest.push(':');
+        self.rest.push_str(",\"");
+        write_json_chars(&mut self.rest, field.name());
+        self.rest.push_str("\":");
         &mut self.rest
     }
 
@@ -182,7 +213,8 @@ impl JsonFields {
 impl Visit for JsonFields {
     fn record_str(&mut self, field: &Field, value: &str) {
         if field.name() == "message" {
-            self.msg = Some(value.to_owned());
+            self.msg.push_str(value);
+            self.has_msg = true;
         } else {
             write_json_str(self.key(field), value);
         }
@@ -205,13 +237,30 @@ impl Visit for JsonFields {
         self.number(field, value);
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.record_str(field, &format!("{value:?}"));
+        if field.name() == "message" {
+            // The message's format arguments, written straight into its buffer.
+            let _ = write!(self.msg, "{value:?}");
+            self.has_msg = true;
+        } else {
+            self.record_str(field, &format!("{value:?}"));
+        }
     }
 }
 
 /// `text` as a JSON string literal (RFC 8259 §7), appended to `out`.
 fn write_json_str(out: &mut String, text: &str) {
     out.push('"');
+    write_json_chars(out, text);
+    out.push('"');
+}
+
+/// `text` escaped for the inside of a JSON string.
+fn write_json_chars(out: &mut String, text: &str) {
+    // The common case, a value with nothing to escape, is one copy.
+    if !needs_escape(text.as_bytes()) {
+        out.push_str(text);
+        return;
+    }
     let mut plain = 0;
     for (i, byte) in text.bytes().enumerate() {
         let escaped = match byte {
@@ -232,13 +281,100 @@ fn write_json_str(out: &mut String, text: &str) {
         plain = i + 1;
     }
     out.push_str(&text[plain..]);
-    out.push('"');
 }
 
+/// Whether `bytes` hold a `"`, a `\\` or a control character, eight bytes at a time
+/// (the "has a zero byte" and "has a byte less than" word tricks).
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    let has_zero = |word: u64| word.wrapping_sub(ONES) & !word & HIGH != 0;
+    let mut words = bytes.chunks_exact(8);
+    for chunk in &mut words {
+        let word = u64::from_ne_bytes(chunk.try_into().unwrap_or([0; 8]));
+        if has_zero(word ^ (ONES * u64::from(b'"')))
+            || has_zero(word ^ (ONES * u64::from(b'\\')))
+            || word.wrapping_sub(ONES * 0x20) & !word & HIGH != 0
+        {
+            return true;
+        }
+    }
+    words
+        .remainder()
+        .iter()
+        .any(|&byte| byte < 0x20 || byte == b'"' || byte == b'\\')
+}
+
+#[cfg(test)]
 fn json(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     write_json_str(&mut out, text);
     out
+}
+
+/// `at` as RFC 3339 UTC with microseconds (`2026-12-03T14:44:09.123456Z`), the form
+/// `tracing_subscriber`'s `SystemTime` writes. The date and time of day are formatted once
+/// per second per thread; within the second only the microseconds are new.
+fn write_time(out: &mut String, at: std::time::SystemTime) {
+    thread_local! {
+        static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
+    }
+    let since_epoch = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = since_epoch.as_secs();
+    let (cached, mut text) = SECOND.get();
+    if cached != secs {
+        text = date_time(secs);
+        SECOND.set((secs, text));
+    }
+    // ASCII digits and separators only.
+    out.push_str(std::str::from_utf8(&text).unwrap_or("1970-01-01T00:00:00"));
+    out.push('.');
+    let mut micros = [0u8; 6];
+    let mut value = since_epoch.subsec_micros();
+    for digit in micros.iter_mut().rev() {
+        *digit = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+    out.push_str(std::str::from_utf8(&micros).unwrap_or("000000"));
+    out.push('Z');
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` for `secs` after the Unix epoch (the civil calendar from days,
+/// after Howard Hinnant's `civil_from_days`).
+fn date_time(secs: u64) -> [u8; 19] {
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let of_day = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z - era * 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    let mut text = [0u8; 19];
+    let mut put = |at: usize, width: usize, mut value: u64| {
+        for i in (at..at + width).rev() {
+            text[i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    put(0, 4, u64::try_from(year).unwrap_or(0));
+    put(5, 2, month as u64);
+    put(8, 2, day as u64);
+    put(11, 2, of_day / 3600);
+    put(14, 2, of_day / 60 % 60);
+    put(17, 2, of_day % 60);
+    for (at, separator) in [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')] {
+        text[at] = separator;
+    }
+    text
 }
 
 #[cfg(test)]
@@ -334,7 +470,84 @@ mod tests {
         assert!(line["time"].as_str().unwrap().starts_with("20"));
     }
 
+    #[test]
+    fn every_character_that_needs_escaping_is_found_at_every_place_in_a_word() {
+        for special in [b'"', b'\\', b'\n', 0x00, 0x1f, 0x7f, 0x80, 0xff] {
+            for len in 1..20 {
+                for at in 0..len {
+                    let mut bytes = vec![b'a'; len];
+                    bytes[at] = special;
+                    let expected = special < 0x20 || special == b'"' || special == b'\\';
+                    assert_eq!(
+                        needs_escape(&bytes),
+                        expected,
+                        "{special:#x} at {at} of {len}"
+                    );
+                }
+            }
+        }
+        // Bytes just around the special ones.
+        assert!(!needs_escape(b" !#[]^~\x7f aaaaaaaaaaaaaaaa"));
+    }
+
+    #[test]
+    fn times_are_rfc3339_utc_with_microseconds() {
+        for (secs, text) in [
+            (0, "1970-01-01T00:00:00"),
+            (951_782_400, "2000-02-29T00:00:00"),
+            (1_796_309_049, "2026-12-03T14:44:09"),
+            (4_102_444_799, "2099-12-31T23:59:59"),
+            (253_402_300_799, "9999-12-31T23:59:59"),
+        ] {
+            assert_eq!(
+                std::str::from_utf8(&date_time(secs)).unwrap(),
+                text,
+                "{secs}"
+            );
+        }
+        let at = std::time::UNIX_EPOCH + std::time::Duration::new(1_796_309_049, 7_000);
+        let mut out = String::new();
+        write_time(&mut out, at);
+        // The second cached by the call before must not leak into the next one.
+        write_time(&mut out, at + std::time::Duration::from_millis(1_500));
+        assert_eq!(
+            out,
+            "2026-12-03T14:44:09.000007Z2026-12-03T14:44:10.500007Z"
+        );
+    }
+
+    #[test]
+    fn times_are_written_as_tracing_subscriber_writes_them() {
+        use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+        let mut theirs = String::new();
+        SystemTime
+            .format_time(&mut Writer::new(&mut theirs))
+            .unwrap();
+        let mut ours = String::new();
+        write_time(&mut ours, std::time::SystemTime::now());
+        assert_eq!(ours.len(), theirs.len(), "{ours} / {theirs}");
+        // Up to the minute: the two clocks were read a moment apart.
+        assert_eq!(ours[..16], theirs[..16], "{ours} / {theirs}");
+    }
+
     proptest::proptest! {
+        #[test]
+        fn every_second_formats_as_the_date_it_is(secs in 0u64..253_402_300_800) {
+            let text = date_time(secs);
+            let text = std::str::from_utf8(&text).unwrap();
+            let number = |range: std::ops::Range<usize>| text[range].parse::<i64>().unwrap();
+            let (year, month, day) = (number(0..4), number(5..7), number(8..10));
+            // Days from the civil date, the inverse of the conversion under test.
+            let y = if month <= 2 { year - 1 } else { year };
+            let era = y.div_euclid(400);
+            let yoe = y - era * 400;
+            let doy = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + day - 1;
+            let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+            let days = era * 146_097 + doe - 719_468;
+            let back = days * 86_400 + number(11..13) * 3600 + number(14..16) * 60 + number(17..19);
+            proptest::prop_assert_eq!(back, secs as i64, "{}", text);
+        }
+
         #[test]
         fn json_strings_read_back_as_written(text in ".*") {
             let literal = json(&text);
