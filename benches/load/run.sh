@@ -21,6 +21,9 @@
 #   RESULTS      where the output is saved (benches/load/results/latest.txt)
 #   SKIP_BUILD   1: use the existing target/release/iamproxy (iterating on this script)
 #   ONLY         extended regex: run only the rows whose name matches (e.g. 'nginx$|iamproxy-pass$')
+#   INSTRUCTIONS 1: after the load rows, count instructions per request with
+#                benches/instructions/run.sh on the same binary (about 6 minutes under
+#                valgrind, and deterministic where req/s is not); 0: skip (1)
 #
 # Everything runs on 127.0.0.1, in a mktemp directory that is removed on exit together
 # with every process started here. The pre-authorize secret is generated per run.
@@ -36,6 +39,7 @@ CONNECTIONS=${CONNECTIONS:-64}
 H2_CLIENTS=${H2_CLIENTS:-8}
 ACCESS_LOG=${ACCESS_LOG:-on}
 FILL=${FILL:-100000}
+INSTRUCTIONS=${INSTRUCTIONS:-1}
 WARMUP=${WARMUP:-1}
 PORT_BASE=${PORT_BASE:-28000}
 PROXY_CPU=${PROXY_CPU:-0}
@@ -795,6 +799,10 @@ main() {
     run_rounds
     report
     ((FILL > 0)) && measure_memory
+    if ((INSTRUCTIONS)); then
+        echo
+        ACCESS_LOG=$ACCESS_LOG BIN=$REPO/target/release/iamproxy "$HERE/../instructions/run.sh"
+    fi
     echo
     echo "Run took $(($(date +%s) - started))s in all ($(($(date +%s) - measure_start))s measuring)."
 }
