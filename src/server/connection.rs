@@ -437,6 +437,17 @@ mod tests {
         idle: Duration::from_secs(60),
     };
 
+    /// A connection from loopback whose clocks are `activity`'s.
+    fn conn_on(activity: &Arc<Activity>) -> Conn {
+        Conn {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            peer_ip: HeaderValue::from_static("127.0.0.1"),
+            https: false,
+            activity: activity.clone(),
+            drain: Draining::default().token(),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_new_connection_must_send_headers_within_the_header_read_timeout() {
         let activity = Activity::new(false);
@@ -449,13 +460,7 @@ mod tests {
     async fn after_a_request_the_idle_clock_runs_until_the_next_byte() {
         let activity = Arc::new(Activity::new(false));
         activity.on_read(b"GET / HTTP/1.1\r\n");
-        let conn = Conn {
-            peer: "127.0.0.1:1".parse().unwrap(),
-            peer_ip: HeaderValue::from_static("127.0.0.1"),
-            https: false,
-            activity: activity.clone(),
-            drain: Draining::default().token(),
-        };
+        let conn = conn_on(&activity);
         let request = conn.request_started();
         assert_eq!(activity.deadline(TIMEOUTS), None, "nothing runs in flight");
         tokio::time::advance(Duration::from_secs(100)).await;
@@ -494,13 +499,7 @@ mod tests {
     async fn a_head_that_starts_while_the_watchdog_sleeps_on_the_idle_clock_is_cut_in_time() {
         let activity = Arc::new(Activity::new(false));
         activity.on_read(b"GET / HTTP/1.1\r\n\r\n");
-        let conn = Conn {
-            peer: "127.0.0.1:1".parse().unwrap(),
-            peer_ip: HeaderValue::from_static("127.0.0.1"),
-            https: false,
-            activity: activity.clone(),
-            drain: Draining::default().token(),
-        };
+        let conn = conn_on(&activity);
         drop(conn.request_started());
         let started = Instant::now();
         let sleep = tokio::time::sleep_until(started + Duration::from_secs(3600));
@@ -521,13 +520,7 @@ mod tests {
     async fn a_busy_connection_is_not_cut_and_its_idle_clock_starts_when_the_request_ends() {
         let activity = Arc::new(Activity::new(false));
         activity.on_read(b"GET / HTTP/1.1\r\n\r\n");
-        let conn = Conn {
-            peer: "127.0.0.1:1".parse().unwrap(),
-            peer_ip: HeaderValue::from_static("127.0.0.1"),
-            https: false,
-            activity: activity.clone(),
-            drain: Draining::default().token(),
-        };
+        let conn = conn_on(&activity);
         let request = conn.request_started();
         let started = Instant::now();
         let sleep = tokio::time::sleep_until(started + Duration::from_secs(10));
