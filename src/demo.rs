@@ -221,6 +221,7 @@ fn json_response(status: StatusCode, body: String) -> Response<ResponseBody> {
 const STAND_IN_TIMEOUTS: Timeouts = Timeouts {
     handshake_and_header_read: Duration::from_secs(10),
     idle: Duration::from_secs(60),
+    write: Duration::from_secs(60),
 };
 
 /// Serves `answer` on a fresh loopback port until the demo's stop sender is dropped.
@@ -255,6 +256,7 @@ where
         let limits = Limits {
             max_connections: STAND_IN_CONNECTIONS,
             max_header_bytes: 65_536,
+            h2_max_concurrent_streams: 128,
         };
         Accept::new(limits, settings, make)
             .until(&listener, stopped)

@@ -23,6 +23,10 @@ pub enum ProxyError {
     RailsUnavailable,
     /// Rails sent no response headers within `rails.timeout`.
     RailsTimeout,
+    /// Every one of `rails.max_connections` stayed busy for `rails.connect_timeout`.
+    RailsSaturated,
+    /// Buffering this OAuth body would pass `server.max_buffered_bytes`.
+    BufferFull,
 }
 
 impl ProxyError {
@@ -34,6 +38,7 @@ impl ProxyError {
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::RailsUnavailable => StatusCode::BAD_GATEWAY,
             ProxyError::RailsTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::RailsSaturated | ProxyError::BufferFull => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -45,16 +50,26 @@ impl ProxyError {
             ProxyError::UriTooLong => "URI too long\n",
             ProxyError::RailsUnavailable => "Bad Gateway\n",
             ProxyError::RailsTimeout => "Gateway Timeout\n",
+            ProxyError::RailsSaturated | ProxyError::BufferFull => "Service Unavailable\n",
         };
         let mut response = text_response(self.status(), text);
         if matches!(
             self,
-            ProxyError::BodyTooLarge | ProxyError::BodyTimeout | ProxyError::UriTooLong
+            ProxyError::BodyTooLarge
+                | ProxyError::BodyTimeout
+                | ProxyError::UriTooLong
+                | ProxyError::BufferFull
         ) {
             // The (rest of the) body was not read: the connection cannot be reused.
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if matches!(self, ProxyError::RailsSaturated | ProxyError::BufferFull) {
+            // Nothing was sent upstream: the client may try again shortly.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
     }
@@ -99,6 +114,8 @@ mod tests {
             (ProxyError::UriTooLong, 414),
             (ProxyError::RailsUnavailable, 502),
             (ProxyError::RailsTimeout, 504),
+            (ProxyError::RailsSaturated, 503),
+            (ProxyError::BufferFull, 503),
         ];
         for (error, status) in table {
             let response = error.into_response();

@@ -15,10 +15,11 @@ use crate::config::{Config, LogFormat, RedisConfig, ServerConfig, UpstreamUrl};
 use crate::decision::cache::DecisionCache;
 use crate::decision::preauth::PreauthClient;
 use crate::forward::breaker::Breaker;
-use crate::forward::client::Pool;
+use crate::forward::client::{Pool, PoolLimits, Upstream};
 use crate::forward::headers::RequestIds;
 use crate::observe::logging::LogLevel;
 use crate::observe::metrics::Metrics;
+use crate::proxy::buffer::Budget;
 
 #[derive(Debug)]
 pub struct AppState {
@@ -32,6 +33,8 @@ pub struct AppState {
     pub request_ids: RequestIds,
     /// Outlives reloads: counters keep counting across them.
     pub metrics: Arc<Metrics>,
+    /// OAuth bodies buffered now; outlives reloads, as the bodies do.
+    pub buffered: Arc<Budget>,
 }
 
 /// Rails and how to reach it.
@@ -69,13 +72,18 @@ impl AppState {
     }
 
     fn build(config: Config, previous: Option<&AppState>) -> AppState {
+        let metrics = previous.map_or_else(Arc::default, |previous| previous.metrics.clone());
         let rails = RailsUpstream {
             url: config.rails.url.clone(),
             timeout: config.rails.timeout,
             pool: Pool::new(
                 &config.rails.url.uri,
                 &config.rails.url.tls,
-                config.rails.connect_timeout,
+                PoolLimits {
+                    connect_timeout: config.rails.connect_timeout,
+                    max_connections: config.rails.max_connections,
+                    saturated: metrics.saturated(Upstream::Rails),
+                },
             ),
         };
         // Config validation guarantees [preauthorize] whenever [iam] is present.
@@ -95,14 +103,26 @@ impl AppState {
                     timeout: iam.timeout,
                     fallback_statuses: iam.fallback_statuses.clone(),
                     token_prefixes: iam.token_prefixes.clone(),
-                    pool: Pool::new(&iam.url.uri, &iam.url.tls, iam.connect_timeout),
+                    pool: Pool::new(
+                        &iam.url.uri,
+                        &iam.url.tls,
+                        PoolLimits {
+                            connect_timeout: iam.connect_timeout,
+                            max_connections: iam.max_connections,
+                            saturated: metrics.saturated(Upstream::Iam),
+                        },
+                    ),
                     breaker: same_breaker.unwrap_or_else(|| {
                         Arc::new(Breaker::new(
                             iam.circuit_breaker.consecutive_failures,
                             iam.circuit_breaker.open_for,
                         ))
                     }),
-                    preauth: PreauthClient::new(preauth, &config.cache),
+                    preauth: PreauthClient::new(
+                        preauth,
+                        &config.cache,
+                        metrics.saturated(Upstream::Preauthorize),
+                    ),
                 }
             });
         let cache = previous
@@ -117,7 +137,8 @@ impl AppState {
             iam,
             cache,
             request_ids: RequestIds::new(),
-            metrics: previous.map_or_else(Arc::default, |previous| previous.metrics.clone()),
+            metrics,
+            buffered: previous.map_or_else(Arc::default, |previous| previous.buffered.clone()),
             config,
         }
     }

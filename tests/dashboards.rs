@@ -22,6 +22,7 @@ const METRICS: &[&str] = &[
     "iamproxy_iam_breaker_state",
     "iamproxy_iam_breaker_opens_total",
     "iamproxy_upstream_connection_errors_total",
+    "iamproxy_upstream_saturated_total",
     "process_resident_memory_bytes",
     "process_open_fds",
     "process_cpu_seconds_total",

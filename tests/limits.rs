@@ -1,6 +1,6 @@
 //! Limits against clients that ask for too much: URI length (414), header size (431),
-//! concurrent connections (the rest wait), and how long an idle keep-alive connection is
-//! kept.
+//! concurrent connections (the rest wait), OAuth bodies buffered at once (503), and how
+//! long an idle keep-alive connection is kept.
 
 mod support;
 
@@ -261,4 +261,57 @@ async fn an_idle_http2_connection_is_closed_after_idle_timeout() {
         .unwrap()
         .expect("with a GOAWAY, not an error");
     assert_eq!(gw.rails.count(), 2);
+}
+
+/// A token request declaring a 4 KiB body, of which only the head and `sent` go out.
+fn token_head(length: usize) -> String {
+    format!(
+        "POST /oauth/token HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {length}\r\n\r\n"
+    )
+}
+
+/// `grant_type=…&client_id=app-1`, padded with `&pad=…` to exactly `length` bytes.
+fn token_form(length: usize) -> String {
+    let form = "grant_type=client_credentials&client_id=app-1&pad=";
+    format!("{form}{}", "x".repeat(length - form.len()))
+}
+
+#[tokio::test]
+async fn oauth_bodies_past_max_buffered_bytes_get_503_until_one_is_done() {
+    let gw = gateway()
+        .set("server", "max_body_bytes = 4096\nmax_buffered_bytes = 6144")
+        .start()
+        .await;
+    let whole = |length: usize| format!("{}{}", token_head(length), token_form(length));
+    // A body of 4 KiB on its way holds 4 KiB of the budget from its head on.
+    let mut first = RawConnection::connect(gw.addr).await;
+    first.write(token_head(4096).as_bytes()).await;
+    // Another 4 KiB does not fit once that head has been read.
+    let refused = loop {
+        let mut probe = RawConnection::connect(gw.addr).await;
+        probe.write(whole(4096).as_bytes()).await;
+        let response = probe.response().await;
+        if response.status == 503 {
+            break response;
+        }
+        assert_eq!(response.status, 200, "{response:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    // A chunked body is counted as it arrives: with 2 KiB left, its third KiB is refused.
+    let mut chunked = RawConnection::connect(gw.addr).await;
+    chunked
+        .write(b"POST /oauth/token HTTP/1.1\r\nhost: gateway\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await;
+    let chunk = format!("{:x}\r\n{}\r\n", 1000, "x".repeat(1000));
+    for _ in 0..3 {
+        chunked.write(chunk.as_bytes()).await;
+    }
+    assert_eq!(chunked.response().await.status, 503);
+    // The first finishes: its share comes back, and 4 KiB fits again.
+    first.write(token_form(4096).as_bytes()).await;
+    assert_eq!(first.response().await.status, 200);
+    let mut again = RawConnection::connect(gw.addr).await;
+    again.write(whole(4096).as_bytes()).await;
+    assert_eq!(again.response().await.status, 200);
 }

@@ -121,6 +121,7 @@ async fn exports_exactly_the_contracted_metric_families_with_their_types() {
         ("iamproxy_iam_breaker_state", "gauge"),
         ("iamproxy_iam_breaker_opens_total", "counter"),
         ("iamproxy_upstream_connection_errors_total", "counter"),
+        ("iamproxy_upstream_saturated_total", "counter"),
         ("process_resident_memory_bytes", "gauge"),
         ("process_open_fds", "gauge"),
         ("process_cpu_seconds_total", "counter"),
@@ -786,7 +787,13 @@ fn assert_labels_come_from_closed_sets(scraped: &Scrape) {
         "force_rails",
         "percentage",
     ];
-    let fallback_reasons = ["connect_error", "timeout", "status", "breaker_open"];
+    let fallback_reasons = [
+        "connect_error",
+        "timeout",
+        "status",
+        "breaker_open",
+        "saturated",
+    ];
     for series in scraped.samples.keys() {
         if !series.name.starts_with("iamproxy_") {
             continue;

@@ -32,21 +32,28 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("server.header_read_timeout", "10s"),
     ("server.idle_timeout", "60s"),
     ("server.body_read_timeout", "30s"),
+    ("server.body_idle_timeout", "30s"),
+    ("server.write_timeout", "60s"),
     ("server.max_body_bytes", "1048576"),
+    ("server.max_buffered_bytes", "67108864"),
     ("server.max_connections", "10000"),
+    ("server.h2_max_concurrent_streams", "128"),
     ("server.max_header_bytes", "65536"),
     ("server.max_uri_bytes", "16384"),
     ("server.shutdown_timeout", "30s"),
     ("server.graceful_shutdown_delay", "0s"),
     ("rails.connect_timeout", "5s"),
     ("rails.timeout", "60s"),
+    ("rails.max_connections", "1024"),
     ("iam.connect_timeout", "1s"),
     ("iam.timeout", "10s"),
+    ("iam.max_connections", "512"),
     ("iam.fallback_statuses", "500, 502, 503, 504"),
     ("iam.token_prefixes", "giat_, ory_"),
     ("iam.circuit_breaker.consecutive_failures", "5"),
     ("iam.circuit_breaker.open_for", "10s"),
     ("preauthorize.timeout", "500ms"),
+    ("preauthorize.max_connections", "64"),
     ("cache.ttl", "60s"),
     ("cache.max_entries", "100000"),
     ("cache.stale_if_error", "5m"),
@@ -87,6 +94,7 @@ pub(super) fn config(raw: RawConfig) -> Result<Config, ConfigError> {
         url: upstream(("rails.url", rails.url), ("rails.ca_file", rails.ca_file))?,
         connect_timeout: positive_duration("rails.connect_timeout", rails.connect_timeout)?,
         timeout: positive_duration("rails.timeout", rails.timeout)?,
+        max_connections: positive_int("rails.max_connections", rails.max_connections)?,
     };
     let iam = raw.iam.map(iam).transpose()?;
     if iam.is_some() && raw.preauthorize.is_none() {
@@ -126,7 +134,20 @@ fn server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
         positive_duration("server.header_read_timeout", raw.header_read_timeout)?;
     let idle_timeout = positive_duration("server.idle_timeout", raw.idle_timeout)?;
     let body_read_timeout = positive_duration("server.body_read_timeout", raw.body_read_timeout)?;
+    let body_idle_timeout = positive_duration("server.body_idle_timeout", raw.body_idle_timeout)?;
+    let write_timeout = positive_duration("server.write_timeout", raw.write_timeout)?;
     let max_body_bytes = positive_int("server.max_body_bytes", raw.max_body_bytes)?;
+    let max_buffered_bytes = positive_int("server.max_buffered_bytes", raw.max_buffered_bytes)?;
+    if max_buffered_bytes < max_body_bytes {
+        return Err(invalid(
+            "server.max_buffered_bytes",
+            format!("must be at least server.max_body_bytes ({max_body_bytes}), found {max_buffered_bytes}"),
+        ));
+    }
+    let h2_max_concurrent_streams = positive_int(
+        "server.h2_max_concurrent_streams",
+        raw.h2_max_concurrent_streams,
+    )?;
     let max_connections = positive_int("server.max_connections", raw.max_connections)?;
     let max_header_bytes = positive_int("server.max_header_bytes", raw.max_header_bytes)?;
     if max_header_bytes < MIN_HEADER_BYTES {
@@ -155,7 +176,11 @@ fn server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
         header_read_timeout,
         idle_timeout,
         body_read_timeout,
+        body_idle_timeout,
+        write_timeout,
         max_body_bytes,
+        max_buffered_bytes,
+        h2_max_concurrent_streams,
         max_connections,
         max_header_bytes,
         max_uri_bytes,
@@ -227,6 +252,7 @@ fn iam(raw: RawIam) -> Result<IamConfig, ConfigError> {
         url: upstream(("iam.url", raw.url), ("iam.ca_file", raw.ca_file))?,
         connect_timeout: positive_duration("iam.connect_timeout", raw.connect_timeout)?,
         timeout: positive_duration("iam.timeout", raw.timeout)?,
+        max_connections: positive_int("iam.max_connections", raw.max_connections)?,
         fallback_statuses: statuses
             .into_iter()
             .enumerate()
@@ -267,6 +293,7 @@ fn preauthorize(raw: RawPreauthorize) -> Result<PreauthorizeConfig, ConfigError>
         url,
         secret,
         timeout: positive_duration("preauthorize.timeout", raw.timeout)?,
+        max_connections: positive_int("preauthorize.max_connections", raw.max_connections)?,
         tls,
     })
 }

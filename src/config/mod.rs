@@ -100,7 +100,15 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// An OAuth request body must arrive in full within this; a trickling client gets 408.
     pub body_read_timeout: Duration,
+    /// A streamed (pass-through) request body that sends nothing for this long is cut.
+    pub body_idle_timeout: Duration,
+    /// A connection whose client accepts no response bytes for this long is closed.
+    pub write_timeout: Duration,
     pub max_body_bytes: u64,
+    /// OAuth bodies buffered at once, across all connections; past it, 503.
+    pub max_buffered_bytes: u64,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub h2_max_concurrent_streams: u32,
     /// Client connections served at once; further ones wait in the listen backlog.
     pub max_connections: usize,
     /// Request line plus headers; larger gets 431 (HTTP/2: the header list size).
@@ -125,6 +133,8 @@ pub struct RailsConfig {
     pub url: UpstreamUrl,
     pub connect_timeout: Duration,
     pub timeout: Duration,
+    /// Connections open to Rails at most; see [`crate::forward::client::Pool`].
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -132,6 +142,7 @@ pub struct IamConfig {
     pub url: UpstreamUrl,
     pub connect_timeout: Duration,
     pub timeout: Duration,
+    pub max_connections: usize,
     pub fallback_statuses: Vec<StatusCode>,
     pub token_prefixes: Vec<String>,
     pub circuit_breaker: BreakerConfig,
@@ -149,6 +160,7 @@ pub struct PreauthorizeConfig {
     pub url: Uri,
     pub secret: Secret,
     pub timeout: Duration,
+    pub max_connections: usize,
     /// What the backend's certificate must chain to; unused for `http`.
     pub tls: Arc<ClientConfig>,
 }

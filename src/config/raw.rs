@@ -32,8 +32,12 @@ pub(super) struct RawServer {
     pub(super) header_read_timeout: Option<String>,
     pub(super) idle_timeout: Option<String>,
     pub(super) body_read_timeout: Option<String>,
+    pub(super) body_idle_timeout: Option<String>,
+    pub(super) write_timeout: Option<String>,
     pub(super) max_body_bytes: Option<i64>,
     pub(super) max_connections: Option<i64>,
+    pub(super) max_buffered_bytes: Option<i64>,
+    pub(super) h2_max_concurrent_streams: Option<i64>,
     pub(super) max_header_bytes: Option<i64>,
     pub(super) max_uri_bytes: Option<i64>,
     pub(super) shutdown_timeout: Option<String>,
@@ -62,6 +66,7 @@ pub(super) struct RawRails {
     pub(super) ca_file: Option<String>,
     pub(super) connect_timeout: Option<String>,
     pub(super) timeout: Option<String>,
+    pub(super) max_connections: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -71,6 +76,7 @@ pub(super) struct RawIam {
     pub(super) ca_file: Option<String>,
     pub(super) connect_timeout: Option<String>,
     pub(super) timeout: Option<String>,
+    pub(super) max_connections: Option<i64>,
     pub(super) fallback_statuses: Option<Vec<i64>>,
     pub(super) token_prefixes: Option<Vec<String>>,
     #[serde(default)]
@@ -91,6 +97,7 @@ pub(super) struct RawPreauthorize {
     pub(super) ca_file: Option<String>,
     pub(super) secret_file: Option<String>,
     pub(super) timeout: Option<String>,
+    pub(super) max_connections: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]

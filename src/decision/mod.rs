@@ -118,14 +118,18 @@ pub enum FallbackReason {
     Status,
     /// The breaker is open: IAM was not tried.
     BreakerOpen,
+    /// Every one of `iam.max_connections` stayed busy for `iam.connect_timeout`: IAM was
+    /// not tried, and the breaker does not count it.
+    Saturated,
 }
 
 impl FallbackReason {
-    pub const ALL: [FallbackReason; 4] = [
+    pub const ALL: [FallbackReason; 5] = [
         FallbackReason::ConnectError,
         FallbackReason::Timeout,
         FallbackReason::Status,
         FallbackReason::BreakerOpen,
+        FallbackReason::Saturated,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -134,6 +138,7 @@ impl FallbackReason {
             FallbackReason::Timeout => "timeout",
             FallbackReason::Status => "status",
             FallbackReason::BreakerOpen => "breaker_open",
+            FallbackReason::Saturated => "saturated",
         }
     }
 }

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::config::{CacheConfig, PreauthorizeConfig};
 use crate::decision::Destination;
-use crate::forward::client::Pool;
+use crate::forward::client::{Pool, PoolLimits};
 use crate::forward::headers::X_REQUEST_ID;
 use crate::forward::RequestBody;
 
@@ -127,10 +127,23 @@ impl std::fmt::Debug for PreauthClient {
 }
 
 impl PreauthClient {
-    /// `limits` caps the lifetimes an answer may ask for.
-    pub fn new(config: &PreauthorizeConfig, limits: &CacheConfig) -> PreauthClient {
+    /// `limits` caps the lifetimes an answer may ask for; `saturated` counts calls that
+    /// found every connection busy.
+    pub fn new(
+        config: &PreauthorizeConfig,
+        limits: &CacheConfig,
+        saturated: prometheus::IntCounter,
+    ) -> PreauthClient {
         PreauthClient {
-            pool: Pool::new(&config.url, &config.tls, config.timeout),
+            pool: Pool::new(
+                &config.url,
+                &config.tls,
+                PoolLimits {
+                    connect_timeout: config.timeout,
+                    max_connections: config.max_connections,
+                    saturated,
+                },
+            ),
             url: config.url.to_string(),
             path: config.url.path().to_owned(),
             host: config

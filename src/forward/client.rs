@@ -9,23 +9,38 @@
 //! meanwhile (so a burst does not wait on a burst of connects). A request that finds its
 //! pooled connection closed by the upstream before a byte was sent is sent again on
 //! another one.
+//!
+//! At most `max_connections` connections are open per upstream, idle ones included: a
+//! request that finds none idle and none left to open waits up to the connect timeout for
+//! one to come back, then fails with [`SendError::Saturated`].
+//!
+//! A caller that goes away mid-exchange (an HTTP/2 client resetting its stream, a client
+//! disconnecting) does not throw the connection away when the rest of the exchange is
+//! short: whatever is left of the response (headers, then the body) is read in the
+//! background for at most [`ABANDONED_GRACE`] and [`ABANDONED_BYTES`], and the connection
+//! goes back to the pool. A request whose body was cut mid-way leaves its connection
+//! unusable, and it is closed.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
+use hyper::client::conn::TrySendError;
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
+use prometheus::IntCounter;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
@@ -56,6 +71,10 @@ impl Upstream {
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per upstream; one more returned closes the oldest.
 const MAX_IDLE: usize = 1024;
+/// Longest the rest of an abandoned exchange is waited for, to keep its connection.
+pub const ABANDONED_GRACE: Duration = Duration::from_secs(2);
+/// Most response bytes read and thrown away to keep an abandoned exchange's connection.
+pub const ABANDONED_BYTES: usize = 256 * 1024;
 
 /// Why an upstream exchange failed before response headers.
 #[derive(Debug, thiserror::Error)]
@@ -66,8 +85,19 @@ pub enum SendError {
     ConnectTimeout(Duration),
     #[error("tls handshake error: {0}")]
     Tls(std::io::Error),
+    #[error("all {0} connections busy for the connect timeout")]
+    Saturated(usize),
     #[error(transparent)]
     Http(#[from] hyper::Error),
+}
+
+/// How many connections a [`Pool`] may open, and how long a request waits for one.
+#[derive(Debug, Clone)]
+pub struct PoolLimits {
+    pub connect_timeout: Duration,
+    pub max_connections: usize,
+    /// Incremented for each request that found no connection in time.
+    pub saturated: IntCounter,
 }
 
 /// Keep-alive connections to one upstream. Cheap to clone: clones share the connections.
@@ -81,6 +111,11 @@ struct Shared {
     /// if the host is not a name a certificate can carry).
     tls: Option<(TlsConnector, Option<ServerName<'static>>)>,
     connect_timeout: Duration,
+    /// One permit per open connection, held by its task.
+    connections: Arc<Semaphore>,
+    max_connections: usize,
+    /// Counts requests that waited in vain for a free connection.
+    saturated: IntCounter,
     slots: Mutex<Slots>,
 }
 
@@ -110,9 +145,14 @@ impl std::fmt::Debug for Pool {
 impl Pool {
     /// A pool to the upstream at `url` (`http` or `https`; the path is the caller's).
     /// `tls` decides which certificates an `https` upstream may present; `connect_timeout`
-    /// bounds name resolution and the TCP connect, and the TLS handshake counts against
-    /// the request's own timeout.
-    pub fn new(url: &Uri, tls: &Arc<ClientConfig>, connect_timeout: Duration) -> Pool {
+    /// bounds the wait for a free connection, and then name resolution and the TCP
+    /// connect; the TLS handshake counts against the request's own timeout.
+    pub fn new(url: &Uri, tls: &Arc<ClientConfig>, limits: PoolLimits) -> Pool {
+        let PoolLimits {
+            connect_timeout,
+            max_connections,
+            saturated,
+        } = limits;
         let https = url.scheme_str() == Some("https");
         // Config validation guarantees a host; the default ports follow the scheme.
         let host = url.host().unwrap_or("localhost");
@@ -128,6 +168,9 @@ impl Pool {
             addr: format!("{host}:{port}"),
             tls,
             connect_timeout,
+            connections: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            saturated,
             slots: Mutex::default(),
         }))
     }
@@ -145,7 +188,14 @@ impl Pool {
                 // connection should not carry (and move) it.
                 None => Box::pin(self.connect_or_returned()).await?,
             };
-            match sender.try_send_request(request).await {
+            let mut exchange = Exchange {
+                response: Box::pin(sender.try_send_request(request)),
+                sender: Some(sender),
+                pool: self,
+            };
+            let sent = exchange.response.as_mut().await;
+            let sender = exchange.finished();
+            match sent {
                 Ok(response) => return Ok(self.pooled(response, sender)),
                 Err(mut failed) => match failed.take_message() {
                     // The upstream closed an idle connection as we picked it: nothing was
@@ -155,6 +205,11 @@ impl Pool {
                 },
             }
         }
+    }
+
+    /// Connections this pool opens at most.
+    pub fn max_connections(&self) -> usize {
+        self.0.max_connections
     }
 
     fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
@@ -240,19 +295,33 @@ impl Pool {
 
     async fn connect(&self) -> Result<SendRequest<RequestBody>, SendError> {
         let shared = &self.0;
+        let permit = match shared.connections.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let free = shared.connections.clone().acquire_owned();
+                match tokio::time::timeout(shared.connect_timeout, free).await {
+                    Ok(Ok(permit)) => permit,
+                    // Closed never happens: the semaphore is ours.
+                    Ok(Err(_)) | Err(_) => {
+                        shared.saturated.inc();
+                        return Err(SendError::Saturated(shared.max_connections));
+                    }
+                }
+            }
+        };
         let tcp = tokio::time::timeout(shared.connect_timeout, TcpStream::connect(&*shared.addr))
             .await
             .map_err(|_| SendError::ConnectTimeout(shared.connect_timeout))?
             .map_err(SendError::Connect)?;
         let _ = tcp.set_nodelay(true);
         match &shared.tls {
-            None => handshake(tcp).await,
+            None => handshake(tcp, permit).await,
             Some((connector, name)) => {
                 let name = name.clone().ok_or_else(|| {
                     SendError::Tls(std::io::Error::other("not a valid TLS server name"))
                 })?;
                 let tls = connector.connect(name, tcp).await.map_err(SendError::Tls)?;
-                handshake(tls).await
+                handshake(tls, permit).await
             }
         }
     }
@@ -278,17 +347,75 @@ impl Pool {
     }
 }
 
-/// Starts an HTTP/1.1 connection on `io`; it runs in a task of its own until the upstream
-/// or the pool closes it. Its errors reach the request in flight, if any.
-async fn handshake<I>(io: I) -> Result<SendRequest<RequestBody>, SendError>
+/// Starts an HTTP/1.1 connection on `io`; it runs in a task of its own, holding its place
+/// among the pool's connections (`permit`), until the upstream or the pool closes it. Its
+/// errors reach the request in flight, if any.
+async fn handshake<I>(
+    io: I,
+    permit: OwnedSemaphorePermit,
+) -> Result<SendRequest<RequestBody>, SendError>
 where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (sender, connection) = http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
         let _ = connection.with_upgrades().await;
+        drop(permit);
     });
     Ok(sender)
+}
+
+type ResponseFuture = Pin<
+    Box<dyn Future<Output = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>> + Send>,
+>;
+
+/// A request sent on `sender`, waiting for its response headers. Dropped before they came
+/// (the caller went away), it finishes in the background: see [`finish_abandoned`].
+struct Exchange<'a> {
+    response: ResponseFuture,
+    /// `None` once the response (or its error) has been taken.
+    sender: Option<SendRequest<RequestBody>>,
+    pool: &'a Pool,
+}
+
+impl Exchange<'_> {
+    /// The response has come: the connection is the caller's again.
+    fn finished(&mut self) -> SendRequest<RequestBody> {
+        // `send` calls this once, right after the response resolved.
+        self.sender.take().expect("the exchange's connection")
+    }
+}
+
+impl Drop for Exchange<'_> {
+    fn drop(&mut self) {
+        let Some(sender) = self.sender.take() else {
+            return;
+        };
+        // No runtime: the process is exiting, and the connection with it.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let response = std::mem::replace(&mut self.response, Box::pin(std::future::pending()));
+            runtime.spawn(finish_abandoned(response, sender, self.pool.clone()));
+        }
+    }
+}
+
+/// The rest of an exchange nobody waits for: read for at most [`ABANDONED_GRACE`] and
+/// [`ABANDONED_BYTES`] of body, then its connection goes back to the pool; else closed.
+async fn finish_abandoned(response: ResponseFuture, sender: SendRequest<RequestBody>, pool: Pool) {
+    let finish = async {
+        let response = response.await.ok()?;
+        let mut body = pool.pooled(response, sender).into_body();
+        let mut read = 0;
+        while let Some(frame) = body.frame().await {
+            read += frame.ok()?.data_ref().map_or(0, Bytes::len);
+            if read > ABANDONED_BYTES {
+                return None;
+            }
+        }
+        // Read to the end: the body has returned the connection.
+        Some(())
+    };
+    let _ = tokio::time::timeout(ABANDONED_GRACE, finish).await;
 }
 
 /// An upstream response body: gives its connection back to the pool at end of stream.

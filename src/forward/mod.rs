@@ -7,8 +7,9 @@ pub mod client;
 pub mod headers;
 pub mod upgrade;
 
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -20,9 +21,10 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, Uri, Version};
 use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
 
 use crate::config::UpstreamUrl;
-use client::{Pool, UpstreamBody};
+use client::{Pool, SendError, UpstreamBody};
 use headers::{X_FORWARDED_HOST, X_REQUEST_ID};
 
 /// A request body going upstream: streamed from the client, or buffered (OAuth requests,
@@ -139,6 +141,9 @@ pub enum UpstreamError {
     Connect(String),
     /// No response headers in time.
     Timeout,
+    /// Every one of the upstream's `max_connections` stayed busy for its connect timeout:
+    /// nothing was sent.
+    Saturated,
 }
 
 /// Sends `request` and waits for response headers. The clock starts once the request body
@@ -159,7 +164,10 @@ pub async fn send(
         tokio::time::sleep(timeout).await;
     };
     tokio::select! {
-        result = exchange => result.map_err(|e| UpstreamError::Connect(error_chain(&e))),
+        result = exchange => result.map_err(|error| match error {
+            SendError::Saturated(_) => UpstreamError::Saturated,
+            error => UpstreamError::Connect(error_chain(&error)),
+        }),
         () = deadline => Err(UpstreamError::Timeout),
     }
 }
@@ -171,20 +179,51 @@ pub fn downstream_response(response: Response<UpstreamBody>) -> Response<Respons
     Response::from_parts(parts, Either::Left(body))
 }
 
-/// A client body streamed upstream that reports when it has been sent in full, and
-/// whether it ended because the client's body was broken.
+/// A client body streamed upstream: it reports when it has been sent in full and whether
+/// it ended because of the client, and cuts a client that goes silent for `idle`
+/// (`server.body_idle_timeout`), which aborts the upstream exchange.
 #[derive(Debug)]
 pub struct Streamed {
     inner: Incoming,
     sent: Option<oneshot::Sender<()>>,
-    client_failed: Arc<AtomicBool>,
+    failure: Arc<AtomicU8>,
+    idle: Duration,
+    /// Armed the first time the client keeps us waiting; re-armed after each frame.
+    silence: Option<Pin<Box<Sleep>>>,
+    /// A frame arrived since `silence` was armed.
+    moved: bool,
 }
+
+/// Why a client's body ended the upstream exchange; see [`Progress::client_failure`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientFailure {
+    /// It broke off or was malformed (e.g. a bad chunk).
+    Broken,
+    /// It sent nothing for `server.body_idle_timeout`.
+    Silent,
+}
+
+const NO_FAILURE: u8 = 0;
+
+impl ClientFailure {
+    fn code(self) -> u8 {
+        match self {
+            ClientFailure::Broken => 1,
+            ClientFailure::Silent => 2,
+        }
+    }
+}
+
+/// The client's body went silent for longer than `server.body_idle_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent no body bytes for {0:?}")]
+pub struct BodyIdle(Duration);
 
 /// How a [`Streamed`] body is getting on.
 #[derive(Debug)]
 pub struct Progress {
     sent: Option<oneshot::Receiver<()>>,
-    client_failed: Arc<AtomicBool>,
+    failure: Arc<AtomicU8>,
 }
 
 impl Progress {
@@ -193,49 +232,87 @@ impl Progress {
         self.sent.take()
     }
 
-    /// The client's body broke off or was malformed (e.g. a bad chunk): a failed upstream
-    /// exchange is then the client's doing, not the upstream's.
-    pub fn client_failed(&self) -> bool {
-        self.client_failed.load(Ordering::Acquire)
+    /// The client's body ended the exchange: a failed upstream exchange is then the
+    /// client's doing, not the upstream's.
+    pub fn client_failure(&self) -> Option<ClientFailure> {
+        match self.failure.load(Ordering::Acquire) {
+            NO_FAILURE => None,
+            1 => Some(ClientFailure::Broken),
+            _ => Some(ClientFailure::Silent),
+        }
     }
 }
 
 impl Streamed {
-    pub fn new(inner: Incoming) -> (Streamed, Progress) {
+    pub fn new(inner: Incoming, idle: Duration) -> (Streamed, Progress) {
         let (tx, rx) = oneshot::channel();
-        let client_failed = Arc::new(AtomicBool::new(false));
+        let failure = Arc::new(AtomicU8::new(NO_FAILURE));
         (
             Streamed {
                 inner,
                 sent: Some(tx),
-                client_failed: client_failed.clone(),
+                failure: failure.clone(),
+                idle,
+                silence: None,
+                moved: false,
             },
             Progress {
                 sent: Some(rx),
-                client_failed,
+                failure,
             },
         )
+    }
+
+    fn ended(&mut self, failure: Option<ClientFailure>) {
+        if let Some(failure) = failure {
+            self.failure.store(failure.code(), Ordering::Release);
+        }
+        if let Some(sent) = self.sent.take() {
+            let _ = sent.send(());
+        }
+    }
+
+    /// Ready once the client has been silent for `idle` since its last frame.
+    fn poll_silence(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let idle = self.idle;
+        let silence = self
+            .silence
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+        if std::mem::take(&mut self.moved) {
+            silence.as_mut().reset(Instant::now() + idle);
+        }
+        silence.as_mut().poll(cx)
     }
 }
 
 impl Body for Streamed {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = polled {
-            self.client_failed.store(true, Ordering::Release);
-        }
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            if let Some(sent) = self.sent.take() {
-                let _ = sent.send(());
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => {
+                std::task::ready!(this.poll_silence(cx));
+                this.ended(Some(ClientFailure::Silent));
+                Poll::Ready(Some(Err(Box::new(BodyIdle(this.idle)))))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                this.moved = true;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(error))) => {
+                this.ended(Some(ClientFailure::Broken));
+                Poll::Ready(Some(Err(Box::new(error))))
+            }
+            Poll::Ready(None) => {
+                this.ended(None);
+                Poll::Ready(None)
             }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {

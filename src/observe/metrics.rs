@@ -75,10 +75,11 @@ pub struct Metrics {
     cache_entries: IntGauge,
     preauth_calls: [IntCounter; 5],
     preauth_duration: Histogram,
-    fallbacks: [IntCounter; 4],
+    fallbacks: [IntCounter; 5],
     breaker_state: [IntGauge; 3],
     breaker_opens: IntCounter,
     connection_errors: [IntCounter; 3],
+    saturated: [IntCounter; 3],
     process: Option<ProcessGauges>,
 }
 
@@ -196,6 +197,17 @@ impl Metrics {
                 &["upstream"],
             ),
         );
+        let saturated = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "iamproxy_upstream_saturated_total",
+                    "Requests that found every one of the upstream's max_connections \
+                     connections busy for its connect timeout, and were not sent.",
+                ),
+                &["upstream"],
+            ),
+        );
 
         Metrics {
             requests: Family::new(
@@ -253,6 +265,8 @@ impl Metrics {
             ),
             connection_errors: Upstream::ALL
                 .map(|upstream| connection_errors.with_label_values(&[upstream.as_str()])),
+            saturated: Upstream::ALL
+                .map(|upstream| saturated.with_label_values(&[upstream.as_str()])),
             process: ProcessGauges::register(&registry),
             registry,
         }
@@ -337,6 +351,11 @@ impl Metrics {
 
     pub fn connection_error(&self, upstream: Upstream) {
         self.connection_errors[upstream as usize].inc();
+    }
+
+    /// The counter `upstream`'s pool increments when it gives up waiting for a connection.
+    pub fn saturated(&self, upstream: Upstream) -> IntCounter {
+        self.saturated[upstream as usize].clone()
     }
 
     /// The text exposition, after reading the state-describing gauges. `breaker` is

@@ -5,7 +5,8 @@
 //!    Rails untouched (tunnelling a WebSocket upgrade, see [`crate::forward::upgrade`]).
 //! 2. **prepare** — clean the head once (hop-by-hop, gateway-only headers, forwarding
 //!    headers, correlation id); every upstream request is built from it.
-//! 3. **buffer** — read the OAuth body, up to `max_body_bytes` ([`buffer_body`]).
+//! 3. **buffer** — read the OAuth body, up to `max_body_bytes` and within the gateway's
+//!    budget for buffered bodies ([`buffer`]).
 //! 4. **decide** — read the query and form body once, send codes and tokens back to
 //!    their issuer, identify the client, apply the rules before the cache, then the
 //!    decision cache and the pre-authorize backend ([`decide`]).
@@ -16,15 +17,16 @@
 //! and [`ProxyError`] maps failures to statuses in one place.
 
 pub mod access;
+pub mod buffer;
 pub mod decide;
 pub mod replay;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use http_body_util::{Either, Full};
 use hyper::body::{Body, Incoming};
-use hyper::header::{self, HeaderMap};
+use hyper::header::HeaderMap;
 use hyper::{Request, Response};
 
 use crate::classify::Endpoint;
@@ -33,8 +35,8 @@ use crate::forward::client::{Upstream, UpstreamBody};
 use crate::forward::headers::X_REQUEST_ID;
 use crate::forward::upgrade::{self, Upgrade};
 use crate::forward::{
-    self, downstream_response, upstream_request, Downstream, Head, HostRule, Progress, RequestBody,
-    ResponseBody, Streamed, UpstreamError,
+    self, downstream_response, upstream_request, ClientFailure, Downstream, Head, HostRule,
+    Progress, RequestBody, ResponseBody, Streamed, UpstreamError,
 };
 use crate::respond::ProxyError;
 use crate::server::connection::Conn;
@@ -115,7 +117,8 @@ async fn pass_through(
     let response = if body.is_end_stream() {
         rails_exchange(state, &head, headers, empty_body(), None).await?
     } else {
-        let (body, progress) = Streamed::new(body);
+        let idle = state.config.server.body_idle_timeout;
+        let (body, progress) = Streamed::new(body, idle);
         rails_exchange(state, &head, headers, Either::Left(body), Some(progress)).await?
     };
     Ok(match upgrade {
@@ -132,14 +135,8 @@ async fn oauth(
     body: Incoming,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let state = exchange.state;
-    let config = &state.config.server;
-    let body = buffer_body(
-        body,
-        &head.headers,
-        config.max_body_bytes,
-        config.body_read_timeout,
-    )
-    .await?;
+    let (body, _held) =
+        buffer::read(body, &head.headers, &state.config.server, &state.buffered).await?;
     let decision = decide::decide(exchange, endpoint, &head, &body).await;
     match (decision.destination, &state.iam) {
         (Destination::Iam, Some(iam)) => replay::to_iam(exchange, iam, head, body).await,
@@ -147,30 +144,6 @@ async fn oauth(
             let headers = std::mem::take(&mut head.headers);
             to_rails(state, &head, headers, body).await
         }
-    }
-}
-
-/// Reads an OAuth request body, refusing one over `limit` up front (Content-Length) or as
-/// soon as a chunked body crosses it.
-async fn buffer_body(
-    body: Incoming,
-    headers: &HeaderMap,
-    limit: u64,
-    timeout: Duration,
-) -> Result<Bytes, ProxyError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limit) {
-        return Err(ProxyError::BodyTooLarge);
-    }
-    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(error)) if error.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge),
-        Ok(Err(_)) => Err(ProxyError::BodyUnreadable),
-        Err(_) => Err(ProxyError::BodyTimeout),
     }
 }
 
@@ -207,22 +180,34 @@ async fn rails_exchange(
             );
             Err(ProxyError::RailsTimeout)
         }
-        // A broken client body aborts the upstream request too: the client's fault.
-        Err(UpstreamError::Connect(_))
-            if progress.as_ref().is_some_and(Progress::client_failed) =>
-        {
-            Err(ProxyError::BodyUnreadable)
-        }
-        Err(UpstreamError::Connect(error)) => {
-            state.metrics.connection_error(Upstream::Rails);
+        Err(UpstreamError::Saturated) => {
             tracing::warn!(
                 correlation_id = log_str(&head.request_id),
-                error = %error,
-                "rails unreachable"
+                max_connections = rails.pool.max_connections(),
+                "every connection to rails busy, answering 503"
             );
-            Err(ProxyError::RailsUnavailable)
+            Err(ProxyError::RailsSaturated)
         }
+        Err(UpstreamError::Connect(error)) => match client_failure(&progress) {
+            // A broken or silent client body aborts the upstream request too: the
+            // client's fault.
+            Some(ClientFailure::Broken) => Err(ProxyError::BodyUnreadable),
+            Some(ClientFailure::Silent) => Err(ProxyError::BodyTimeout),
+            None => {
+                state.metrics.connection_error(Upstream::Rails);
+                tracing::warn!(
+                    correlation_id = log_str(&head.request_id),
+                    error = %error,
+                    "rails unreachable"
+                );
+                Err(ProxyError::RailsUnavailable)
+            }
+        },
     }
+}
+
+fn client_failure(progress: &Option<Progress>) -> Option<ClientFailure> {
+    progress.as_ref().and_then(Progress::client_failure)
 }
 
 fn empty_body() -> RequestBody {

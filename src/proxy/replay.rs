@@ -79,6 +79,16 @@ async fn try_iam(
             state.metrics.connection_error(Upstream::Iam);
             (Err(FallbackReason::ConnectError), Cow::Owned(error))
         }
+        Err(UpstreamError::Saturated) => {
+            // The gateway's own limit, not IAM failing: the breaker does not hear of it.
+            drop(attempt);
+            tracing::warn!(
+                correlation_id = log_str(&head.request_id),
+                max_connections = iam.pool.max_connections(),
+                "iamproxy: every connection to IAM busy, replaying to rails"
+            );
+            return Err(FallbackReason::Saturated);
+        }
     };
     match outcome {
         Ok(response) => {

@@ -26,12 +26,14 @@ pub struct Settings {
     pub timeouts: Timeouts,
 }
 
-/// How many connections a listener serves at once, and how large a request head may be.
+/// How many connections a listener serves at once, how large a request head may be, and
+/// how many streams an HTTP/2 connection may open.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_connections: usize,
     /// Request line plus headers; larger gets 431.
     pub max_header_bytes: usize,
+    pub h2_max_concurrent_streams: u32,
 }
 
 impl Limits {
@@ -40,6 +42,7 @@ impl Limits {
         Limits {
             max_connections: server.max_connections,
             max_header_bytes: server.max_header_bytes,
+            h2_max_concurrent_streams: server.h2_max_concurrent_streams,
         }
     }
 }
@@ -72,7 +75,7 @@ where
         make: M,
     ) -> Accept<M> {
         Accept {
-            builder: connection_builder(limits.max_header_bytes),
+            builder: connection_builder(limits),
             settings: Box::new(settings),
             draining: Draining::default(),
             connections: Arc::new(Semaphore::new(limits.max_connections)),
@@ -127,22 +130,25 @@ pub fn timeouts(server: &ServerConfig) -> Timeouts {
     Timeouts {
         handshake_and_header_read: server.header_read_timeout,
         idle: server.idle_timeout,
+        write: server.write_timeout,
     }
 }
 
 /// HTTP/1.1, and HTTP/2 (by ALPN over TLS, by prior knowledge in cleartext). Headers over
-/// `max_header_bytes` (or more than hyper's 100 fields) get 431. The header read and idle
+/// `max_header_bytes` (or more than hyper's 100 fields) get 431; an HTTP/2 client may open
+/// `h2_max_concurrent_streams` streams at once (nginx's default is 128). The header read and idle
 /// timeouts are [`connection`]'s, not hyper's: hyper's header timer also runs while a
 /// keep-alive connection waits for its next request, which would make the two one.
-fn connection_builder(max_header_bytes: usize) -> auto::Builder<TokioExecutor> {
+pub(super) fn connection_builder(limits: Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .header_read_timeout(None)
-        .max_buf_size(max_header_bytes);
+        .max_buf_size(limits.max_header_bytes);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     builder
 }

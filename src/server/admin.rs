@@ -67,6 +67,7 @@ pub async fn serve(
     let limits = Limits {
         max_connections: ADMIN_CONNECTIONS,
         max_header_bytes: server.max_header_bytes,
+        h2_max_concurrent_streams: server.h2_max_concurrent_streams,
     };
     Accept::new(limits, settings, make)
         .until(&listener, stop)

@@ -1,5 +1,6 @@
 //! One client connection from accept to close: the optional TLS handshake, the timeouts
-//! that bound a connection nobody is using, and the drain that shutdown waits on.
+//! that bound a connection nobody is using or a client that stopped reading, and the drain
+//! that shutdown waits on.
 //!
 //! Two clocks run while no request is in flight:
 //! - **header read**: from the first byte of a request (or from accept, for the first
@@ -9,10 +10,18 @@
 //! - **idle**: a connection with no request for `server.idle_timeout` is closed
 //!   gracefully (HTTP/2 gets a GOAWAY).
 //!
-//! A request in flight stops both: a slow upstream is bounded by its own timeout.
+//! A request is in flight from its head until its response body has been sent (or
+//! dropped), so a long download is never idle. While one is, a single clock runs:
+//! - **write**: a response body that handed a frame to hyper which hyper then does not
+//!   take the next one for `server.write_timeout` (the client accepts no bytes: its socket
+//!   or its HTTP/2 window is full) closes the connection. The watchdog looks every
+//!   `write_timeout`, so a stall is cut after between one and two of them (the first look
+//!   comes at the idle deadline the connection had when the request began).
 //!
-//! Nothing on the request path touches a timer: reads and requests only write down when
-//! they happened, and one sleep per connection ([`watch`]) looks at those times when it
+//! A slow upstream is bounded by its own timeout.
+//!
+//! Nothing on the request path touches a timer: reads, requests and body frames only write
+//! down what happened, and one sleep per connection ([`watch`]) looks at that when it
 //! fires or when the connection's task runs anyway. These are the only clocks: hyper's own
 //! header timer is off.
 
@@ -25,7 +34,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::body::{Body, Incoming};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::HeaderValue;
 use hyper::service::Service;
 use hyper::{Request, Response};
@@ -83,6 +92,7 @@ impl Drain {
 pub struct Timeouts {
     pub handshake_and_header_read: Duration,
     pub idle: Duration,
+    pub write: Duration,
 }
 
 /// What a request knows of the connection it arrived on.
@@ -98,7 +108,8 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Marks a request in flight until the guard drops; services call it first.
+    /// Marks a request in flight until the guard drops; services call it first, and hand
+    /// it to the response body ([`Busy::until_sent`]).
     pub fn request_started(&self) -> Busy {
         self.activity.in_flight.fetch_add(1, Ordering::AcqRel);
         self.activity.head_since.store(NONE, Ordering::Release);
@@ -111,10 +122,73 @@ impl Conn {
     }
 }
 
-/// A request in flight on a connection: its clocks stop until this drops. See
-/// [`Conn::request_started`].
+/// A request in flight on a connection: its idle and header clocks stop until this drops.
+/// See [`Conn::request_started`].
 #[derive(Debug)]
 pub struct Busy(Arc<Activity>);
+
+impl Busy {
+    /// `body`, keeping the request in flight until it has been sent or dropped, and
+    /// telling the write clock when it waits for the client.
+    pub fn until_sent<B>(self, body: B) -> Sending<B> {
+        Sending {
+            inner: body,
+            busy: self,
+            handed: false,
+        }
+    }
+}
+
+/// A response body on its way to the client; see [`Busy::until_sent`].
+#[derive(Debug)]
+pub struct Sending<B> {
+    inner: B,
+    busy: Busy,
+    /// The last poll handed hyper a frame and no poll has come since: the body waits for
+    /// the client to take it.
+    handed: bool,
+}
+
+impl<B: Body + Unpin> Body for Sending<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = &mut *self;
+        let activity = &this.busy.0;
+        if this.handed {
+            // Hyper came back for more: the client took the last frame.
+            this.handed = false;
+            activity.waiting_on_client.fetch_sub(1, Ordering::AcqRel);
+            activity.taken.fetch_add(1, Ordering::AcqRel);
+        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) && !this.inner.is_end_stream() {
+            this.handed = true;
+            activity.waiting_on_client.fetch_add(1, Ordering::AcqRel);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Sending<B> {
+    fn drop(&mut self) {
+        if self.handed {
+            self.busy.0.waiting_on_client.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
 
 impl Drop for Busy {
     fn drop(&mut self) {
@@ -138,6 +212,10 @@ struct Activity {
     /// How many bytes of the HTTP/2 preface the connection began with: all of them is
     /// HTTP/2, [`HTTP1`] once a byte differed.
     preface: AtomicU8,
+    /// Response bodies waiting for the client to take the frame they handed hyper.
+    waiting_on_client: AtomicUsize,
+    /// Frames the client has taken: moves while responses flow.
+    taken: AtomicU64,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
@@ -152,6 +230,8 @@ impl Activity {
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(0),
             preface: AtomicU8::new(if http2 { HTTP2 } else { 0 }),
+            waiting_on_client: AtomicUsize::new(0),
+            taken: AtomicU64::new(0),
         }
     }
 
@@ -205,6 +285,31 @@ impl Activity {
 enum Expiry {
     HeaderRead,
     Idle,
+    /// The client took no response bytes for a whole `write_timeout`.
+    Write,
+}
+
+/// What the watchdog saw at its last look while requests were in flight.
+#[derive(Debug, Clone, Copy, Default)]
+struct LastLook {
+    /// A response body was waiting for the client.
+    waiting: bool,
+    /// [`Activity::taken`] then.
+    taken: u64,
+}
+
+impl LastLook {
+    /// Looks again: stalled if a body has waited since the last look and the client has
+    /// taken nothing meanwhile.
+    fn stalled(&mut self, activity: &Activity) -> bool {
+        let now = LastLook {
+            waiting: activity.waiting_on_client.load(Ordering::Acquire) > 0,
+            taken: activity.taken.load(Ordering::Acquire),
+        };
+        let stalled = self.waiting && now.waiting && self.taken == now.taken;
+        *self = now;
+        stalled
+    }
 }
 
 /// Ready when the connection has been idle, or slow sending headers, for too long.
@@ -213,12 +318,13 @@ enum Expiry {
 /// head) is seen here because the caller polls this after the connection, whose read
 /// started it; a deadline that moves later (a request ended) just lets `sleep` fire early,
 /// look again, and sleep on. So a request costs no timer work; a busy connection costs one
-/// wake-up per idle timeout.
+/// wake-up per idle timeout, or per write timeout while a request is in flight.
 fn watch(
     cx: &mut Context<'_>,
     activity: &Activity,
     timeouts: Timeouts,
     mut sleep: Pin<&mut Sleep>,
+    look: &mut LastLook,
 ) -> Poll<Expiry> {
     if let Some((at, _)) = activity.deadline(timeouts) {
         if at < sleep.deadline() {
@@ -231,9 +337,13 @@ fn watch(
         let now = sleep.deadline();
         match activity.deadline(timeouts) {
             Some((at, why)) if at <= now => return Poll::Ready(why),
-            Some((at, _)) => sleep.as_mut().reset(at),
-            // A request in flight: nothing expires, look again later.
-            None => sleep.as_mut().reset(now + timeouts.idle),
+            Some((at, _)) => {
+                *look = LastLook::default();
+                sleep.as_mut().reset(at);
+            }
+            // Requests in flight: only the write clock runs.
+            None if look.stalled(activity) => return Poll::Ready(Expiry::Write),
+            None => sleep.as_mut().reset(now + timeouts.write),
         }
     }
 }
@@ -397,6 +507,7 @@ async fn run<I, M, S, B>(
         .map_or(Instant::now(), |(at, _)| at);
     let sleep = tokio::time::sleep_until(first);
     tokio::pin!(sleep);
+    let mut look = LastLook::default();
     loop {
         // The connection first: the watchdog then sees the clocks its reads started.
         tokio::select! {
@@ -407,16 +518,16 @@ async fn run<I, M, S, B>(
                 }
                 return;
             }
-            expiry = std::future::poll_fn(|cx| watch(cx, &activity, timeouts, sleep.as_mut())) => match expiry {
+            expiry = std::future::poll_fn(|cx| watch(cx, &activity, timeouts, sleep.as_mut(), &mut look)) => match expiry {
                 Expiry::Idle if !idle_closed => {
                     connection.as_mut().graceful_shutdown();
                     idle_closed = true;
                     activity.idle_since.store(activity.now(), Ordering::Release);
                 }
-                // Half a request head, or a connection that outstayed its close: nothing
-                // left to finish gracefully.
+                // Half a request head, a client that stopped reading, or a connection that
+                // outstayed its close: nothing left to finish gracefully.
                 _ => {
-                    tracing::debug!(?expiry, "closing a connection with no request in flight");
+                    tracing::debug!(?expiry, "closing the connection");
                     return;
                 }
             },
@@ -429,125 +540,4 @@ async fn run<I, M, S, B>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const TIMEOUTS: Timeouts = Timeouts {
-        handshake_and_header_read: Duration::from_secs(10),
-        idle: Duration::from_secs(60),
-    };
-
-    /// A connection from loopback whose clocks are `activity`'s.
-    fn conn_on(activity: &Arc<Activity>) -> Conn {
-        Conn {
-            peer: "127.0.0.1:1".parse().unwrap(),
-            peer_ip: HeaderValue::from_static("127.0.0.1"),
-            https: false,
-            activity: activity.clone(),
-            drain: Draining::default().token(),
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_new_connection_must_send_headers_within_the_header_read_timeout() {
-        let activity = Activity::new(false);
-        let (at, why) = activity.deadline(TIMEOUTS).unwrap();
-        assert_eq!(why, Expiry::HeaderRead);
-        assert_eq!(at, activity.accepted + Duration::from_secs(10));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn after_a_request_the_idle_clock_runs_until_the_next_byte() {
-        let activity = Arc::new(Activity::new(false));
-        activity.on_read(b"GET / HTTP/1.1\r\n");
-        let conn = conn_on(&activity);
-        let request = conn.request_started();
-        assert_eq!(activity.deadline(TIMEOUTS), None, "nothing runs in flight");
-        tokio::time::advance(Duration::from_secs(100)).await;
-        drop(request);
-        let (at, why) = activity.deadline(TIMEOUTS).unwrap();
-        assert_eq!(why, Expiry::Idle);
-        assert_eq!(at, Instant::now() + Duration::from_secs(60));
-
-        tokio::time::advance(Duration::from_secs(5)).await;
-        activity.on_read(b"G");
-        let (at, why) = activity.deadline(TIMEOUTS).unwrap();
-        assert_eq!(why, Expiry::HeaderRead);
-        assert_eq!(at, Instant::now() + Duration::from_secs(10));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn http2_frames_between_requests_do_not_start_the_header_clock() {
-        let activity = Activity::new(false);
-        activity.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-        let (_, why) = activity.deadline(TIMEOUTS).unwrap();
-        assert_eq!(why, Expiry::Idle);
-        activity.on_read(b"ping frame");
-        assert_eq!(activity.deadline(TIMEOUTS).unwrap().1, Expiry::Idle);
-    }
-
-    /// Polls `future` once; `None` if it is pending.
-    async fn poll_once<F: std::future::Future + Unpin>(future: &mut F) -> Option<F::Output> {
-        tokio::select! {
-            biased;
-            output = future => Some(output),
-            () = std::future::ready(()) => None,
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_head_that_starts_while_the_watchdog_sleeps_on_the_idle_clock_is_cut_in_time() {
-        let activity = Arc::new(Activity::new(false));
-        activity.on_read(b"GET / HTTP/1.1\r\n\r\n");
-        let conn = conn_on(&activity);
-        drop(conn.request_started());
-        let started = Instant::now();
-        let sleep = tokio::time::sleep_until(started + Duration::from_secs(3600));
-        tokio::pin!(sleep);
-        let mut watchdog =
-            std::future::poll_fn(|cx| watch(cx, &activity, TIMEOUTS, sleep.as_mut()));
-        assert_eq!(poll_once(&mut watchdog).await, None, "idle for 0 s of 60");
-
-        tokio::time::advance(Duration::from_secs(5)).await;
-        activity.on_read(b"G");
-        // The connection's task runs after a read: the watchdog looks again.
-        assert_eq!(poll_once(&mut watchdog).await, None, "a head for 0 s of 10");
-        assert_eq!(watchdog.await, Expiry::HeaderRead);
-        assert_eq!(Instant::now(), started + Duration::from_secs(15));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_busy_connection_is_not_cut_and_its_idle_clock_starts_when_the_request_ends() {
-        let activity = Arc::new(Activity::new(false));
-        activity.on_read(b"GET / HTTP/1.1\r\n\r\n");
-        let conn = conn_on(&activity);
-        let request = conn.request_started();
-        let started = Instant::now();
-        let sleep = tokio::time::sleep_until(started + Duration::from_secs(10));
-        tokio::pin!(sleep);
-        let mut watchdog =
-            std::future::poll_fn(|cx| watch(cx, &activity, TIMEOUTS, sleep.as_mut()));
-        // Five minutes in flight: the watchdog wakes and sleeps on.
-        tokio::time::advance(Duration::from_secs(300)).await;
-        assert_eq!(poll_once(&mut watchdog).await, None);
-        drop(request);
-        assert_eq!(watchdog.await, Expiry::Idle);
-        assert_eq!(Instant::now(), started + Duration::from_secs(360));
-    }
-
-    #[tokio::test]
-    async fn draining_waits_for_every_token() {
-        let draining = Draining::default();
-        let mut token = draining.token();
-        assert_eq!(draining.count(), 1);
-        let holder = tokio::spawn(async move {
-            token.started().await;
-            drop(token);
-        });
-        tokio::time::timeout(Duration::from_secs(5), draining.drain())
-            .await
-            .expect("drained once the token is dropped");
-        holder.await.unwrap();
-        assert_eq!(draining.count(), 0);
-    }
-}
+mod tests;

@@ -112,8 +112,9 @@ impl Gateway {
                     let state = live.current();
                     let conn = conn.clone();
                     async move {
-                        let _busy = conn.request_started();
-                        Ok::<_, Infallible>(proxy::handle(&state, &conn, request).await)
+                        let busy = conn.request_started();
+                        let response = proxy::handle(&state, &conn, request).await;
+                        Ok::<_, Infallible>(response.map(|body| busy.until_sent(body)))
                     }
                 })
             }

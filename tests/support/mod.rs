@@ -9,15 +9,18 @@ pub mod process;
 pub mod raw;
 pub mod tls;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -46,6 +49,12 @@ pub enum Reply {
     },
     /// Wait, then answer as the inner reply does.
     After(Duration, Box<Reply>),
+    /// 200 with `chunks` copies of `chunk`, one every `every` (the first at once).
+    Drip {
+        chunk: Bytes,
+        chunks: usize,
+        every: Duration,
+    },
     /// Never answer (the connection stays open).
     Hang,
     /// Close the connection without answering.
@@ -196,7 +205,7 @@ impl FakeUpstream {
     async fn serve(
         &self,
         request: Request<Incoming>,
-    ) -> Result<Response<Full<Bytes>>, std::io::Error> {
+    ) -> Result<Response<Either<Full<Bytes>, Drip>>, std::io::Error> {
         let (parts, body) = request.into_parts();
         let body = body
             .collect()
@@ -225,6 +234,19 @@ impl FakeUpstream {
                     tokio::time::sleep(delay).await;
                     reply = *inner;
                 }
+                Reply::Drip {
+                    chunk,
+                    chunks,
+                    every,
+                } => {
+                    let drip = Drip {
+                        chunk,
+                        left: chunks,
+                        every,
+                        next: Box::pin(tokio::time::sleep(Duration::ZERO)),
+                    };
+                    return Ok(Response::new(Either::Right(drip)));
+                }
                 Reply::Hang => std::future::pending::<()>().await,
                 // An error from the service makes hyper close the connection unanswered.
                 Reply::Drop => return Err(std::io::Error::other("dropping connection")),
@@ -233,7 +255,7 @@ impl FakeUpstream {
                     headers,
                     body,
                 } => {
-                    let mut response = Response::new(Full::new(body));
+                    let mut response = Response::new(Either::Left(Full::new(body)));
                     *response.status_mut() = status;
                     for (name, value) in headers {
                         response.headers_mut().append(
@@ -473,6 +495,37 @@ impl TestGateway {
     /// Requests the fake upstreams received, in total.
     pub fn upstream_counts(&self) -> (usize, usize, usize) {
         (self.rails.count(), self.iam.count(), self.preauth.count())
+    }
+}
+
+/// A response body sent a chunk at a time: see [`Reply::Drip`].
+pub struct Drip {
+    chunk: Bytes,
+    left: usize,
+    every: Duration,
+    next: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl hyper::body::Body for Drip {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        std::task::ready!(self.next.as_mut().poll(cx));
+        self.left -= 1;
+        let at = tokio::time::Instant::now() + self.every;
+        self.next.as_mut().reset(at);
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.clone()))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
     }
 }
 
