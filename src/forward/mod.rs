@@ -56,8 +56,11 @@ pub struct Downstream<'a> {
 }
 
 impl Head {
+    /// `body_length` is the length hyper framed the body by, if it knows it (its size
+    /// hint): the `Content-Length` that goes upstream.
     pub fn prepare(
         parts: Parts,
+        body_length: Option<u64>,
         client: Downstream<'_>,
         new_id: impl FnOnce() -> HeaderValue,
     ) -> Head {
@@ -69,6 +72,7 @@ impl Head {
         } = parts;
         headers::remove_hop_by_hop(&mut headers);
         headers::remove_gateway_only(&mut headers);
+        headers::set_content_length(&mut headers, body_length);
         // `Expect: 100-continue` is between the client and us, and hyper meets it when the
         // body is first read; upstreams get the body without the handshake.
         headers.remove(header::EXPECT);
@@ -120,6 +124,15 @@ pub fn upstream_request(
         (_, None) => upstream.host.clone(),
     };
     headers.insert(header::HOST, host);
+    if body.size_hint().exact().is_none() {
+        // A body of unknown length is a client's chunked one (or HTTP/2 DATA without a
+        // length). hyper's client would send it chunked, except for GET and HEAD, whose
+        // body it leaves out unless told how to frame it.
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
     let mut request = Request::new(body);
     *request.method_mut() = head.method.clone();
     // Origin-form: the pool knows where it connects, `Host` says the rest.
@@ -291,7 +304,9 @@ mod tests {
             https: false,
             trusted: false,
         };
-        Head::prepare(parts, client, || HeaderValue::from_static("generated"))
+        Head::prepare(parts, None, client, || {
+            HeaderValue::from_static("generated")
+        })
     }
 
     fn empty() -> RequestBody {

@@ -69,7 +69,8 @@ pub async fn handle(
         https: conn.https,
         trusted: state.is_trusted(conn.peer.ip()),
     };
-    let head = Head::prepare(parts, client, || state.request_ids.next());
+    let body_length = body.size_hint().exact();
+    let head = Head::prepare(parts, body_length, client, || state.request_ids.next());
     let mut exchange = Exchange {
         state,
         endpoint,
