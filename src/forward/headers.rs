@@ -74,12 +74,39 @@ fn remove_matching(headers: &mut HeaderMap, matches: impl Fn(&HeaderName) -> boo
     }
 }
 
+/// Removes headers whose names contain `_`, as nginx does by default
+/// (`underscores_in_headers off`). Rack, like CGI, files `Gitlab_Workhorse` and
+/// `Gitlab-Workhorse` under the same `HTTP_GITLAB_WORKHORSE` key, so an underscored name
+/// would pass every rule below that matches the dashed one. Runs before anything reads a
+/// header.
+pub fn remove_underscored(headers: &mut HeaderMap) {
+    remove_matching(headers, |name| name.as_str().as_bytes().contains(&b'_'));
+}
+
 /// Removes headers only the gateway may set (`Gitlab-Workhorse*`): a client must not be
 /// able to impersonate the gateway towards Rails.
 pub fn remove_gateway_only(headers: &mut HeaderMap) {
     remove_matching(headers, |name| {
         name.as_str().starts_with("gitlab-workhorse")
     });
+}
+
+/// Forwarding headers other than `X-Forwarded-For` and `-Proto` that Rack reads to work
+/// out the scheme, host and port of the request (`Forwarded` and `X-Forwarded-Scheme` /
+/// `-Ssl` before `X-Forwarded-Proto`).
+fn is_peer_forwarding(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name == "forwarded"
+        || name
+            .strip_prefix("x-forwarded-")
+            .is_some_and(|rest| matches!(rest, "host" | "port" | "ssl" | "scheme"))
+}
+
+/// Removes `Forwarded`, `X-Forwarded-Host`, `-Port`, `-Ssl` and `-Scheme`, for a peer
+/// outside `server.trusted_cidrs`: they would let it choose the scheme and host Rails
+/// builds its redirect and callback URLs from.
+pub fn remove_peer_forwarding(headers: &mut HeaderMap) {
+    remove_matching(headers, is_peer_forwarding);
 }
 
 /// Rewrites a client's `Content-Length` as `decoded`, the length hyper framed the body by
@@ -269,6 +296,49 @@ mod tests {
         remove_gateway_only(&mut headers);
         let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["gitlab-shell-api-request"]);
+    }
+
+    #[test]
+    fn underscored_names_are_removed_whatever_they_spell() {
+        let mut headers = map(&[
+            ("Gitlab_Workhorse", "forged"),
+            ("Gitlab_Workhorse_Api_Request", "forged.jwt"),
+            ("X_Forwarded_Proto", "https"),
+            ("x-forwarded-for_", "6.6.6.6"),
+            ("Gitlab-Shell-Api-Request", "kept"),
+            ("Accept", "*/*"),
+        ]);
+        remove_underscored(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, vec!["accept", "gitlab-shell-api-request"]);
+    }
+
+    #[test]
+    fn peer_forwarding_headers_are_removed_and_for_and_proto_left_to_their_rules() {
+        let mut headers = map(&[
+            ("Forwarded", "for=6.6.6.6;proto=https;host=evil.example"),
+            ("X-Forwarded-Host", "evil.example"),
+            ("X-Forwarded-Port", "443"),
+            ("X-Forwarded-Ssl", "on"),
+            ("X-Forwarded-Scheme", "https"),
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Prefix", "/kept"),
+            ("Host", "gitlab.example.com"),
+        ]);
+        remove_peer_forwarding(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            vec![
+                "host",
+                "x-forwarded-for",
+                "x-forwarded-prefix",
+                "x-forwarded-proto"
+            ]
+        );
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! The request path. [`handle`] runs these phases in order, each a named function, over one
 //! per-request context ([`Exchange`]):
 //!
+//! 0. **screen** — headers with `_` in their names are dropped before anything reads a
+//!    header (see [`crate::forward::headers::remove_underscored`]).
 //! 1. **classify** — is the path an OAuth endpoint? If not, [`pass_through`] streams it to
 //!    Rails untouched (tunnelling a WebSocket upgrade, see [`crate::forward::upgrade`]).
 //! 2. **prepare** — clean the head once (hop-by-hop, gateway-only headers, forwarding
-//!    headers, correlation id); every upstream request is built from it.
+//!    headers, `Content-Length`, correlation id); every upstream request is built from it.
 //! 3. **buffer** — read the OAuth body, up to `max_body_bytes` ([`buffer_body`]).
 //! 4. **decide** — read the query and form body once, send codes and tokens back to
 //!    their issuer, identify the client, apply the rules before the cache, then the
@@ -30,7 +32,7 @@ use hyper::{Request, Response};
 use crate::classify::Endpoint;
 use crate::decision::Destination;
 use crate::forward::client::{Upstream, UpstreamBody};
-use crate::forward::headers::X_REQUEST_ID;
+use crate::forward::headers::{self, X_REQUEST_ID};
 use crate::forward::upgrade::{self, Upgrade};
 use crate::forward::{
     self, downstream_response, upstream_request, Downstream, Head, HostRule, Progress, RequestBody,
@@ -58,6 +60,7 @@ pub async fn handle(
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     let _in_flight = state.metrics.in_flight();
+    headers::remove_underscored(request.headers_mut());
     let endpoint = state.endpoints.classify(request.uri().path());
     let upgrade = match endpoint {
         None => upgrade::requested(&mut request, conn),
