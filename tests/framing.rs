@@ -1,11 +1,19 @@
-//! Request framing towards Rails, on raw connections: `Content-Length` goes out in the
-//! form hyper decoded, and a GET's or HEAD's body reaches Rails, whether the client framed
-//! it with `Content-Length` or in chunks.
+//! Request framing towards Rails: `Content-Length` goes out in the form hyper decoded, and
+//! a GET's or HEAD's body reaches Rails, whether the client framed it with
+//! `Content-Length`, in chunks (raw HTTP/1.1 connections), or in HTTP/2 DATA frames
+//! without a length.
 
 mod support;
 
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame};
+use hyper::Request;
 use support::raw::{RawConnection, PATIENCE};
-use support::{gateway, TestGateway};
+use support::{gateway, send_h2, TestGateway};
 
 const BODY: &[u8] = b"hello";
 
@@ -68,5 +76,40 @@ async fn get_and_head_bodies_reach_rails_with_content_length_and_chunked() {
         }
     }
     assert_eq!(gw.rails.count(), 4);
+    gw.stop().await;
+}
+
+/// `BODY` as one frame, of a length it does not announce: HTTP/2 sends it with no
+/// `Content-Length`.
+struct Unannounced(Option<Bytes>);
+
+impl Body for Unannounced {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.0.take().map(|data| Ok(Frame::data(data))))
+    }
+}
+
+#[tokio::test]
+async fn an_http2_get_body_without_a_length_reaches_rails() {
+    let gw = gateway().start().await;
+    for method in ["GET", "HEAD"] {
+        let request = Request::builder()
+            .method(method)
+            .uri(gw.url("/api/v4/projects"))
+            .body(Unannounced(Some(Bytes::from_static(BODY))))
+            .unwrap();
+        let answer = send_h2(gw.addr, request).await;
+        assert_eq!(answer.status, 200, "{method}");
+        let received = gw.rails.last();
+        assert_eq!(received.method.as_str(), method);
+        assert!(received.headers.get("content-length").is_none(), "{method}");
+        assert_eq!(received.body, BODY, "{method}");
+    }
     gw.stop().await;
 }

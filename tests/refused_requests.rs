@@ -9,42 +9,22 @@ mod support;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::Empty;
 use hyper::http::uri::{Parts, PathAndQuery, Scheme};
 use hyper::{Method, Request, StatusCode, Uri};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::metrics::scrape;
 use support::raw::{RawConnection, PATIENCE};
-use support::{gateway, TestGateway};
-use tokio::net::TcpStream;
+use support::{gateway, send_h2, TestGateway};
 
-/// Sends one request on a new HTTP/2 connection; returns its status and whether it had an
-/// `Allow` header.
+/// Sends one request over HTTP/2; returns its status and whether it had an `Allow` header.
 async fn h2(addr: SocketAddr, method: Method, uri: Uri) -> (StatusCode, bool) {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
     let request = Request::builder()
         .method(method)
         .uri(uri)
         .body(Empty::<Bytes>::new())
         .unwrap();
-    let exchange = async {
-        let response = sender
-            .send_request(request)
-            .await
-            .expect("an HTTP/2 answer");
-        let status = response.status();
-        let allow = response.headers().contains_key("allow");
-        response.into_body().collect().await.expect("its body");
-        (status, allow)
-    };
-    tokio::time::timeout(PATIENCE, exchange)
-        .await
-        .expect("the gateway answered in time")
+    let answer = send_h2(addr, request).await;
+    (answer.status, answer.headers.contains_key("allow"))
 }
 
 /// `scheme://{gw}{path}`, built from parts: `Uri`'s parser takes no `*` after an authority.
