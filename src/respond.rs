@@ -19,6 +19,12 @@ pub enum ProxyError {
     BodyUnreadable,
     /// Path plus query longer than `server.max_uri_bytes`.
     UriTooLong,
+    /// `CONNECT`: a reverse proxy opens no tunnels. 405 without `Allow`, as nginx answers.
+    MethodNotAllowed,
+    /// `*` as the target of a method other than `OPTIONS`.
+    AsteriskTarget,
+    /// A scheme other than `http` or `https` (HTTP/2 `:scheme`, an absolute-form target).
+    UnsupportedScheme,
     /// Rails refused, reset or closed the connection before answering.
     RailsUnavailable,
     /// Rails sent no response headers within `rails.timeout`.
@@ -36,10 +42,28 @@ impl ProxyError {
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BodyUnreadable => StatusCode::BAD_REQUEST,
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::AsteriskTarget | ProxyError::UnsupportedScheme => StatusCode::BAD_REQUEST,
             ProxyError::RailsUnavailable => StatusCode::BAD_GATEWAY,
             ProxyError::RailsTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::RailsSaturated | ProxyError::BufferFull => StatusCode::SERVICE_UNAVAILABLE,
         }
+    }
+
+    /// Whether the connection is closed after this answer: the (rest of the) body was not
+    /// read, so the connection cannot be reused; or the request is one no reverse proxy
+    /// forwards, and nothing good follows it on that connection (nginx closes too).
+    fn closes_connection(self) -> bool {
+        matches!(
+            self,
+            ProxyError::BodyTooLarge
+                | ProxyError::BodyTimeout
+                | ProxyError::UriTooLong
+                | ProxyError::BufferFull
+                | ProxyError::MethodNotAllowed
+                | ProxyError::AsteriskTarget
+                | ProxyError::UnsupportedScheme
+        )
     }
 
     pub fn into_response(self) -> Response<ResponseBody> {
@@ -48,19 +72,15 @@ impl ProxyError {
             ProxyError::BodyTimeout => "Request body timeout\n",
             ProxyError::BodyUnreadable => "Bad request body\n",
             ProxyError::UriTooLong => "URI too long\n",
+            ProxyError::MethodNotAllowed => "Method not allowed\n",
+            ProxyError::AsteriskTarget => "Bad request target\n",
+            ProxyError::UnsupportedScheme => "Unsupported scheme\n",
             ProxyError::RailsUnavailable => "Bad Gateway\n",
             ProxyError::RailsTimeout => "Gateway Timeout\n",
             ProxyError::RailsSaturated | ProxyError::BufferFull => "Service Unavailable\n",
         };
         let mut response = text_response(self.status(), text);
-        if matches!(
-            self,
-            ProxyError::BodyTooLarge
-                | ProxyError::BodyTimeout
-                | ProxyError::UriTooLong
-                | ProxyError::BufferFull
-        ) {
-            // The (rest of the) body was not read: the connection cannot be reused.
+        if self.closes_connection() {
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -106,24 +126,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_error_maps_to_its_status() {
+    fn each_error_maps_to_its_status_and_says_whether_the_connection_closes() {
         let table = [
-            (ProxyError::BodyTooLarge, 413),
-            (ProxyError::BodyTimeout, 408),
-            (ProxyError::BodyUnreadable, 400),
-            (ProxyError::UriTooLong, 414),
-            (ProxyError::RailsUnavailable, 502),
-            (ProxyError::RailsTimeout, 504),
-            (ProxyError::RailsSaturated, 503),
-            (ProxyError::BufferFull, 503),
+            (ProxyError::BodyTooLarge, 413, true),
+            (ProxyError::BodyTimeout, 408, true),
+            (ProxyError::BodyUnreadable, 400, false),
+            (ProxyError::UriTooLong, 414, true),
+            (ProxyError::MethodNotAllowed, 405, true),
+            (ProxyError::AsteriskTarget, 400, true),
+            (ProxyError::UnsupportedScheme, 400, true),
+            (ProxyError::RailsUnavailable, 502, false),
+            (ProxyError::RailsTimeout, 504, false),
+            (ProxyError::RailsSaturated, 503, false),
+            (ProxyError::BufferFull, 503, true),
         ];
-        for (error, status) in table {
+        for (error, status, closes) in table {
             let response = error.into_response();
             assert_eq!(response.status().as_u16(), status, "{error:?}");
             assert_eq!(
                 response.headers()["content-type"],
                 "text/plain; charset=utf-8"
             );
+            let close = response.headers().get("connection").map(|v| v.as_bytes());
+            assert_eq!(close, closes.then_some(&b"close"[..]), "{error:?}");
+            assert!(response.headers().get("allow").is_none(), "{error:?}");
         }
     }
 }

@@ -55,29 +55,85 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         }
         headers.remove(header::CONNECTION);
     }
-    // Most messages carry no other hop-by-hop header: look before collecting.
-    if headers.keys().any(is_hop_by_hop) {
-        let listed: Vec<HeaderName> = headers
-            .keys()
-            .filter(|name| is_hop_by_hop(name))
-            .cloned()
-            .collect();
-        for name in listed {
-            headers.remove(name);
-        }
+    remove_matching(headers, is_hop_by_hop);
+}
+
+/// Removes every header whose name `matches`. Most messages carry none of the headers
+/// this is asked to remove: it looks before it collects.
+fn remove_matching(headers: &mut HeaderMap, matches: impl Fn(&HeaderName) -> bool) {
+    if !headers.keys().any(&matches) {
+        return;
     }
+    let listed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| matches(name))
+        .cloned()
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+}
+
+/// Removes headers whose names contain `_`, as nginx does by default
+/// (`underscores_in_headers off`). Rack, like CGI, files `Gitlab_Workhorse` and
+/// `Gitlab-Workhorse` under the same `HTTP_GITLAB_WORKHORSE` key, so an underscored name
+/// would pass every rule below that matches the dashed one. Runs before anything reads a
+/// header.
+pub fn remove_underscored(headers: &mut HeaderMap) {
+    remove_matching(headers, |name| name.as_str().as_bytes().contains(&b'_'));
 }
 
 /// Removes headers only the gateway may set (`Gitlab-Workhorse*`): a client must not be
 /// able to impersonate the gateway towards Rails.
 pub fn remove_gateway_only(headers: &mut HeaderMap) {
-    let forged: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().starts_with("gitlab-workhorse"))
-        .cloned()
-        .collect();
-    for name in forged {
-        headers.remove(name);
+    remove_matching(headers, |name| {
+        name.as_str().starts_with("gitlab-workhorse")
+    });
+}
+
+/// Forwarding headers other than `X-Forwarded-For` and `-Proto` that Rack reads to work
+/// out the scheme, host and port of the request (`Forwarded` and `X-Forwarded-Scheme` /
+/// `-Ssl` before `X-Forwarded-Proto`).
+fn is_peer_forwarding(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name == "forwarded"
+        || name
+            .strip_prefix("x-forwarded-")
+            .is_some_and(|rest| matches!(rest, "host" | "port" | "ssl" | "scheme"))
+}
+
+/// Removes `Forwarded`, `X-Forwarded-Host`, `-Port`, `-Ssl` and `-Scheme`, for a peer
+/// outside `server.trusted_cidrs`: they would let it choose the scheme and host Rails
+/// builds its redirect and callback URLs from.
+pub fn remove_peer_forwarding(headers: &mut HeaderMap) {
+    remove_matching(headers, is_peer_forwarding);
+}
+
+/// Rewrites a client's `Content-Length` as `decoded`, the length hyper framed the body by
+/// (it accepts `005`, and a second line of the same value, and leaves the header as it
+/// came); removes it when the body's length is not known from it. A request without one is
+/// left alone.
+pub fn set_content_length(headers: &mut HeaderMap, decoded: Option<u64>) {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else {
+        return;
+    };
+    // The common case, already canonical: one line of digits without a leading zero.
+    let bytes = first.as_bytes();
+    let canonical = values.next().is_none()
+        && (bytes == b"0" || bytes.first().is_some_and(|b| *b != b'0'))
+        && bytes.iter().all(u8::is_ascii_digit)
+        && decoded.is_some_and(|n| first.to_str().ok().and_then(|v| v.parse().ok()) == Some(n));
+    if canonical {
+        return;
+    }
+    match decoded {
+        Some(length) => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        }
+        None => {
+            headers.remove(header::CONTENT_LENGTH);
+        }
     }
 }
 
@@ -240,6 +296,80 @@ mod tests {
         remove_gateway_only(&mut headers);
         let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["gitlab-shell-api-request"]);
+    }
+
+    #[test]
+    fn underscored_names_are_removed_whatever_they_spell() {
+        let mut headers = map(&[
+            ("Gitlab_Workhorse", "forged"),
+            ("Gitlab_Workhorse_Api_Request", "forged.jwt"),
+            ("X_Forwarded_Proto", "https"),
+            ("x-forwarded-for_", "6.6.6.6"),
+            ("Gitlab-Shell-Api-Request", "kept"),
+            ("Accept", "*/*"),
+        ]);
+        remove_underscored(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, vec!["accept", "gitlab-shell-api-request"]);
+    }
+
+    #[test]
+    fn peer_forwarding_headers_are_removed_and_for_and_proto_left_to_their_rules() {
+        let mut headers = map(&[
+            ("Forwarded", "for=6.6.6.6;proto=https;host=evil.example"),
+            ("X-Forwarded-Host", "evil.example"),
+            ("X-Forwarded-Port", "443"),
+            ("X-Forwarded-Ssl", "on"),
+            ("X-Forwarded-Scheme", "https"),
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Prefix", "/kept"),
+            ("Host", "gitlab.example.com"),
+        ]);
+        remove_peer_forwarding(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            vec![
+                "host",
+                "x-forwarded-for",
+                "x-forwarded-prefix",
+                "x-forwarded-proto"
+            ]
+        );
+    }
+
+    #[test]
+    fn content_length_is_rewritten_as_the_decoded_length() {
+        let length = |lines: &[&str], decoded: Option<u64>| {
+            let pairs: Vec<_> = lines.iter().map(|v| ("Content-Length", *v)).collect();
+            let mut headers = map(&pairs);
+            set_content_length(&mut headers, decoded);
+            headers
+                .get_all(header::CONTENT_LENGTH)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(length(&["005"], Some(5)), ["5"]);
+        assert_eq!(length(&["5, 5"], Some(5)), ["5"]);
+        assert_eq!(length(&["5", "05"], Some(5)), ["5"]);
+        assert_eq!(length(&["00"], Some(0)), ["0"]);
+        assert_eq!(length(&["+5"], Some(5)), ["5"]);
+        assert_eq!(length(&["5"], Some(5)), ["5"]);
+        assert_eq!(length(&["0"], Some(0)), ["0"]);
+        assert_eq!(
+            length(&["4"], None),
+            Vec::<String>::new(),
+            "not framed by it"
+        );
+        assert_eq!(
+            length(&[], Some(0)),
+            Vec::<String>::new(),
+            "none sent, none added"
+        );
     }
 
     #[test]

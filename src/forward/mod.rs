@@ -34,7 +34,8 @@ pub type RequestBody = Either<Streamed, Full<Bytes>>;
 pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
 
 /// The client request's head, cleaned once: hop-by-hop and gateway-only headers removed,
-/// forwarding headers and the correlation id set. Every upstream request is built from it,
+/// an untrusted peer's forwarding headers removed or replaced, `Content-Length` made
+/// canonical, the correlation id set. Every upstream request is built from it,
 /// so a replay to Rails carries exactly what a direct Rails request would.
 #[derive(Debug)]
 pub struct Head {
@@ -58,8 +59,12 @@ pub struct Downstream<'a> {
 }
 
 impl Head {
+    /// `body_length` is the length hyper framed the body by, if it knows it (its size
+    /// hint): the `Content-Length` that goes upstream. Headers with `_` in their names are
+    /// gone by now ([`headers::remove_underscored`]).
     pub fn prepare(
         parts: Parts,
+        body_length: Option<u64>,
         client: Downstream<'_>,
         new_id: impl FnOnce() -> HeaderValue,
     ) -> Head {
@@ -71,6 +76,10 @@ impl Head {
         } = parts;
         headers::remove_hop_by_hop(&mut headers);
         headers::remove_gateway_only(&mut headers);
+        if !client.trusted {
+            headers::remove_peer_forwarding(&mut headers);
+        }
+        headers::set_content_length(&mut headers, body_length);
         // `Expect: 100-continue` is between the client and us, and hyper meets it when the
         // body is first read; upstreams get the body without the handshake.
         headers.remove(header::EXPECT);
@@ -122,6 +131,15 @@ pub fn upstream_request(
         (_, None) => upstream.host.clone(),
     };
     headers.insert(header::HOST, host);
+    if body.size_hint().exact().is_none() {
+        // A body of unknown length is a client's chunked one (or HTTP/2 DATA without a
+        // length). hyper's client would send it chunked, except for GET and HEAD, whose
+        // body it leaves out unless told how to frame it.
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
     let mut request = Request::new(body);
     *request.method_mut() = head.method.clone();
     // Origin-form: the pool knows where it connects, `Host` says the rest.
@@ -368,7 +386,9 @@ mod tests {
             https: false,
             trusted: false,
         };
-        Head::prepare(parts, client, || HeaderValue::from_static("generated"))
+        Head::prepare(parts, None, client, || {
+            HeaderValue::from_static("generated")
+        })
     }
 
     fn empty() -> RequestBody {
@@ -401,6 +421,33 @@ mod tests {
         let up = upstream("http://127.0.0.1:8080");
         let req = upstream_request(&head, head.headers.clone(), &up, HostRule::Keep, empty());
         assert_eq!(req.headers()["host"], "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn iam_gets_the_gateways_forwarded_host_and_never_a_peers() {
+        for trusted in [false, true] {
+            let (parts, ()) = Request::get("/oauth/authorize")
+                .header("host", "gitlab.example.com")
+                .header("x-forwarded-host", "evil.example")
+                .header("x-forwarded-host", "evil.example.net")
+                .body(())
+                .unwrap()
+                .into_parts();
+            let ip = HeaderValue::from_static("10.0.0.1");
+            let client = Downstream {
+                ip: &ip,
+                https: false,
+                trusted,
+            };
+            let head = Head::prepare(parts, None, client, || HeaderValue::from_static("id"));
+            let kept = head.headers.get_all(&X_FORWARDED_HOST).iter().count();
+            assert_eq!(kept, if trusted { 2 } else { 0 }, "trusted: {trusted}");
+            let up = upstream("http://iam.internal:9000/");
+            let req =
+                upstream_request(&head, head.headers.clone(), &up, HostRule::Rewrite, empty());
+            let sent: Vec<_> = req.headers().get_all(&X_FORWARDED_HOST).iter().collect();
+            assert_eq!(sent, ["gitlab.example.com"], "trusted: {trusted}");
+        }
     }
 
     #[test]

@@ -1,17 +1,21 @@
 //! The request path. [`handle`] runs these phases in order, each a named function, over one
 //! per-request context ([`Exchange`]):
 //!
+//! 0. **screen** — headers with `_` in their names are dropped before anything reads a
+//!    header (see [`crate::forward::headers::remove_underscored`]).
 //! 1. **classify** — is the path an OAuth endpoint? If not, [`pass_through`] streams it to
 //!    Rails untouched (tunnelling a WebSocket upgrade, see [`crate::forward::upgrade`]).
 //! 2. **prepare** — clean the head once (hop-by-hop, gateway-only headers, forwarding
-//!    headers, correlation id); every upstream request is built from it.
-//! 3. **buffer** — read the OAuth body, up to `max_body_bytes` and within the gateway's
+//!    headers, `Content-Length`, correlation id); every upstream request is built from it.
+//! 3. **admit** — refuse what no reverse proxy forwards: an overlong URI, `CONNECT`, `*`
+//!    outside `OPTIONS`, a scheme other than `http`/`https` ([`admit`]).
+//! 4. **buffer** — read the OAuth body, up to `max_body_bytes` and within the gateway's
 //!    budget for buffered bodies ([`buffer`]).
-//! 4. **decide** — read the query and form body once, send codes and tokens back to
+//! 5. **decide** — read the query and form body once, send codes and tokens back to
 //!    their issuer, identify the client, apply the rules before the cache, then the
 //!    decision cache and the pre-authorize backend ([`decide`]).
-//! 5. **forward** — to Rails, or to IAM with fail-open replay to Rails ([`replay`]).
-//! 6. **record** — one access line and the request metrics ([`access`]).
+//! 6. **forward** — to Rails, or to IAM with fail-open replay to Rails ([`replay`]).
+//! 7. **record** — one access line and the request metrics ([`access`]).
 //!
 //! Nothing here panics or hands a hyper error to the client: every outcome is a response,
 //! and [`ProxyError`] maps failures to statuses in one place.
@@ -27,12 +31,12 @@ use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Incoming};
 use hyper::header::HeaderMap;
-use hyper::{Request, Response};
+use hyper::{Method, Request, Response};
 
 use crate::classify::Endpoint;
 use crate::decision::Destination;
 use crate::forward::client::{Upstream, UpstreamBody};
-use crate::forward::headers::X_REQUEST_ID;
+use crate::forward::headers::{self, X_REQUEST_ID};
 use crate::forward::upgrade::{self, Upgrade};
 use crate::forward::{
     self, downstream_response, upstream_request, ClientFailure, Downstream, Head, HostRule,
@@ -60,6 +64,7 @@ pub async fn handle(
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     let _in_flight = state.metrics.in_flight();
+    headers::remove_underscored(request.headers_mut());
     let endpoint = state.endpoints.classify(request.uri().path());
     let upgrade = match endpoint {
         None => upgrade::requested(&mut request, conn),
@@ -71,18 +76,18 @@ pub async fn handle(
         https: conn.https,
         trusted: state.is_trusted(conn.peer.ip()),
     };
-    let head = Head::prepare(parts, client, || state.request_ids.next());
+    let body_length = body.size_hint().exact();
+    let head = Head::prepare(parts, body_length, client, || state.request_ids.next());
     let mut exchange = Exchange {
         state,
         endpoint,
         access: AccessLog::new(&head, endpoint),
     };
 
-    let uri_bytes = head.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
-    let result = match endpoint {
-        _ if uri_bytes > state.config.server.max_uri_bytes => Err(ProxyError::UriTooLong),
-        None => pass_through(&exchange, head, body, upgrade).await,
-        Some(endpoint) => oauth(&mut exchange, endpoint, head, body).await,
+    let result = match (admit(&head, state.config.server.max_uri_bytes), endpoint) {
+        (Err(refused), _) => Err(refused),
+        (Ok(()), None) => pass_through(&exchange, head, body, upgrade).await,
+        (Ok(()), Some(endpoint)) => oauth(&mut exchange, endpoint, head, body).await,
     };
     let mut response = result.unwrap_or_else(ProxyError::into_response);
     let access = &exchange.access;
@@ -100,6 +105,33 @@ pub async fn handle(
     );
     access.emit(response.status(), elapsed);
     response
+}
+
+/// Refuses, before any upstream hears of it, what a reverse proxy does not forward: a
+/// path and query over `server.max_uri_bytes`; `CONNECT` (no tunnels; 405, as nginx
+/// answers it); `*` as the target of anything but `OPTIONS`; a scheme other than `http`
+/// or `https` (HTTP/2's `:scheme`, or an HTTP/1 absolute-form target). An origin-form
+/// HTTP/1 request carries no scheme at all.
+fn admit(head: &Head, max_uri_bytes: usize) -> Result<(), ProxyError> {
+    let uri = &head.uri;
+    if uri.path_and_query().map_or(0, |pq| pq.as_str().len()) > max_uri_bytes {
+        return Err(ProxyError::UriTooLong);
+    }
+    if head.method == Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    if uri.path() == "*" && head.method != Method::OPTIONS {
+        return Err(ProxyError::AsteriskTarget);
+    }
+    match uri.scheme_str() {
+        None => Ok(()),
+        Some(scheme)
+            if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
+        {
+            Ok(())
+        }
+        Some(_) => Err(ProxyError::UnsupportedScheme),
+    }
 }
 
 /// Non-OAuth traffic: streamed to Rails both ways, never buffered; upgrades tunnelled.
@@ -212,4 +244,77 @@ fn client_failure(progress: &Option<Progress>) -> Option<ClientFailure> {
 
 fn empty_body() -> RequestBody {
     Either::Right(Full::new(Bytes::new()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::forward::Downstream;
+    use hyper::header::HeaderValue;
+
+    fn admitted(method: &str, uri: hyper::Uri) -> Result<(), ProxyError> {
+        let (parts, ()) = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(())
+            .unwrap()
+            .into_parts();
+        let ip = HeaderValue::from_static("192.0.2.7");
+        let client = Downstream {
+            ip: &ip,
+            https: false,
+            trusted: false,
+        };
+        let head = Head::prepare(parts, None, client, || HeaderValue::from_static("id"));
+        admit(&head, 64)
+    }
+
+    /// `*` with an authority, as HTTP/2 carries it (`:authority` and `:path *`).
+    fn asterisk(scheme: &str) -> hyper::Uri {
+        let mut parts = hyper::http::uri::Parts::default();
+        parts.scheme = Some(scheme.parse().unwrap());
+        parts.authority = Some("gitlab.example.com".parse().unwrap());
+        parts.path_and_query = Some("*".parse().unwrap());
+        hyper::Uri::from_parts(parts).unwrap()
+    }
+
+    #[test]
+    fn admit_refuses_what_no_reverse_proxy_forwards_and_nothing_else() {
+        let uri = |s: &str| s.parse::<hyper::Uri>().unwrap();
+        let cases = [
+            ("GET", uri("/api/v4/projects"), Ok(())),
+            ("POST", uri("/oauth/token?a=1"), Ok(())),
+            ("GET", uri("https://gitlab.example.com/"), Ok(())),
+            ("GET", uri("HTTP://gitlab.example.com/"), Ok(())),
+            ("OPTIONS", uri("*"), Ok(())),
+            ("OPTIONS", asterisk("https"), Ok(())),
+            (
+                "GET",
+                uri(&format!("/{}", "a".repeat(64))),
+                Err(ProxyError::UriTooLong),
+            ),
+            (
+                "CONNECT",
+                uri("gitlab.example.com:443"),
+                Err(ProxyError::MethodNotAllowed),
+            ),
+            ("CONNECT", uri("/api"), Err(ProxyError::MethodNotAllowed)),
+            ("GET", uri("*"), Err(ProxyError::AsteriskTarget)),
+            ("POST", asterisk("http"), Err(ProxyError::AsteriskTarget)),
+            (
+                "GET",
+                uri("gopher://gitlab.example.com/"),
+                Err(ProxyError::UnsupportedScheme),
+            ),
+            (
+                "GET",
+                uri("ws://gitlab.example.com/"),
+                Err(ProxyError::UnsupportedScheme),
+            ),
+        ];
+        for (method, uri, expected) in cases {
+            let case = format!("{method} {uri}");
+            assert_eq!(admitted(method, uri), expected, "{case}");
+        }
+    }
 }

@@ -564,6 +564,40 @@ pub async fn send(request: Request<Full<Bytes>>) -> Answer {
         .expect("the gateway answered in time")
 }
 
+/// Sends `request` on a new HTTP/2 connection of hyper's own (`client::conn::http2`),
+/// which sends the pseudo-headers its `Uri` spells (`:path *`, `:scheme gopher`) and a body
+/// of unknown length without `Content-Length`; fails the test unless the gateway answers
+/// within [`ANSWER_PATIENCE`].
+pub async fn send_h2<B>(addr: SocketAddr, request: Request<B>) -> Answer
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .expect("an HTTP/2 connection");
+        tokio::spawn(connection);
+        let response = sender
+            .send_request(request)
+            .await
+            .expect("an HTTP/2 answer");
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("body failed").to_bytes();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    };
+    tokio::time::timeout(ANSWER_PATIENCE, exchange)
+        .await
+        .expect("the gateway answered in time")
+}
+
 /// A small HTTP/1.1 client with its own pool.
 #[derive(Clone)]
 pub struct TestClient {
