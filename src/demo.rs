@@ -26,7 +26,7 @@ use iamproxy::classify::params::{Parameters, RequestView};
 use iamproxy::config::{Config, LogConfig, LogFormat, Secret};
 use iamproxy::forward::ResponseBody;
 use iamproxy::respond::synthetic;
-use iamproxy::server::accept::{Accept, Limits, Settings};
+use iamproxy::server::accept::{Accept, Limits, Settings, WhenFull};
 use iamproxy::server::connection::Timeouts;
 use iamproxy::Gateway;
 
@@ -254,6 +254,7 @@ where
         };
         let limits = Limits {
             max_connections: STAND_IN_CONNECTIONS,
+            when_full: WhenFull::Wait,
             max_header_bytes: 65_536,
         };
         Accept::new(limits, settings, make)

@@ -22,7 +22,7 @@ use percent_encoding::percent_decode_str;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use super::accept::{timeouts, Accept, Limits, Settings};
+use super::accept::{timeouts, Accept, Limits, Settings, WhenFull};
 use super::connection::Conn;
 use crate::config::ServerConfig;
 use crate::decision::fleet::{self, Invalidation};
@@ -37,7 +37,9 @@ pub const PREFIX: &str = "/-/admin/";
 const DECISIONS: &str = "/-/admin/decisions";
 
 /// Scrapers and probes need few connections; a flood of them must not starve the process.
-const ADMIN_CONNECTIONS: usize = 64;
+/// When all are open, the one idle longest is closed for the newcomer
+/// ([`WhenFull::CloseOldestIdle`]), so idle connections cannot keep a probe out.
+pub const ADMIN_CONNECTIONS: usize = 64;
 
 /// Serves the admin listener until `stop` resolves.
 pub async fn serve(
@@ -66,6 +68,7 @@ pub async fn serve(
     };
     let limits = Limits {
         max_connections: ADMIN_CONNECTIONS,
+        when_full: WhenFull::CloseOldestIdle,
         max_header_bytes: server.max_header_bytes,
     };
     Accept::new(limits, settings, make)
