@@ -173,11 +173,15 @@ where
             };
             let _ = stream.set_nodelay(true);
             let Settings { tls, timeouts } = (self.settings)();
-            let slot = Arc::new(OnceLock::new());
+            // Only a listener that may close a connection to make room keeps an eye on them.
+            let slot = (self.when_full == WhenFull::CloseOldestIdle)
+                .then(|| Arc::new(OnceLock::<Weak<Conn>>::new()));
             let make = {
                 let (make, slot) = (self.make.clone(), slot.clone());
                 move |conn: Arc<Conn>| {
-                    let _ = slot.set(Arc::downgrade(&conn));
+                    if let Some(slot) = slot {
+                        let _ = slot.set(Arc::downgrade(&conn));
+                    }
                     make(conn)
                 }
             };
@@ -194,7 +198,7 @@ where
                 serving.await;
                 drop(permit);
             });
-            if self.when_full == WhenFull::CloseOldestIdle {
+            if let Some(slot) = slot {
                 self.track(Tracked {
                     accepted: Instant::now(),
                     conn: slot,
