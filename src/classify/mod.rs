@@ -106,9 +106,10 @@ impl Endpoints {
         if !self.leads.contains(lead) {
             return None;
         }
-        self.routes
-            .iter()
-            .find(|(route, _)| routes_to(route, path))
+        // The canonical spelling first: what nearly every OAuth request uses.
+        let exact = self.routes.iter().find(|(route, _)| **route == *path);
+        exact
+            .or_else(|| self.routes.iter().find(|(route, _)| routes_to(route, path)))
             .map(|(_, endpoint)| *endpoint)
     }
 }
@@ -129,37 +130,34 @@ fn normalize(path: &str) -> Vec<u8> {
 
 /// Whether Rails' router sends `path` to `route` (normalized): each of the route's slashes
 /// may be any run of slashes, then the path may end with a `.format` (one or more bytes,
-/// neither `/` nor `.`, Rails' default format requirement) and slashes.
+/// neither `/` nor `.`, Rails' default format requirement) and slashes. One pass over the
+/// bytes, stopping at the first that cannot match.
 fn routes_to(route: &[u8], path: &[u8]) -> bool {
-    let mut rest = path;
-    // A normalized route is `/segment` repeated: the first split is the empty string.
-    for segment in route.split(|&b| b == b'/').skip(1) {
-        let after = trim_start_slashes(rest);
-        if after.len() == rest.len() {
+    // Squeezing only removes bytes, so a shorter path cannot be the route.
+    if path.len() < route.len() {
+        return false;
+    }
+    let mut p = 0;
+    for &r in route {
+        if path.get(p) != Some(&r) {
             return false;
         }
-        match after.strip_prefix(segment) {
-            Some(next) => rest = next,
-            None => return false,
+        p += 1;
+        if r == b'/' {
+            while path.get(p) == Some(&b'/') {
+                p += 1;
+            }
         }
     }
-    match trim_end_slashes(rest) {
+    let rest = &path[p..];
+    let rest = &rest[..rest.len() - rest.iter().rev().take_while(|&&b| b == b'/').count()];
+    match rest {
         [] => true,
         [b'.', format @ ..] => {
             !format.is_empty() && !format.iter().any(|&b| b == b'/' || b == b'.')
         }
         _ => false,
     }
-}
-
-fn trim_start_slashes(bytes: &[u8]) -> &[u8] {
-    let n = bytes.iter().take_while(|&&b| b == b'/').count();
-    &bytes[n..]
-}
-
-fn trim_end_slashes(bytes: &[u8]) -> &[u8] {
-    let n = bytes.iter().rev().take_while(|&&b| b == b'/').count();
-    &bytes[..bytes.len() - n]
 }
 
 impl Default for Endpoints {
