@@ -1,4 +1,5 @@
-//! Micro-benchmarks of what every OAuth request pays before it is forwarded: reading its
+//! Micro-benchmarks of what every request pays to be classified (is its path an OAuth
+//! endpoint?), and of what every OAuth request pays before it is forwarded: reading its
 //! query and form body, the issuer rule and client identification from each source, and
 //! the routing decision answered from the cache (and from the rules before it).
 //! `cargo bench --bench hot_path`.
@@ -14,7 +15,7 @@ use hyper::Method;
 use iamproxy::classify::identify::identify;
 use iamproxy::classify::issuer::continuity;
 use iamproxy::classify::params::{Parameters, RequestView};
-use iamproxy::classify::Endpoint;
+use iamproxy::classify::{Endpoint, Endpoints};
 use iamproxy::config::CacheConfig;
 use iamproxy::decision::cache::{DecisionCache, Lookup};
 use iamproxy::decision::preauth::Answer;
@@ -186,5 +187,21 @@ fn decision(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, identification, decision);
+/// Every request of the app server goes through this, OAuth or not: the pass-through case
+/// is the one that must stay cheapest.
+fn classification(c: &mut Criterion) {
+    let mut group = c.benchmark_group("classify");
+    let endpoints = Endpoints::default();
+    for (name, path) in [
+        ("pass_through", "/api/v4/projects/42/merge_requests"),
+        ("oauth_canonical", "/oauth/token"),
+        ("oauth_variant", "//oauth//token.json/"),
+        ("oauth_miss", "/oauth/applications"),
+    ] {
+        group.bench_function(name, |b| b.iter(|| endpoints.classify(black_box(path))));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, classification, identification, decision);
 criterion_main!(benches);

@@ -26,7 +26,7 @@ use iamproxy::classify::params::{Parameters, RequestView};
 use iamproxy::config::{Config, LogConfig, LogFormat, Secret};
 use iamproxy::forward::ResponseBody;
 use iamproxy::respond::synthetic;
-use iamproxy::server::accept::{Accept, Limits, Settings};
+use iamproxy::server::accept::{Accept, Limits, Settings, WhenFull};
 use iamproxy::server::connection::Timeouts;
 use iamproxy::Gateway;
 
@@ -255,6 +255,7 @@ where
         };
         let limits = Limits {
             max_connections: STAND_IN_CONNECTIONS,
+            when_full: WhenFull::Wait,
             max_header_bytes: 65_536,
             h2_max_concurrent_streams: 128,
         };

@@ -91,6 +91,28 @@ async fn a_missing_or_wrong_token_is_401_and_changes_nothing() {
 }
 
 #[tokio::test]
+async fn the_bearer_scheme_is_accepted_in_any_case_and_the_token_is_not() {
+    let token = random_token().to_uppercase();
+    let (gw, _file) = with_admin(&token, "").await;
+    let client = TestClient::new();
+    let delete = |authorization: String| {
+        let request = Request::delete(format!("http://{}/-/admin/decisions", gw.admin))
+            .header("authorization", authorization)
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        client.send(request)
+    };
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let answer = delete(format!("{scheme} {token}")).await;
+        assert_eq!(answer.status, 200, "{scheme}");
+    }
+    let lower = delete(format!("Bearer {}", token.to_lowercase())).await;
+    assert_eq!(lower.status, 401, "the token itself is compared exactly");
+    assert_eq!(delete(format!("Basic {token}")).await.status, 401);
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn inspect_shows_the_cached_decision_with_its_age_and_lifetime_and_the_rule() {
     let token = random_token();
     let (gw, _file) = with_admin(&token, "force_rails = [\"legacy/app\"]").await;

@@ -1,13 +1,15 @@
 //! Limits against clients that ask for too much: URI length (414), header size (431),
-//! concurrent connections (the rest wait), OAuth bodies buffered at once (503), and how
-//! long an idle keep-alive connection is kept.
+//! concurrent connections (the rest wait; on the admin listener the connection idle longest
+//! makes room, so probes answer), OAuth bodies buffered at once (503), and how long an idle
+//! keep-alive connection is kept.
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
+use iamproxy::server::admin::ADMIN_CONNECTIONS;
 use support::raw::RawConnection;
 use support::{gateway, Reply, TestClient};
 
@@ -101,6 +103,50 @@ async fn connections_over_max_connections_wait_until_one_closes() {
     let served = third.response().await;
     assert!(served.status_line.starts_with("HTTP/1.1 200"), "{served:?}");
     assert_eq!(gw.rails.count(), 3);
+}
+
+#[tokio::test]
+async fn probes_answer_while_idle_keep_alive_connections_fill_the_admin_listener() {
+    let gw = gateway().start().await;
+    // Every admin connection taken, each idle after one request (idle_timeout is 60 s).
+    let mut open = Vec::new();
+    for _ in 0..ADMIN_CONNECTIONS {
+        let mut connection = RawConnection::connect(gw.admin).await;
+        assert_eq!(
+            exchange(&mut connection, &get("/-/liveness", "")).await,
+            200
+        );
+        open.push(connection);
+    }
+
+    let probes = ["/-/readiness", "/-/liveness", "/metrics"];
+    for probe in probes {
+        let started = Instant::now();
+        let mut connection = RawConnection::connect(gw.admin).await;
+        assert_eq!(
+            exchange(&mut connection, &get(probe, "")).await,
+            200,
+            "{probe}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{probe} took {:?}",
+            started.elapsed()
+        );
+        open.push(connection);
+    }
+
+    // Room was made by closing the connections idle longest: the first ones, in order.
+    let mut rest = open.split_off(probes.len());
+    for mut closed in open {
+        closed.assert_closed_within(Duration::from_secs(2)).await;
+    }
+    // The others, the probes' own included, are still open and served.
+    let last = rest.len() - 1;
+    for i in [0, last] {
+        assert_eq!(exchange(&mut rest[i], &get("/-/liveness", "")).await, 200);
+    }
+    gw.stop().await;
 }
 
 #[tokio::test]

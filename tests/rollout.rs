@@ -1,6 +1,7 @@
-//! Rollout controls from `[routing]`: the kill switch both ways, the forced lists and the
-//! percentage gate decide before the cache and the pre-authorize backend, and a reload
-//! applies them to the very next request, cached decisions notwithstanding.
+//! Rollout controls from `[routing]`: the kill switch both ways, `rails_only` that isolates
+//! IAM, the forced lists and the percentage gate decide before the cache and the
+//! pre-authorize backend, and a reload applies them to the very next request, cached
+//! decisions notwithstanding.
 
 mod support;
 
@@ -135,5 +136,44 @@ async fn the_percentage_gate_sends_flippers_actors_to_iam_and_asks_about_the_res
         "outside the gate, Rails' flag decides"
     );
     assert_eq!(decisions(&gw, "iam", "percentage").await, 2.0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn rails_only_isolates_iam_even_from_flows_it_started_and_rails_lets_them_finish() {
+    let gw = gateway().start().await;
+    gw.preauth.always(Reply::destination("iam"));
+    // An IAM incident: the operator reloads into `rails_only`.
+    reload_with_routing(&gw, "mode = \"rails_only\"");
+    let client = TestClient::new();
+    let code = "grant_type=authorization_code&code=giat_abc&client_id=app";
+    let refresh = "grant_type=refresh_token&refresh_token=ory_abc&client_id=app";
+    let verifier = "/oauth/authorize?client_id=app&login_verifier=x";
+    let continuity = || async {
+        [
+            client.post_form(&gw.url("/oauth/token"), code).await,
+            client.post_form(&gw.url("/oauth/token"), refresh).await,
+            client.get(&gw.url(verifier)).await,
+        ]
+        .map(|answer| answer.served_by())
+    };
+
+    assert_eq!(continuity().await, ["rails", "rails", "rails"]);
+    assert_eq!(authorize(&gw, "app").await, "rails");
+    assert_eq!(gw.iam.count(), 0, "nothing reached IAM");
+    assert_eq!(gw.preauth.count(), 0, "nor the pre-authorize backend");
+    assert_eq!(decisions(&gw, "rails", "kill_switch").await, 4.0);
+    assert_eq!(decisions(&gw, "iam", "continuity").await, 0.0);
+
+    // The incident is over, the rollout still held back: `rails` lets begun flows finish.
+    reload_with_routing(&gw, "mode = \"rails\"");
+    assert_eq!(continuity().await, ["iam", "iam", "iam"]);
+    assert_eq!(
+        authorize(&gw, "app").await,
+        "rails",
+        "the rest still to Rails"
+    );
+    assert_eq!(decisions(&gw, "iam", "continuity").await, 3.0);
+    assert_eq!(gw.preauth.count(), 0);
     gw.stop().await;
 }

@@ -303,8 +303,11 @@ async fn other_paths_go_to_rails_without_preauthorize_call_even_for_an_iam_clien
         "/oauth/applications",
         "/oauth/device",
         "/oauth/userinfo",
-        "/oauth/token/",
         "/OAUTH/token",
+        // Rails routes none of these to Doorkeeper either.
+        "/oauth/token/.json",
+        "/oauth/token.json.json",
+        "/oauth/token/info",
     ];
     let client = TestClient::new();
     for path in paths {
@@ -327,6 +330,55 @@ async fn other_paths_go_to_rails_without_preauthorize_call_even_for_an_iam_clien
     }
     assert_eq!(gw.rails.count(), paths.len() * 2);
     assert_eq!(gw.iam.count(), 0);
+    assert_eq!(gw.preauth.count(), 0);
+    gw.stop().await;
+}
+
+/// Rails' router sends all of these to Doorkeeper's token endpoint (it squeezes slashes,
+/// drops a trailing one and takes a `.format`), so the gateway must see them as the token
+/// endpoint too, or an IAM refresh token sent there would reach Rails and fail.
+const TOKEN_VARIANTS: [&str; 6] = [
+    "/oauth/token/",
+    "//oauth/token",
+    "/oauth//token",
+    "/oauth/token.json",
+    "/oauth/token.json/",
+    "//oauth//token.json//",
+];
+
+#[tokio::test]
+async fn tokens_sent_to_paths_rails_routes_to_the_token_endpoint_go_to_their_issuer_unchanged() {
+    let gw = gateway().start().await;
+    // The client's own decision says Rails: only continuity can send these to IAM.
+    gw.preauth.always(Reply::destination("rails"));
+    let client = TestClient::new();
+    for path in TOKEN_VARIANTS {
+        let body = "grant_type=refresh_token&client_id=app&refresh_token=giat_abc";
+        let answer = client.post_form(&gw.url(path), body).await;
+        assert_eq!(answer.served_by(), "iam", "{path}");
+        assert_eq!(gw.iam.last().uri, path, "forwarded with its own path");
+        assert_eq!(gw.iam.last().body, body.as_bytes(), "{path}");
+    }
+    assert_eq!(gw.upstream_counts(), (0, TOKEN_VARIANTS.len(), 0));
+
+    // A Rails refresh token on the same paths is Rails' (the issuer rule), still without a
+    // pre-authorize call: the gateway read the body, as it does only on OAuth paths.
+    for path in TOKEN_VARIANTS {
+        let body = "grant_type=refresh_token&client_id=app&refresh_token=rails-token";
+        assert_eq!(
+            client.post_form(&gw.url(path), body).await.served_by(),
+            "rails"
+        );
+        assert_eq!(gw.rails.last().uri, path, "forwarded with its own path");
+    }
+    let scraped = support::metrics::scrape(gw.admin).await;
+    let decided = |reason| {
+        scraped.value(
+            "iamproxy_routing_decisions_total",
+            &[("destination", "rails"), ("reason", reason)],
+        )
+    };
+    assert_eq!(decided("rails_issued"), TOKEN_VARIANTS.len() as f64);
     assert_eq!(gw.preauth.count(), 0);
     gw.stop().await;
 }

@@ -333,9 +333,10 @@ fn routing(raw: RawRouting) -> Result<RoutingConfig, ConfigError> {
     let mode = match raw.mode.as_deref().unwrap_or(default("routing.mode")) {
         "preauthorize" => Mode::Preauthorize,
         "rails" => Mode::Rails,
+        "rails_only" => Mode::RailsOnly,
         "iam" => Mode::Iam,
         _ => {
-            let reason = r#"must be "preauthorize", "rails" or "iam""#;
+            let reason = r#"must be "preauthorize", "rails", "rails_only" or "iam""#;
             return Err(invalid("routing.mode", reason));
         }
     };

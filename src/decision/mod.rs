@@ -48,7 +48,7 @@ pub enum Reason {
     /// The pre-authorize backend failed and there was no answer to fall back on; fail open
     /// to Rails.
     PreauthorizeError,
-    /// `routing.mode` is `rails` or `iam`.
+    /// `routing.mode` is `rails_only`, `rails` or `iam`.
     KillSwitch,
     /// The client id is in `routing.force_iam`.
     ForceIam,

@@ -11,6 +11,10 @@ pub enum Mode {
     Preauthorize,
     /// Kill switch: every request to Rails (flows IAM started still finish at IAM).
     Rails,
+    /// Isolates IAM, e.g. during an IAM security incident: every request to Rails,
+    /// verifiers and IAM-issued codes and tokens included (those flows fail at Rails), and
+    /// no pre-authorize call. Nothing the gateway forwards reaches IAM.
+    RailsOnly,
     /// Kill switch the other way: every identified client to IAM.
     Iam,
 }

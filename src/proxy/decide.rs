@@ -32,17 +32,19 @@ pub enum Rule<'a> {
 /// both ask this, so they cannot disagree.
 ///
 /// 1. no `[iam]`: Rails (`iam_disabled`);
-/// 2. a verifier or an IAM-issued code or token: IAM (`continuity`), even under the
-///    kill switch, since Rails cannot redeem it;
-/// 3. a code or token Rails issued: Rails (`rails_issued`), unless
+/// 2. `mode = "rails_only"`: Rails (`kill_switch`), whatever the request carries: the
+///    switch that isolates IAM, so it outranks continuity;
+/// 3. a verifier or an IAM-issued code or token: IAM (`continuity`), even under the
+///    kill switch `mode = "rails"`, since Rails cannot redeem it;
+/// 4. a code or token Rails issued: Rails (`rails_issued`), unless
 ///    `rails_issued = "decision"`, which lets it fall through;
-/// 4. `mode = "rails"`: Rails (`kill_switch`);
-/// 5. no single client id: Rails (`unknown_client`);
-/// 6. `mode = "iam"`: IAM (`kill_switch`);
-/// 7. `force_rails`, then `force_iam`;
-/// 8. inside `percentage_of_actors`: IAM (`percentage`); the others fall through, so
+/// 5. `mode = "rails"`: Rails (`kill_switch`);
+/// 6. no single client id: Rails (`unknown_client`);
+/// 7. `mode = "iam"`: IAM (`kill_switch`);
+/// 8. `force_rails`, then `force_iam`;
+/// 9. inside `percentage_of_actors`: IAM (`percentage`); the others fall through, so
 ///    raising it only ever adds clients;
-/// 9. otherwise the cache decides.
+/// 10. otherwise the cache decides.
 pub fn rules<'a>(
     routing: &RoutingConfig,
     iam_enabled: bool,
@@ -57,6 +59,9 @@ pub fn rules<'a>(
     };
     if !iam_enabled {
         return to(Destination::Rails, Reason::IamDisabled);
+    }
+    if routing.mode == Mode::RailsOnly {
+        return to(Destination::Rails, Reason::KillSwitch);
     }
     match continuity {
         Some(Continuity::Verifier | Continuity::IamToken) => {
@@ -272,6 +277,35 @@ mod tests {
                 Some((Destination::Rails, Reason::KillSwitch))
             );
         }
+    }
+
+    #[test]
+    fn rails_only_sends_everything_to_rails_continuity_included() {
+        for rails_issued in [RailsIssued::Rails, RailsIssued::Decision] {
+            let rails_only = RoutingConfig {
+                rails_issued,
+                ..routing(Mode::RailsOnly)
+            };
+            for continuity in [
+                None,
+                Some(Continuity::Verifier),
+                Some(Continuity::IamToken),
+                Some(Continuity::RailsToken),
+            ] {
+                for id in [Some("forced-iam"), Some("anyone"), None] {
+                    assert_eq!(
+                        decided(&rails_only, continuity, id),
+                        Some((Destination::Rails, Reason::KillSwitch)),
+                        "{rails_issued:?} {continuity:?} {id:?}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            rules(&routing(Mode::RailsOnly), false, None, Some("anyone")),
+            Rule::Decided(Decision::rails(Reason::IamDisabled)),
+            "without [iam], the reason stays iam_disabled"
+        );
     }
 
     #[test]

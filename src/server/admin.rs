@@ -1,7 +1,7 @@
 //! The admin listener: the liveness and readiness probes, `/metrics`, and the admin API,
 //! which looks at and forgets cached decisions. The admin API is off (every path 404)
 //! unless `admin.token_file` is set, and then every call needs
-//! `Authorization: Bearer <token>` (else 401).
+//! `Authorization: Bearer <token>`, the scheme in any case (else 401).
 //!
 //! - `GET /-/admin/decisions/<client_id>`: the cached answer and the rule before the
 //!   cache that decides for the client, each `null` when there is none.
@@ -22,7 +22,7 @@ use percent_encoding::percent_decode_str;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use super::accept::{timeouts, Accept, Limits, Settings};
+use super::accept::{timeouts, Accept, Limits, Settings, WhenFull};
 use super::connection::Conn;
 use crate::config::ServerConfig;
 use crate::decision::fleet::{self, Invalidation};
@@ -37,7 +37,9 @@ pub const PREFIX: &str = "/-/admin/";
 const DECISIONS: &str = "/-/admin/decisions";
 
 /// Scrapers and probes need few connections; a flood of them must not starve the process.
-const ADMIN_CONNECTIONS: usize = 64;
+/// When all are open, the one idle longest is closed for the newcomer
+/// ([`WhenFull::CloseOldestIdle`]), so idle connections cannot keep a probe out.
+pub const ADMIN_CONNECTIONS: usize = 64;
 
 /// Serves the admin listener until `stop` resolves.
 pub async fn serve(
@@ -66,6 +68,7 @@ pub async fn serve(
     };
     let limits = Limits {
         max_connections: ADMIN_CONNECTIONS,
+        when_full: WhenFull::CloseOldestIdle,
         max_header_bytes: server.max_header_bytes,
         h2_max_concurrent_streams: server.h2_max_concurrent_streams,
     };
@@ -105,7 +108,7 @@ async fn respond(
     };
     let offered = headers
         .get(header::AUTHORIZATION)
-        .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "));
+        .and_then(|value| bearer_token(value.as_bytes()));
     if !offered.is_some_and(|offered| token.matches(offered)) {
         let mut response =
             json_response(StatusCode::UNAUTHORIZED, &json!({"error": "unauthorized"}));
@@ -236,6 +239,19 @@ async fn inspect(state: &AppState, client_id: &str) -> Value {
     json!({"client_id": client_id, "cached": cached, "rule": rule})
 }
 
+/// The credentials of an `Authorization: Bearer <token>` value. The scheme is matched
+/// case-insensitively and may be followed by more than one space (RFC 7235 §2.1:
+/// `auth-scheme 1*SP token68`); the token itself is compared as sent.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    const SCHEME: &[u8] = b"bearer";
+    let (scheme, rest) = value.split_at_checked(SCHEME.len())?;
+    if !scheme.eq_ignore_ascii_case(SCHEME) || rest.first() != Some(&b' ') {
+        return None;
+    }
+    let token = &rest[rest.iter().take_while(|&&b| b == b' ').count()..];
+    (!token.is_empty()).then_some(token)
+}
+
 fn bad_request(why: &str) -> Response<ResponseBody> {
     json_response(StatusCode::BAD_REQUEST, &json!({"error": why}))
 }
@@ -243,6 +259,35 @@ fn bad_request(why: &str) -> Response<ResponseBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case() {
+        for value in [
+            "Bearer tok",
+            "bearer tok",
+            "BEARER tok",
+            "bEaReR tok",
+            "Bearer   tok",
+        ] {
+            assert_eq!(bearer_token(value.as_bytes()), Some(&b"tok"[..]), "{value}");
+        }
+        for value in [
+            "Bearertok",
+            "Bearer",
+            "Bearer ",
+            "Basic tok",
+            "Bear tok",
+            " Bearer tok",
+            "",
+        ] {
+            assert_eq!(bearer_token(value.as_bytes()), None, "{value:?}");
+        }
+        assert_eq!(
+            bearer_token(b"bearer TOK"),
+            Some(&b"TOK"[..]),
+            "the token keeps its case"
+        );
+    }
 
     #[test]
     fn paths_name_every_decision_one_client_or_nothing() {

@@ -120,6 +120,14 @@ impl Conn {
     pub fn drain(&self) -> Drain {
         self.drain.clone()
     }
+
+    /// Since when no request has been in flight (accept, or the end of the last request);
+    /// `None` while one is. For a listener choosing which connection to give up.
+    pub fn idle_since(&self) -> Option<Instant> {
+        let activity = &self.activity;
+        (activity.in_flight.load(Ordering::Acquire) == 0)
+            .then(|| activity.at(activity.idle_since.load(Ordering::Acquire)))
+    }
 }
 
 /// A request in flight on a connection: its idle and header clocks stop until this drops.

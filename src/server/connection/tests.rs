@@ -141,6 +141,7 @@ where
     let (client, server) = tokio::io::duplex(buffer);
     let limits = super::super::accept::Limits {
         max_connections: 1,
+        when_full: super::super::accept::WhenFull::Wait,
         max_header_bytes: 65_536,
         h2_max_concurrent_streams: 128,
     };

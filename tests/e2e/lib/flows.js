@@ -89,8 +89,8 @@ export async function deviceFlow(config, { approve, pollsSeen }) {
 
 // --- records ---------------------------------------------------------------------------
 
-/** The /oauth/* entries of a server's records. */
-export const oauthOnly = (records) => records.filter((r) => r.path.startsWith('/oauth/'));
+/** The /oauth/* entries of a server's records (repeated slashes squeezed, as Rails' router does). */
+export const oauthOnly = (records) => records.filter((r) => r.path.replace(/\/+/g, '/').startsWith('/oauth/'));
 
 /**
  * Asserts that `records` (one server's own) contain `steps` in this order (with `exact`:

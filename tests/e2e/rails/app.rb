@@ -61,7 +61,9 @@ class E2eRecords
     when "/test/records"
       return records_endpoint(env)
     end
-    return @app.call(env) unless path == "/oauth" || path.start_with?("/oauth/")
+    # Squeezed as Rails' router squeezes it, so //oauth/token is recorded too.
+    squeezed = path.squeeze("/")
+    return @app.call(env) unless squeezed == "/oauth" || squeezed.start_with?("/oauth/")
 
     # Taken before the call: Rails' exception handling rewrites the env (GET /404 ...).
     method = env["REQUEST_METHOD"]
@@ -103,9 +105,16 @@ class E2eRecords
       # Whether Doorkeeper authenticated the client (its id and secret matched an
       # application): true/false, or null where Doorkeeper never tried (e.g. /oauth/authorize).
       "client_authenticated" => env["e2e.client_authenticated"],
-      "grant_type" => path == "/oauth/token" ? params["grant_type"].presence : nil,
+      "grant_type" => route(env) == "doorkeeper/tokens#create" ? params["grant_type"].presence : nil,
+      # What Rails' router made of the path, e.g. "doorkeeper/tokens#create"; null if nothing.
+      "route" => route(env),
       "status" => status.to_i,
     )
+  end
+
+  def route(env)
+    found = env["action_dispatch.request.path_parameters"]
+    found && found[:controller] ? "#{found[:controller]}##{found[:action]}" : nil
   end
 
   # The client id as Doorkeeper takes it from this request: on /oauth/authorize the client_id

@@ -201,6 +201,59 @@ describe('application routed to Rails', () => {
   });
 });
 
+describe('paths Rails routes to the token endpoint (issue 20: classification agrees with Rails)', () => {
+  // Rails' router squeezes slashes, drops a trailing one and takes a `.format`: each of these
+  // is Doorkeeper's token endpoint, so the gateway must treat it as one (read the body, send
+  // each token back to its issuer) while forwarding the path as it came.
+  const VARIANTS = ['/oauth/token/', '//oauth/token', '/oauth//token', '/oauth/token.json', '/oauth/token.json/'];
+
+  it('a Rails refresh token and a client-credentials grant reach Doorkeeper\'s token endpoint at each', T, async () => {
+    await clearRecords();
+    const app = env.apps.rails;
+    const { tokens } = await codeFlow(clientConfig(env, app, 'client_secret_basic'), {
+      browser: new Browser({ username: 'variantsUser' }),
+    });
+    const before = await env.gateway.metrics();
+    await clearRecords();
+    const basic = `Basic ${Buffer.from(`${app.client_id}:${app.client_secret}`).toString('base64')}`;
+    const grant = async (path, form) => {
+      // Joined to the origin as text: a full URL keeps `//` in its path, where resolving
+      // `//oauth/token` against the origin would read `oauth` as a host.
+      const response = await fetch(`${env.gateway.origin}${path}`, {
+        method: 'POST',
+        headers: { authorization: basic, 'content-type': 'application/x-www-form-urlencoded' },
+        body: new URLSearchParams(form),
+      });
+      const body = await response.json();
+      assert.equal(response.status, 200, `${path}: ${JSON.stringify(body)}`);
+      assert.ok(body.access_token && !body.access_token.startsWith(IAM_PREFIX), `${path}: a Doorkeeper token`);
+      return body;
+    };
+    let refreshToken = tokens.refresh_token;
+    assert.ok(!refreshToken.startsWith(IAM_PREFIX), 'issued by Rails');
+    for (const path of VARIANTS) {
+      const refreshed = await grant(path, { grant_type: 'refresh_token', refresh_token: refreshToken });
+      refreshToken = refreshed.refresh_token ?? refreshToken;
+      await grant(path, { grant_type: 'client_credentials', scope: 'api' });
+    }
+
+    const rails = await railsRecords();
+    assertServed('Rails', rails, VARIANTS.flatMap((path) => [
+      { method: 'POST', path, grant_type: 'refresh_token', status: 200 },
+      { method: 'POST', path, grant_type: 'client_credentials', status: 200 },
+    ]), app.client_id, { exact: true });
+    for (const r of rails) assert.equal(r.route, 'doorkeeper/tokens#create', `Rails routed ${r.path} to ${r.route}`);
+    assertNothingServed('IAM', env.iam.records);
+
+    // The gateway saw the token endpoint each time: the refreshes went by the issuer rule
+    // (it read the body, as it does on OAuth paths only), every grant counted as route="token".
+    const afterwards = await env.gateway.metrics();
+    const grew = (name, labels) => metricValue(afterwards, name, labels) - metricValue(before, name, labels);
+    assert.equal(grew('iamproxy_routing_decisions_total', { reason: 'rails_issued' }), VARIANTS.length);
+    assert.equal(grew('iamproxy_requests_total', { route: 'token' }), VARIANTS.length * 2);
+  });
+});
+
 describe('mid-flow flip (DESIGN §3 continuity)', () => {
   it('a flow begun at IAM finishes at IAM after the application is switched to Rails', T, async () => {
     await clearRecords();
