@@ -149,7 +149,9 @@ impl DecisionCache {
             self.keep(client_id, answer, invalidations).await;
             Ok(answer)
         };
-        match self.flights.join(client_id, call).await {
+        // Boxed: the call (moka's futures and the pre-authorize exchange) is most of this
+        // future's size, and a hit, which never makes it, should not carry and move it.
+        match self.flights.join(client_id, Box::pin(call)).await {
             Ok(answer) if fetched => Lookup::Fetched(answer.destination),
             Ok(answer) => Lookup::Hit(answer.destination),
             Err(error) => {
