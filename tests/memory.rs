@@ -13,7 +13,6 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Request;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use support::process::{free_addr, rss_of, Iamproxy, TempFile};
 use support::FakeUpstream;
 
@@ -40,9 +39,7 @@ async fn a_burst_of_large_oauth_bodies_over_http2_is_bounded_and_given_back() {
         rails.url()
     ));
     let gateway = Iamproxy::start(&["--config", config.path()]);
-    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build(HttpConnector::new());
+    let client: Client<HttpConnector, Full<Bytes>> = support::h2c_client();
     let ready = Instant::now();
     while client
         .request(
@@ -75,9 +72,7 @@ async fn a_burst_of_large_oauth_bodies_over_http2_is_bounded_and_given_back() {
     let mut streams = Vec::new();
     for _ in 0..CONNECTIONS {
         // A client of its own: one HTTP/2 connection each.
-        let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .build(HttpConnector::new());
+        let client: Client<HttpConnector, Full<Bytes>> = support::h2c_client();
         for _ in 0..STREAMS {
             let request = Request::post(format!("http://{addr}/oauth/token"))
                 .header("content-type", "application/x-www-form-urlencoded")

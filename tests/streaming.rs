@@ -11,7 +11,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use support::raw::{RawConnection, PATIENCE};
 use support::{gateway, Reply, TestClient, TestGateway};
 
@@ -89,9 +88,7 @@ async fn an_http2_client_whose_window_stays_full_is_cut_after_the_write_timeout(
     // Only the write clock can end it in time: the idle clock is a minute.
     let gw = gateway_with_short_clocks("60s").await;
     gw.rails.always(large_download());
-    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build(HttpConnector::new());
+    let client: Client<HttpConnector, Full<Bytes>> = support::h2c_client();
     let request = Request::get(gw.url("/api/v4/jobs/1/artifacts"))
         .body(Full::default())
         .unwrap();
@@ -185,9 +182,7 @@ impl hyper::body::Body for OneByteThenSilence {
 #[tokio::test]
 async fn an_http2_upload_that_goes_silent_gets_408_after_the_body_idle_timeout() {
     let gw = gateway_with_body_idle_timeout().await;
-    let client: Client<HttpConnector, OneByteThenSilence> = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build(HttpConnector::new());
+    let client: Client<HttpConnector, OneByteThenSilence> = support::h2c_client();
     let request = Request::post(gw.url(UPLOAD))
         .header("content-length", "1000000")
         .body(OneByteThenSilence(false))

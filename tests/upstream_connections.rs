@@ -11,7 +11,6 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Request;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use support::metrics::scrape;
 use support::{gateway, send, Reply, TestClient};
 
@@ -125,9 +124,7 @@ async fn http2_streams_reset_before_rails_answers_do_not_cost_a_connection_each(
     let gw = gateway().start().await;
     gw.rails
         .always(Reply::text(200, "late").after(Duration::from_millis(100)));
-    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build(HttpConnector::new());
+    let client: Client<HttpConnector, Full<Bytes>> = support::h2c_client();
     const RESETS: usize = 40;
     for i in 0..RESETS {
         let request = Request::get(gw.url(&format!("/api/v4/reset/{i}")))

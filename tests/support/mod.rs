@@ -538,6 +538,17 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// `response` with its whole body.
+    pub async fn read(response: Response<Incoming>) -> Answer {
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("body failed").to_bytes();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
@@ -585,17 +596,24 @@ where
             .send_request(request)
             .await
             .expect("an HTTP/2 answer");
-        let (parts, body) = response.into_parts();
-        let body = body.collect().await.expect("body failed").to_bytes();
-        Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        }
+        Answer::read(response).await
     };
     tokio::time::timeout(ANSWER_PATIENCE, exchange)
         .await
         .expect("the gateway answered in time")
+}
+
+/// hyper's pooled client speaking HTTP/2 by prior knowledge (one connection per origin),
+/// with request bodies of type `B`.
+pub fn h2c_client<B>() -> Client<HttpConnector, B>
+where
+    B: hyper::body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new())
 }
 
 /// A small HTTP/1.1 client with its own pool.
@@ -619,21 +637,13 @@ impl TestClient {
 
     pub fn http2() -> TestClient {
         TestClient {
-            client: Client::builder(TokioExecutor::new())
-                .http2_only(true)
-                .build(HttpConnector::new()),
+            client: h2c_client(),
         }
     }
 
     pub async fn send(&self, request: Request<Full<Bytes>>) -> Answer {
         let response = self.client.request(request).await.expect("request failed");
-        let (parts, body) = response.into_parts();
-        let body = body.collect().await.expect("body failed").to_bytes();
-        Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        }
+        Answer::read(response).await
     }
 
     pub async fn get(&self, url: &str) -> Answer {
