@@ -7,8 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper::header::{self, HeaderMap};
+use hyper::body::{Body, Incoming};
 
 use crate::config::ServerConfig;
 use crate::respond::ProxyError;
@@ -58,19 +57,16 @@ impl Drop for Held<'_> {
     }
 }
 
-/// Reads a whole OAuth body. One over `max_body_bytes` is refused up front when its
-/// `Content-Length` says so, else as soon as it crosses the limit; the budget is taken for
-/// the declared length at once, or frame by frame for a body of unknown length.
+/// Reads a whole OAuth body. One over `max_body_bytes` is refused up front when the
+/// length it is framed by says so, else as soon as it crosses the limit; the budget is
+/// taken for that length at once, or frame by frame for a body of unknown length.
 pub async fn read<'a>(
     body: Incoming,
-    headers: &HeaderMap,
     server: &ServerConfig,
     budget: &'a Budget,
 ) -> Result<(Bytes, Held<'a>), ProxyError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    // hyper's framing length, the one `Content-Length` is forwarded as.
+    let declared = body.size_hint().exact();
     if declared.is_some_and(|length| length > server.max_body_bytes) {
         return Err(ProxyError::BodyTooLarge);
     }

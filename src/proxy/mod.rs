@@ -167,8 +167,7 @@ async fn oauth(
     body: Incoming,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let state = exchange.state;
-    let (body, _held) =
-        buffer::read(body, &head.headers, &state.config.server, &state.buffered).await?;
+    let (body, _held) = buffer::read(body, &state.config.server, &state.buffered).await?;
     let decision = decide::decide(exchange, endpoint, &head, &body).await;
     match (decision.destination, &state.iam) {
         (Destination::Iam, Some(iam)) => replay::to_iam(exchange, iam, head, body).await,
