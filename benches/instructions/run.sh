@@ -10,7 +10,8 @@
 #
 # For each row: start the proxy under callgrind, warm it up (WARMUP requests), zero the
 # counters, send exactly REQUESTS requests over CONNECTIONS keep-alive connections
-# (client.py), dump the counters, and divide. Every request is the same form POST; only
+# (client.py), dump the counters, and divide. `hyper-minimal` is hyper's own floor
+# (minimal_proxy.rs: hyper's HTTP/1 server and client connections and nothing else). Every request is the same form POST; only
 # the path differs (and, for the cache miss, a new client id per request). The upstreams
 # are nginx `return` blocks, outside the count. Everything is on 127.0.0.1, in a temporary
 # directory removed on exit with every process started here.
@@ -232,6 +233,9 @@ main() {
         BIN=$REPO/target/release/iamproxy
     fi
     cp "$BIN" "$WORK/iamproxy"
+    if [[ -z "$ONLY" || hyper-minimal =~ $ONLY ]]; then
+        (cd "$REPO" && cargo build --release --locked --example minimal_proxy >&2)
+    fi
     start_upstreams
     write_configs
     local iamproxy=("$WORK/iamproxy" --config "$WORK/iamproxy.toml")
@@ -240,6 +244,8 @@ main() {
     row nginx /oauth/token "$BODY" "$BODY" \
         nginx -c "$WORK/nginx.conf" -g 'daemon off; master_process off;'
     row haproxy /oauth/token "$BODY" "$BODY" haproxy -db -f "$WORK/haproxy.cfg"
+    row hyper-minimal /oauth/token "$BODY" "$BODY" \
+        "$REPO/target/release/examples/minimal_proxy" "127.0.0.1:$P_PROXY" "127.0.0.1:$P_UPSTREAM"
     row iamproxy-pass /api/v4/projects "$BODY" "$BODY" "${iamproxy[@]}"
     row iamproxy-hit /oauth/token "$BODY" "$BODY" "${iamproxy[@]}"
     row iamproxy-miss /oauth/token "$MISS_BODY" "$WARM_MISS_BODY" "${iamproxy[@]}"
