@@ -161,6 +161,59 @@ async fn an_http1_upload_that_trickles_without_a_silence_is_forwarded_whole() {
     assert_eq!(gw.rails.last().body, "trickled");
 }
 
+/// A gateway whose Rails must answer within a second of a request's body having arrived.
+async fn gateway_with_one_second_rails() -> TestGateway {
+    gateway()
+        .set("server", "body_idle_timeout = \"1s\"")
+        .set("rails", "timeout = \"1s\"")
+        .start()
+        .await
+}
+
+/// Sends an upload of `bytes` one byte every 400 ms (no silence reaches the body idle
+/// timeout), and reads the answer.
+async fn trickled_upload(gw: &TestGateway, bytes: &[u8]) -> support::raw::RawResponse {
+    let mut connection = RawConnection::connect(gw.addr).await;
+    let head = format!(
+        "POST {UPLOAD} HTTP/1.1\r\nhost: gitlab.example.com\r\ncontent-length: {}\r\n\r\n",
+        bytes.len()
+    );
+    connection.write(head.as_bytes()).await;
+    for byte in bytes {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        connection.write(&[*byte]).await;
+    }
+    connection.response().await
+}
+
+#[tokio::test]
+async fn rails_timeout_does_not_run_while_an_upload_is_still_arriving() {
+    let gw = gateway_with_one_second_rails().await;
+    // Three seconds of upload against a one-second Rails clock.
+    let response = trickled_upload(&gw, b"trickled").await;
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(gw.rails.last().body, "trickled");
+}
+
+#[tokio::test]
+async fn rails_timeout_runs_from_the_end_of_the_upload() {
+    let gw = gateway_with_one_second_rails().await;
+    gw.rails.always(Reply::After(
+        Duration::from_secs(3),
+        Box::new(Reply::status(200)),
+    ));
+    let started = Instant::now();
+    // About 1.6 s of upload, then Rails keeps the gateway waiting.
+    let response = trickled_upload(&gw, b"slow").await;
+    let elapsed = started.elapsed();
+    assert_eq!(response.status, 504, "{response:?}");
+    assert!(
+        elapsed >= Duration::from_millis(2500),
+        "one second after the body ended, not after the request began: {elapsed:?}"
+    );
+    assert!(elapsed < Duration::from_millis(4500), "{elapsed:?}");
+}
+
 /// A request body that sends one byte of the million it declares, then nothing.
 struct OneByteThenSilence(bool);
 

@@ -177,32 +177,38 @@ impl Pool {
 
     /// Sends `request` (origin-form URI, `Host` set) on a pooled connection or a new one,
     /// and resolves with the response headers.
-    pub async fn send(
+    ///
+    /// Not an `async fn`: one would keep `request` twice in its state (the argument and the
+    /// local it is moved into), and every request's future is moved a few times.
+    #[allow(clippy::manual_async_fn)]
+    pub fn send(
         &self,
         mut request: Request<RequestBody>,
-    ) -> Result<Response<UpstreamBody>, SendError> {
-        loop {
-            let (mut sender, reused) = match self.checkout().await {
-                Some(sender) => (sender, true),
-                // Boxed: the connect's state is large, and a request that reuses a
-                // connection should not carry (and move) it.
-                None => Box::pin(self.connect_or_returned()).await?,
-            };
-            let mut exchange = Exchange {
-                response: Box::pin(sender.try_send_request(request)),
-                sender: Some(sender),
-                pool: self,
-            };
-            let sent = exchange.response.as_mut().await;
-            let sender = exchange.finished();
-            match sent {
-                Ok(response) => return Ok(self.pooled(response, sender)),
-                Err(mut failed) => match failed.take_message() {
-                    // The upstream closed an idle connection as we picked it: nothing was
-                    // sent, so the request goes out again, on another connection.
-                    Some(unsent) if reused => request = unsent,
-                    _ => return Err(SendError::Http(failed.into_error())),
-                },
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + '_ {
+        async move {
+            loop {
+                let (mut sender, reused) = match self.checkout().await {
+                    Some(sender) => (sender, true),
+                    // Boxed: the connect's state is large, and a request that reuses a
+                    // connection should not carry (and move) it.
+                    None => Box::pin(self.connect_or_returned()).await?,
+                };
+                let mut exchange = Exchange {
+                    response: Box::pin(sender.try_send_request(request)),
+                    sender: Some(sender),
+                    pool: self,
+                };
+                let sent = exchange.response.as_mut().await;
+                let sender = exchange.finished();
+                match sent {
+                    Ok(response) => return Ok(self.pooled(response, sender)),
+                    Err(mut failed) => match failed.take_message() {
+                        // The upstream closed an idle connection as we picked it: nothing was
+                        // sent, so the request goes out again, on another connection.
+                        Some(unsent) if reused => request = unsent,
+                        _ => return Err(SendError::Http(failed.into_error())),
+                    },
+                }
             }
         }
     }

@@ -29,6 +29,86 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name) || name.as_str().starts_with("proxy-")
 }
 
+/// What one look at a message's header names found: which of the rules below have work
+/// to do. Most messages carry none of the headers they remove, so a request pays for one
+/// pass over its names rather than a lookup (a hash of the name) per rule.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Names {
+    /// A name with `_` ([`remove_underscored`]).
+    pub underscored: bool,
+    /// `Connection` and no other hop-by-hop header ([`remove_hop_by_hop`]).
+    pub connection: bool,
+    /// A hop-by-hop header other than `Connection`.
+    pub hop_by_hop: bool,
+    /// `Gitlab-Workhorse*` ([`remove_gateway_only`]).
+    pub gateway_only: bool,
+    /// `Forwarded`, `X-Forwarded-Host`, `-Port`, `-Ssl` or `-Scheme`
+    /// ([`remove_peer_forwarding`]).
+    pub peer_forwarding: bool,
+    pub expect: bool,
+    pub content_length: bool,
+    pub host: bool,
+    pub forwarded_for: bool,
+    pub forwarded_proto: bool,
+    pub request_id: bool,
+}
+
+impl Names {
+    /// Looks at every distinct name once: by its length first, so a name that is none of
+    /// these costs a comparison or two, not one per rule.
+    pub fn of(headers: &HeaderMap) -> Names {
+        let mut found = Names::default();
+        for name in headers.keys() {
+            let name = name.as_str().as_bytes();
+            let known = match name.len() {
+                2 => name == b"te" && set(&mut found.hop_by_hop),
+                4 => name == b"host" && set(&mut found.host),
+                6 => name == b"expect" && set(&mut found.expect),
+                7 => (name == b"trailer" || name == b"upgrade") && set(&mut found.hop_by_hop),
+                9 => name == b"forwarded" && set(&mut found.peer_forwarding),
+                10 => match name {
+                    b"connection" => set(&mut found.connection),
+                    b"keep-alive" => set(&mut found.hop_by_hop),
+                    _ => false,
+                },
+                12 => name == b"x-request-id" && set(&mut found.request_id),
+                14 => name == b"content-length" && set(&mut found.content_length),
+                15 => match name {
+                    b"x-forwarded-for" => set(&mut found.forwarded_for),
+                    b"x-forwarded-ssl" => set(&mut found.peer_forwarding),
+                    _ => false,
+                },
+                16 => {
+                    (name == b"x-forwarded-host" || name == b"x-forwarded-port")
+                        && set(&mut found.peer_forwarding)
+                }
+                17 => match name {
+                    b"transfer-encoding" => set(&mut found.hop_by_hop),
+                    b"x-forwarded-proto" => set(&mut found.forwarded_proto),
+                    _ => false,
+                },
+                18 => name == b"x-forwarded-scheme" && set(&mut found.peer_forwarding),
+                _ => false,
+            };
+            if !known {
+                match name.first() {
+                    Some(b'p') => found.hop_by_hop |= name.starts_with(b"proxy-"),
+                    Some(b'g') => found.gateway_only |= name.starts_with(b"gitlab-workhorse"),
+                    _ => {}
+                }
+                found.underscored |= name.contains(&b'_');
+            }
+        }
+        found
+    }
+}
+
+/// Sets `flag`; true, so a match arm can say "this name, and it is known".
+fn set(flag: &mut bool) -> bool {
+    *flag = true;
+    true
+}
+
 /// The options of every `Connection` header, trimmed (`close`, `upgrade`, header names).
 pub fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
@@ -41,7 +121,20 @@ pub fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
+    let names = Names::of(headers);
+    if names.connection || names.hop_by_hop {
+        remove_hop_by_hop_found(headers, names);
+    }
+}
+
+/// [`remove_hop_by_hop`], for a message whose names were looked at already.
+pub fn remove_hop_by_hop_found(headers: &mut HeaderMap, names: Names) {
+    if names.connection && !names.hop_by_hop && only_connection_options(headers) {
+        // The usual case, `Connection: keep-alive` (or `close`): it names nothing else.
+        headers.remove(header::CONNECTION);
+        return;
+    }
+    if names.connection {
         // Collect the names first: `Connection` may name headers we are about to remove.
         // `keep-alive` and `close`, the usual options, name nothing left to remove.
         let named: Vec<HeaderName> = connection_tokens(headers)
@@ -56,6 +149,14 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(header::CONNECTION);
     }
     remove_matching(headers, is_hop_by_hop);
+}
+
+/// Whether every `Connection` option is `keep-alive` or `close`, which name no header.
+fn only_connection_options(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONNECTION).iter().all(|value| {
+        let value = value.as_bytes();
+        value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
+    })
 }
 
 /// Removes every header whose name `matches`. Most messages carry none of the headers
@@ -137,6 +238,20 @@ pub fn set_content_length(headers: &mut HeaderMap, decoded: Option<u64>) {
     }
 }
 
+/// The client's `Host`, left in `headers` when it sent exactly one; more than one leaves
+/// only the first. Whether it is in `headers`.
+pub fn single_host(headers: &mut HeaderMap) -> (Option<HeaderValue>, bool) {
+    let mut values = headers.get_all(header::HOST).iter();
+    let first = values.next().cloned();
+    if values.next().is_some() {
+        if let Some(first) = &first {
+            headers.insert(header::HOST, first.clone());
+        }
+    }
+    let present = first.is_some();
+    (first, present)
+}
+
 /// An IP address as header text, for [`set_forwarded_for`]: made once per connection.
 pub fn ip_value(ip: IpAddr) -> HeaderValue {
     // An IP address is always a valid header value.
@@ -173,9 +288,9 @@ pub fn set_forwarded_for(headers: &mut HeaderMap, peer: &HeaderValue, keep_clien
 /// `X-Forwarded-Proto`: the scheme the client used with us. A trusted peer (a load
 /// balancer that terminated TLS) knows better, and its `http` or `https` is kept.
 pub fn set_forwarded_proto(headers: &mut HeaderMap, https: bool, trusted_peer: bool) {
-    let forwarded = headers
-        .get(&X_FORWARDED_PROTO)
-        .filter(|_| trusted_peer)
+    let forwarded = trusted_peer
+        .then(|| headers.get(&X_FORWARDED_PROTO))
+        .flatten()
         .filter(|v| matches!(v.as_bytes(), b"http" | b"https"))
         .cloned();
     let ours = HeaderValue::from_static(if https { "https" } else { "http" });
@@ -276,6 +391,68 @@ mod tests {
         remove_hop_by_hop(&mut headers);
         let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["accept"]);
+    }
+
+    #[test]
+    fn names_say_which_rules_have_work_and_nothing_else() {
+        let plain = map(&[
+            ("Host", "h"),
+            ("Accept", "*/*"),
+            ("Content-Type", "text/plain"),
+        ]);
+        assert_eq!(
+            Names::of(&plain),
+            Names {
+                host: true,
+                ..Names::default()
+            }
+        );
+        let every = map(&[
+            ("X_Odd", "1"),
+            ("Connection", "keep-alive"),
+            ("Proxy-Authorization", "x"),
+            ("Gitlab-Workhorse-Api-Request", "x"),
+            ("X-Forwarded-Ssl", "on"),
+            ("Expect", "100-continue"),
+            ("Content-Length", "1"),
+            ("X-Forwarded-For", "1.2.3.4"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Request-Id", "abc"),
+        ]);
+        let all = Names {
+            underscored: true,
+            connection: true,
+            hop_by_hop: true,
+            gateway_only: true,
+            peer_forwarding: true,
+            expect: true,
+            content_length: true,
+            host: false,
+            forwarded_for: true,
+            forwarded_proto: true,
+            request_id: true,
+        };
+        assert_eq!(Names::of(&every), all);
+        for hop in [
+            "Keep-Alive",
+            "TE",
+            "Trailer",
+            "Transfer-Encoding",
+            "Upgrade",
+        ] {
+            let names = Names::of(&map(&[(hop, "x")]));
+            assert!(names.hop_by_hop && !names.connection, "{hop}");
+        }
+    }
+
+    #[test]
+    fn connection_keep_alive_alone_is_removed_and_nothing_else() {
+        for value in ["keep-alive", "Keep-Alive", "close"] {
+            let mut headers = map(&[("Connection", value), ("Accept", "*/*")]);
+            remove_hop_by_hop(&mut headers);
+            let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+            assert_eq!(left, ["accept"], "{value}");
+        }
     }
 
     #[test]

@@ -5,27 +5,26 @@
 pub mod breaker;
 pub mod client;
 pub mod headers;
+pub mod streamed;
 pub mod upgrade;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::Body;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, Uri, Version};
-use tokio::sync::oneshot;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 
 use crate::config::UpstreamUrl;
 use client::{Pool, SendError, UpstreamBody};
-use headers::{X_FORWARDED_HOST, X_REQUEST_ID};
+use headers::{Names, X_FORWARDED_HOST, X_REQUEST_ID};
+pub use streamed::{ClientFailure, Progress, Streamed};
 
 /// A request body going upstream: streamed from the client, or buffered (OAuth requests,
 /// which may be replayed).
@@ -41,9 +40,12 @@ pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
 pub struct Head {
     pub method: Method,
     pub uri: Uri,
+    /// The client's headers, its one `Host` among them when it sent one.
     pub headers: HeaderMap,
     /// The client's `Host` (or HTTP/2 `:authority`).
     pub host: Option<HeaderValue>,
+    /// `host` is in `headers` already: the client sent it as a header.
+    host_in_headers: bool,
     pub request_id: HeaderValue,
 }
 
@@ -60,11 +62,14 @@ pub struct Downstream<'a> {
 
 impl Head {
     /// `body_length` is the length hyper framed the body by, if it knows it (its size
-    /// hint): the `Content-Length` that goes upstream. Headers with `_` in their names are
-    /// gone by now ([`headers::remove_underscored`]).
+    /// hint): the `Content-Length` that goes upstream. `names` is what
+    /// [`headers::Names::of`] found in `parts`' headers, whose names with `_` are gone by
+    /// now ([`headers::remove_underscored`]). Each rule runs only when `names` says it
+    /// has something to do.
     pub fn prepare(
         parts: Parts,
         body_length: Option<u64>,
+        mut names: Names,
         client: Downstream<'_>,
         new_id: impl FnOnce() -> HeaderValue,
     ) -> Head {
@@ -74,32 +79,50 @@ impl Head {
             mut headers,
             ..
         } = parts;
-        headers::remove_hop_by_hop(&mut headers);
-        headers::remove_gateway_only(&mut headers);
-        if !client.trusted {
+        if names.connection || names.hop_by_hop {
+            headers::remove_hop_by_hop_found(&mut headers, names);
+            // `Connection` may have named any header.
+            names = Names::of(&headers);
+        }
+        if names.gateway_only {
+            headers::remove_gateway_only(&mut headers);
+        }
+        if names.peer_forwarding && !client.trusted {
             headers::remove_peer_forwarding(&mut headers);
         }
-        headers::set_content_length(&mut headers, body_length);
-        // `Expect: 100-continue` is between the client and us, and hyper meets it when the
-        // body is first read; upstreams get the body without the handshake.
-        headers.remove(header::EXPECT);
-        headers::set_forwarded_for(&mut headers, client.ip, client.trusted);
-        headers::set_forwarded_proto(&mut headers, client.https, client.trusted);
-        let request_id = headers
-            .get(&X_REQUEST_ID)
-            .filter(|id| client.trusted && headers::is_acceptable_request_id(id))
+        if names.content_length {
+            headers::set_content_length(&mut headers, body_length);
+        }
+        if names.expect {
+            // `Expect: 100-continue` is between the client and us, and hyper meets it when
+            // the body is first read; upstreams get the body without the handshake.
+            headers.remove(header::EXPECT);
+        }
+        let trusted = client.trusted;
+        headers::set_forwarded_for(&mut headers, client.ip, trusted && names.forwarded_for);
+        headers::set_forwarded_proto(&mut headers, client.https, trusted && names.forwarded_proto);
+        let request_id = (trusted && names.request_id)
+            .then(|| headers.get(&X_REQUEST_ID))
+            .flatten()
+            .filter(|id| headers::is_acceptable_request_id(id))
             .cloned()
             .unwrap_or_else(new_id);
         headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-        let host = headers.remove(header::HOST).or_else(|| {
-            uri.authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        let (host, host_in_headers) = match names.host {
+            true => headers::single_host(&mut headers),
+            false => {
+                let authority = uri
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+                (authority, false)
+            }
+        };
         Head {
             method,
             uri,
             headers,
             host,
+            host_in_headers,
             request_id,
         }
     }
@@ -122,15 +145,20 @@ pub fn upstream_request(
     host_rule: HostRule,
     body: RequestBody,
 ) -> Request<RequestBody> {
-    let host = match (host_rule, &head.host) {
-        (HostRule::Keep, Some(host)) => host.clone(),
+    match (host_rule, &head.host) {
+        // The client's `Host` is in its headers already.
+        (HostRule::Keep, Some(_)) if head.host_in_headers => {}
+        (HostRule::Keep, Some(host)) => {
+            headers.insert(header::HOST, host.clone());
+        }
         (HostRule::Rewrite, Some(host)) => {
             headers.insert(X_FORWARDED_HOST.clone(), host.clone());
-            upstream.host.clone()
+            headers.insert(header::HOST, upstream.host.clone());
         }
-        (_, None) => upstream.host.clone(),
-    };
-    headers.insert(header::HOST, host);
+        (_, None) => {
+            headers.insert(header::HOST, upstream.host.clone());
+        }
+    }
     if body.size_hint().exact().is_none() {
         // A body of unknown length is a client's chunked one (or HTTP/2 DATA without a
         // length). hyper's client would send it chunked, except for GET and HEAD, whose
@@ -164,29 +192,69 @@ pub enum UpstreamError {
     Saturated,
 }
 
-/// Sends `request` and waits for response headers. The clock starts once the request body
-/// has been sent, like Go's `ResponseHeaderTimeout`: a large upload is not cut off by the
-/// time it takes to arrive, only by how long the upstream then keeps us waiting.
-pub async fn send(
-    pool: &Pool,
-    request: Request<RequestBody>,
-    body_sent: Option<oneshot::Receiver<()>>,
-    timeout: Duration,
-) -> Result<Response<UpstreamBody>, UpstreamError> {
-    let exchange = pool.send(request);
-    let deadline = async {
-        if let Some(sent) = body_sent {
-            // An error means hyper dropped the body unfinished: the clock starts too.
-            let _ = sent.await;
-        }
-        tokio::time::sleep(timeout).await;
-    };
-    tokio::select! {
-        result = exchange => result.map_err(|error| match error {
+impl From<SendError> for UpstreamError {
+    fn from(error: SendError) -> UpstreamError {
+        match error {
             SendError::Saturated(_) => UpstreamError::Saturated,
             error => UpstreamError::Connect(error_chain(&error)),
-        }),
-        () = deadline => Err(UpstreamError::Timeout),
+        }
+    }
+}
+
+/// Sends `request` and waits for response headers. The clock starts once the request body
+/// has been sent, like Go's `ResponseHeaderTimeout`: a large upload is not cut off by the
+/// time it takes to arrive, only by how long the upstream then keeps us waiting. `body` is
+/// the progress of a streamed body; a buffered one is sent at once.
+pub fn send(
+    pool: &Pool,
+    request: Request<RequestBody>,
+    body: Option<Progress>,
+    timeout: Duration,
+) -> HeadersWait<impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + '_> {
+    HeadersWait {
+        exchange: pool.send(request),
+        body,
+        // Not registered with the timer until first polled.
+        deadline: tokio::time::sleep(timeout),
+        timeout,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An exchange raced against its response-header deadline; see [`send`]. Written out
+    /// rather than an `async` block with `select!`, which would keep the exchange twice in
+    /// its state: every request's future is moved a few times.
+    pub struct HeadersWait<F> {
+        #[pin]
+        exchange: F,
+        body: Option<Progress>,
+        // Armed from the start: a body still being sent when it fires pushes it back, so
+        // the common case, a body sent long before, costs no second clock.
+        #[pin]
+        deadline: Sleep,
+        timeout: Duration,
+    }
+}
+
+impl<F> Future for HeadersWait<F>
+where
+    F: Future<Output = Result<Response<UpstreamBody>, SendError>>,
+{
+    type Output = Result<Response<UpstreamBody>, UpstreamError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(result) = this.exchange.poll(cx) {
+            return Poll::Ready(result.map_err(UpstreamError::from));
+        }
+        loop {
+            std::task::ready!(this.deadline.as_mut().poll(cx));
+            let fired = this.deadline.deadline();
+            match this.body.as_ref().map(|body| body.clock_end(*this.timeout)) {
+                Some(end) if end > fired => this.deadline.as_mut().reset(end),
+                _ => return Poll::Ready(Err(UpstreamError::Timeout)),
+            }
+        }
     }
 }
 
@@ -195,151 +263,6 @@ pub fn downstream_response(response: Response<UpstreamBody>) -> Response<Respons
     let (mut parts, body) = response.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, Either::Left(body))
-}
-
-/// A client body streamed upstream: it reports when it has been sent in full and whether
-/// it ended because of the client, and cuts a client that goes silent for `idle`
-/// (`server.body_idle_timeout`), which aborts the upstream exchange.
-#[derive(Debug)]
-pub struct Streamed {
-    inner: Incoming,
-    sent: Option<oneshot::Sender<()>>,
-    failure: Arc<AtomicU8>,
-    idle: Duration,
-    /// Armed the first time the client keeps us waiting; re-armed after each frame.
-    silence: Option<Pin<Box<Sleep>>>,
-    /// A frame arrived since `silence` was armed.
-    moved: bool,
-}
-
-/// Why a client's body ended the upstream exchange; see [`Progress::client_failure`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientFailure {
-    /// It broke off or was malformed (e.g. a bad chunk).
-    Broken,
-    /// It sent nothing for `server.body_idle_timeout`.
-    Silent,
-}
-
-const NO_FAILURE: u8 = 0;
-
-impl ClientFailure {
-    fn code(self) -> u8 {
-        match self {
-            ClientFailure::Broken => 1,
-            ClientFailure::Silent => 2,
-        }
-    }
-}
-
-/// The client's body went silent for longer than `server.body_idle_timeout`.
-#[derive(Debug, thiserror::Error)]
-#[error("the client sent no body bytes for {0:?}")]
-pub struct BodyIdle(Duration);
-
-/// How a [`Streamed`] body is getting on.
-#[derive(Debug)]
-pub struct Progress {
-    sent: Option<oneshot::Receiver<()>>,
-    failure: Arc<AtomicU8>,
-}
-
-impl Progress {
-    /// Resolves once the body has ended, completely or not; for [`send`]'s clock.
-    pub fn take_sent(&mut self) -> Option<oneshot::Receiver<()>> {
-        self.sent.take()
-    }
-
-    /// The client's body ended the exchange: a failed upstream exchange is then the
-    /// client's doing, not the upstream's.
-    pub fn client_failure(&self) -> Option<ClientFailure> {
-        match self.failure.load(Ordering::Acquire) {
-            NO_FAILURE => None,
-            1 => Some(ClientFailure::Broken),
-            _ => Some(ClientFailure::Silent),
-        }
-    }
-}
-
-impl Streamed {
-    pub fn new(inner: Incoming, idle: Duration) -> (Streamed, Progress) {
-        let (tx, rx) = oneshot::channel();
-        let failure = Arc::new(AtomicU8::new(NO_FAILURE));
-        (
-            Streamed {
-                inner,
-                sent: Some(tx),
-                failure: failure.clone(),
-                idle,
-                silence: None,
-                moved: false,
-            },
-            Progress {
-                sent: Some(rx),
-                failure,
-            },
-        )
-    }
-
-    fn ended(&mut self, failure: Option<ClientFailure>) {
-        if let Some(failure) = failure {
-            self.failure.store(failure.code(), Ordering::Release);
-        }
-        if let Some(sent) = self.sent.take() {
-            let _ = sent.send(());
-        }
-    }
-
-    /// Ready once the client has been silent for `idle` since its last frame.
-    fn poll_silence(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let idle = self.idle;
-        let silence = self
-            .silence
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-        if std::mem::take(&mut self.moved) {
-            silence.as_mut().reset(Instant::now() + idle);
-        }
-        silence.as_mut().poll(cx)
-    }
-}
-
-impl Body for Streamed {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Pending => {
-                std::task::ready!(this.poll_silence(cx));
-                this.ended(Some(ClientFailure::Silent));
-                Poll::Ready(Some(Err(Box::new(BodyIdle(this.idle)))))
-            }
-            Poll::Ready(Some(Ok(frame))) => {
-                this.moved = true;
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(error))) => {
-                this.ended(Some(ClientFailure::Broken));
-                Poll::Ready(Some(Err(Box::new(error))))
-            }
-            Poll::Ready(None) => {
-                this.ended(None);
-                Poll::Ready(None)
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 /// An error with its sources, for logs: hyper's top-level messages alone ("client error
@@ -386,7 +309,8 @@ mod tests {
             https: false,
             trusted: false,
         };
-        Head::prepare(parts, None, client, || {
+        let names = Names::of(&parts.headers);
+        Head::prepare(parts, None, names, client, || {
             HeaderValue::from_static("generated")
         })
     }
@@ -439,7 +363,10 @@ mod tests {
                 https: false,
                 trusted,
             };
-            let head = Head::prepare(parts, None, client, || HeaderValue::from_static("id"));
+            let names = Names::of(&parts.headers);
+            let head = Head::prepare(parts, None, names, client, || {
+                HeaderValue::from_static("id")
+            });
             let kept = head.headers.get_all(&X_FORWARDED_HOST).iter().count();
             assert_eq!(kept, if trusted { 2 } else { 0 }, "trusted: {trusted}");
             let up = upstream("http://iam.internal:9000/");
@@ -458,9 +385,54 @@ mod tests {
         assert_eq!(head.headers["x-forwarded-for"], "192.0.2.7");
         assert_eq!(head.headers["x-forwarded-proto"], "http");
         assert!(head.headers.get("connection").is_none());
-        assert!(
-            head.headers.get("host").is_none(),
-            "host is set per upstream"
-        );
+        // The client's one Host stays where it came: Rails gets it as sent, IAM's request
+        // replaces it (see the Host tests above).
+        assert_eq!(head.host.as_ref().unwrap(), "h");
+        assert_eq!(head.headers.get_all("host").iter().count(), 1);
+    }
+
+    #[test]
+    fn a_second_host_header_is_dropped_and_the_first_goes_upstream() {
+        let (parts, ()) = Request::get("/")
+            .header("host", "first.example")
+            .header("host", "second.example")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let ip = HeaderValue::from_static("192.0.2.7");
+        let client = Downstream {
+            ip: &ip,
+            https: false,
+            trusted: false,
+        };
+        let names = Names::of(&parts.headers);
+        let head = Head::prepare(parts, None, names, client, || {
+            HeaderValue::from_static("id")
+        });
+        let up = upstream("http://127.0.0.1:8080");
+        let req = upstream_request(&head, head.headers.clone(), &up, HostRule::Keep, empty());
+        let sent: Vec<_> = req.headers().get_all("host").iter().collect();
+        assert_eq!(sent, ["first.example"]);
+    }
+
+    #[test]
+    fn an_http2_authority_becomes_rails_host() {
+        let (parts, ()) = Request::get("https://gitlab.example.com/api")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let ip = HeaderValue::from_static("192.0.2.7");
+        let client = Downstream {
+            ip: &ip,
+            https: true,
+            trusted: false,
+        };
+        let names = Names::of(&parts.headers);
+        let head = Head::prepare(parts, None, names, client, || {
+            HeaderValue::from_static("id")
+        });
+        let up = upstream("http://127.0.0.1:8080");
+        let req = upstream_request(&head, head.headers.clone(), &up, HostRule::Keep, empty());
+        assert_eq!(req.headers()["host"], "gitlab.example.com");
     }
 }

@@ -149,13 +149,17 @@ async fn ask_cache(
     client_id: &str,
     request_id: &HeaderValue,
 ) -> Decision {
+    // The call is made (and boxed) only on a miss: a hit should not carry its state.
     let fetch = async {
-        let started = Instant::now();
-        let answer = iam.preauth.ask(client_id, request_id).await;
-        state
-            .metrics
-            .preauthorize(answer.as_ref().err(), started.elapsed());
-        answer
+        Box::pin(async {
+            let started = Instant::now();
+            let answer = iam.preauth.ask(client_id, request_id).await;
+            state
+                .metrics
+                .preauthorize(answer.as_ref().err(), started.elapsed());
+            answer
+        })
+        .await
     };
     let lookup = state.cache.lookup(client_id, fetch).await;
     match &lookup {

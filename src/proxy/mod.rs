@@ -25,18 +25,18 @@ pub mod buffer;
 pub mod decide;
 pub mod replay;
 
+use std::future::Future;
 use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Incoming};
-use hyper::header::HeaderMap;
 use hyper::{Method, Request, Response};
 
 use crate::classify::Endpoint;
 use crate::decision::Destination;
 use crate::forward::client::{Upstream, UpstreamBody};
-use crate::forward::headers::{self, X_REQUEST_ID};
+use crate::forward::headers::{self, Names, X_REQUEST_ID};
 use crate::forward::upgrade::{self, Upgrade};
 use crate::forward::{
     self, downstream_response, upstream_request, ClientFailure, Downstream, Head, HostRule,
@@ -56,19 +56,30 @@ struct Exchange<'a> {
     access: AccessLog,
 }
 
-/// Serves one client request.
-pub async fn handle(
-    state: &AppState,
-    conn: &Conn,
+/// Serves one client request. The phases that never wait (screen, classify, prepare,
+/// admit) run when this is called; the returned future runs the rest.
+///
+/// Every request's future is moved a few times on its way through hyper and the runtime,
+/// so the phases keep it small: they borrow the head rather than take it, and none is an
+/// `async fn` that takes something large by value and keeps it across an `.await`, which
+/// would store it twice (the argument, and the local it is moved into).
+pub fn handle<'a>(
+    state: &'a AppState,
+    conn: &'a Conn,
     mut request: Request<Incoming>,
-) -> Response<ResponseBody> {
+) -> impl Future<Output = Response<ResponseBody>> + Send + 'a {
     let started = Instant::now();
-    let _in_flight = state.metrics.in_flight();
-    headers::remove_underscored(request.headers_mut());
+    let in_flight = state.metrics.in_flight();
+    let mut names = Names::of(request.headers());
+    if names.underscored {
+        headers::remove_underscored(request.headers_mut());
+        names = Names::of(request.headers());
+    }
     let endpoint = state.endpoints.classify(request.uri().path());
+    // `Upgrade` is hop-by-hop: without one of those there is nothing to look for.
     let upgrade = match endpoint {
-        None => upgrade::requested(&mut request, conn),
-        Some(_) => None,
+        None if names.hop_by_hop => upgrade::requested(&mut request, conn),
+        _ => None,
     };
     let (parts, body) = request.into_parts();
     let client = Downstream {
@@ -77,34 +88,39 @@ pub async fn handle(
         trusted: state.is_trusted(conn.peer.ip()),
     };
     let body_length = body.size_hint().exact();
-    let head = Head::prepare(parts, body_length, client, || state.request_ids.next());
+    let mut head = Head::prepare(parts, body_length, names, client, || {
+        state.request_ids.next()
+    });
+    let admitted = admit(&head, state.config.server.max_uri_bytes);
     let mut exchange = Exchange {
         state,
         endpoint,
         access: AccessLog::new(&head, endpoint),
     };
-
-    let result = match (admit(&head, state.config.server.max_uri_bytes), endpoint) {
-        (Err(refused), _) => Err(refused),
-        (Ok(()), None) => pass_through(&exchange, head, body, upgrade).await,
-        (Ok(()), Some(endpoint)) => oauth(&mut exchange, endpoint, head, body).await,
-    };
-    let mut response = result.unwrap_or_else(ProxyError::into_response);
-    let access = &exchange.access;
-    response
-        .headers_mut()
-        .entry(X_REQUEST_ID.clone())
-        .or_insert_with(|| access.request_id.clone());
-    let elapsed = started.elapsed();
-    state.metrics.request(
-        exchange.endpoint,
-        access.destination,
-        &access.method,
-        response.status(),
-        elapsed,
-    );
-    access.emit(response.status(), elapsed);
-    response
+    async move {
+        let result = match (admitted, endpoint) {
+            (Err(refused), _) => Err(refused),
+            (Ok(()), None) => pass_through(&exchange, &mut head, body, upgrade).await,
+            (Ok(()), Some(endpoint)) => oauth(&mut exchange, endpoint, &mut head, body).await,
+        };
+        let mut response = result.unwrap_or_else(ProxyError::into_response);
+        let access = &exchange.access;
+        response
+            .headers_mut()
+            .entry(X_REQUEST_ID.clone())
+            .or_insert_with(|| access.request_id.clone());
+        let elapsed = started.elapsed();
+        state.metrics.request(
+            exchange.endpoint,
+            access.destination,
+            &access.method,
+            response.status(),
+            elapsed,
+        );
+        access.emit(response.status(), elapsed);
+        drop(in_flight);
+        response
+    }
 }
 
 /// Refuses, before any upstream hears of it, what a reverse proxy does not forward: a
@@ -135,75 +151,77 @@ fn admit(head: &Head, max_uri_bytes: usize) -> Result<(), ProxyError> {
 }
 
 /// Non-OAuth traffic: streamed to Rails both ways, never buffered; upgrades tunnelled.
-async fn pass_through(
-    exchange: &Exchange<'_>,
-    mut head: Head,
+fn pass_through<'a>(
+    exchange: &'a Exchange<'a>,
+    head: &'a mut Head,
     body: Incoming,
     upgrade: Option<Upgrade>,
-) -> Result<Response<ResponseBody>, ProxyError> {
-    let mut headers = std::mem::take(&mut head.headers);
+) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + 'a {
     if let Some(upgrade) = &upgrade {
-        upgrade.restore_request_headers(&mut headers);
+        upgrade.restore_request_headers(&mut head.headers);
     }
     let state = exchange.state;
-    let response = if body.is_end_stream() {
-        rails_exchange(state, &head, headers, empty_body(), None).await?
-    } else {
-        let idle = state.config.server.body_idle_timeout;
-        let (body, progress) = Streamed::new(body, idle);
-        rails_exchange(state, &head, headers, Either::Left(body), Some(progress)).await?
-    };
-    Ok(match upgrade {
-        Some(upgrade) => upgrade.relay(response),
-        None => downstream_response(response),
-    })
+    async move {
+        let response = if body.is_end_stream() {
+            rails_exchange(state, head, empty_body(), None).await?
+        } else {
+            let idle = state.config.server.body_idle_timeout;
+            let (body, progress) = Streamed::new(body, idle);
+            rails_exchange(state, head, Either::Left(body), Some(progress)).await?
+        };
+        Ok(match upgrade {
+            Some(upgrade) => upgrade.relay(response),
+            None => downstream_response(response),
+        })
+    }
 }
 
 /// OAuth traffic: buffer, decide, forward.
 async fn oauth(
     exchange: &mut Exchange<'_>,
     endpoint: Endpoint,
-    mut head: Head,
+    head: &mut Head,
     body: Incoming,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let state = exchange.state;
     let (body, _held) = buffer::read(body, &state.config.server, &state.buffered).await?;
-    let decision = decide::decide(exchange, endpoint, &head, &body).await;
+    let decision = decide::decide(exchange, endpoint, head, &body).await;
     match (decision.destination, &state.iam) {
         (Destination::Iam, Some(iam)) => replay::to_iam(exchange, iam, head, body).await,
-        _ => {
-            let headers = std::mem::take(&mut head.headers);
-            to_rails(state, &head, headers, body).await
-        }
+        _ => to_rails(state, head, body).await,
     }
 }
 
-/// A buffered OAuth request to Rails.
+/// A buffered OAuth request to Rails: the head's headers go with it.
 async fn to_rails(
     state: &AppState,
-    head: &Head,
-    headers: HeaderMap,
+    head: &mut Head,
     body: Bytes,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let body = Either::Right(Full::new(body));
-    let response = rails_exchange(state, head, headers, body, None).await?;
-    Ok(downstream_response(response))
+    Ok(downstream_response(
+        rails_exchange(state, head, body, None).await?,
+    ))
 }
 
-/// Sends to Rails and waits for its response headers, mapping failures to 502 / 504.
+/// Sends to Rails, with the head's headers (taken from it), and waits for its response
+/// headers, mapping failures to 502 / 504.
 async fn rails_exchange(
     state: &AppState,
-    head: &Head,
-    headers: HeaderMap,
+    head: &mut Head,
     body: RequestBody,
-    mut progress: Option<Progress>,
+    progress: Option<Progress>,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     let rails = &state.rails;
+    let headers = std::mem::take(&mut head.headers);
     let request = upstream_request(head, headers, &rails.url, HostRule::Keep, body);
-    let sent = progress.as_mut().and_then(Progress::take_sent);
-    match forward::send(&rails.pool, request, sent, rails.timeout).await {
-        Ok(response) => Ok(response),
-        Err(UpstreamError::Timeout) => {
+    let sent = forward::send(&rails.pool, request, progress.clone(), rails.timeout);
+    let error = match sent.await {
+        Ok(response) => return Ok(response),
+        Err(error) => error,
+    };
+    match error {
+        UpstreamError::Timeout => {
             tracing::warn!(
                 correlation_id = log_str(&head.request_id),
                 timeout_ms = u64::try_from(rails.timeout.as_millis()).unwrap_or(u64::MAX),
@@ -211,7 +229,7 @@ async fn rails_exchange(
             );
             Err(ProxyError::RailsTimeout)
         }
-        Err(UpstreamError::Saturated) => {
+        UpstreamError::Saturated => {
             tracing::warn!(
                 correlation_id = log_str(&head.request_id),
                 max_connections = rails.pool.max_connections(),
@@ -219,7 +237,7 @@ async fn rails_exchange(
             );
             Err(ProxyError::RailsSaturated)
         }
-        Err(UpstreamError::Connect(error)) => match client_failure(&progress) {
+        UpstreamError::Connect(error) => match client_failure(&progress) {
             // A broken or silent client body aborts the upstream request too: the
             // client's fault.
             Some(ClientFailure::Broken) => Err(ProxyError::BodyUnreadable),
@@ -264,7 +282,10 @@ mod tests {
             https: false,
             trusted: false,
         };
-        let head = Head::prepare(parts, None, client, || HeaderValue::from_static("id"));
+        let names = Names::of(&parts.headers);
+        let head = Head::prepare(parts, None, names, client, || {
+            HeaderValue::from_static("id")
+        });
         admit(&head, 64)
     }
 

@@ -29,22 +29,22 @@ use crate::state::{AppState, IamUpstream};
 pub(super) async fn to_iam(
     exchange: &mut Exchange<'_>,
     iam: &IamUpstream,
-    mut head: Head,
+    head: &mut Head,
     body: Bytes,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let state = exchange.state;
-    match try_iam(state, iam, &head, &body).await {
+    // The outcome is not kept across the replay below: it would take room in this
+    // future's state for nothing.
+    let reason = match try_iam(state, iam, head, &body).await {
         Ok(response) => {
             exchange.access.destination = Destination::Iam;
-            Ok(downstream_response(response))
+            return Ok(downstream_response(response));
         }
-        Err(reason) => {
-            state.metrics.fallback(reason);
-            exchange.access.fallback = Some(reason);
-            let headers = std::mem::take(&mut head.headers);
-            to_rails(state, &head, headers, body).await
-        }
-    }
+        Err(reason) => reason,
+    };
+    state.metrics.fallback(reason);
+    exchange.access.fallback = Some(reason);
+    to_rails(state, head, body).await
 }
 
 async fn try_iam(
