@@ -186,11 +186,68 @@ async fn check_rejects_an_invalid_duration_naming_key_and_value() {
 }
 
 #[tokio::test]
-async fn check_rejects_an_unknown_key_naming_it() {
+async fn check_rejects_an_unknown_key_naming_the_file_and_the_dotted_key() {
     let secret = SecretFile::new();
-    let config = valid_config(secret.path()) + "\n[cache]\nttl_seconds = 60\n";
-    let stderr = rejected(&config).await;
-    assert!(stderr.contains("ttl_seconds"), "{stderr}");
+    let rails = "[rails]\nurl = \"http://127.0.0.1:8080\"\n";
+    let config = valid_config(secret.path()).replace(rails, &format!("{rails}timout = \"5s\"\n"));
+    let file = TempFile::new(&config);
+    let (process, status) = Iamproxy::run(&["--config", file.path(), "--check"]).await;
+    assert_eq!(status.code(), Some(1), "stdout:\n{}", process.stdout());
+    let want = format!("iamproxy: {}: rails.timout: unknown key", file.path());
+    assert!(process.stderr().starts_with(&want), "{}", process.stderr());
+}
+
+#[tokio::test]
+async fn iamproxy_config_names_the_file_when_config_is_not_given() {
+    let secret = SecretFile::new();
+    let file = TempFile::new(&valid_config(secret.path()));
+    let (process, status) =
+        Iamproxy::run_with_env(&["--check"], &[("IAMPROXY_CONFIG", file.path())]).await;
+    assert!(status.success(), "stderr:\n{}", process.stderr());
+    assert!(
+        process.stdout().contains(file.path()),
+        "{}",
+        process.stdout()
+    );
+    // --config still wins.
+    let missing = format!("{}.missing", file.path());
+    let (process, status) = Iamproxy::run_with_env(
+        &["--config", &missing, "--check"],
+        &[("IAMPROXY_CONFIG", file.path())],
+    )
+    .await;
+    assert_eq!(status.code(), Some(1));
+    assert!(process.stderr().contains(&missing), "{}", process.stderr());
+}
+
+#[tokio::test]
+async fn check_replaces_environment_references_and_names_an_unset_one() {
+    let secret = SecretFile::new();
+    let config = valid_config(secret.path())
+        .replace("http://127.0.0.1:9000", "${IAM_URL}")
+        .replace(
+            &secret.path().display().to_string(),
+            "${SECRET_DIR}/${SECRET_NAME:-x}",
+        );
+    let file = TempFile::new(&config);
+    let dir = secret.path().parent().unwrap().to_str().unwrap();
+    let name = secret.path().file_name().unwrap().to_str().unwrap();
+    let args = ["--config", file.path(), "--check"];
+    let env = [
+        ("IAM_URL", "http://127.0.0.1:9000"),
+        ("SECRET_DIR", dir),
+        ("SECRET_NAME", name),
+    ];
+    let (process, status) = Iamproxy::run_with_env(&args, &env).await;
+    assert!(status.success(), "stderr:\n{}", process.stderr());
+
+    let (process, status) = Iamproxy::run_with_env(&args, &env[1..]).await;
+    assert_eq!(status.code(), Some(1));
+    let want = format!(
+        "iamproxy: {}: iam.url: environment variable IAM_URL is not set",
+        file.path()
+    );
+    assert!(process.stderr().starts_with(&want), "{}", process.stderr());
 }
 
 #[tokio::test]

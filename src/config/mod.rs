@@ -1,9 +1,11 @@
-//! Configuration: one TOML file, read in two stages — the raw serde structs ([`raw`]), then
-//! a validated, typed [`Config`] ([`build`]) whose errors name the key — and the value types
+//! Configuration: one TOML file, read in two stages — the raw serde structs ([`raw`],
+//! filled by [`read`], which also replaces `${NAME}` from the environment), then a
+//! validated, typed [`Config`] ([`build`]) whose errors name the key — and the value types
 //! it is made of ([`values`]).
 
 mod build;
 mod raw;
+mod read;
 mod values;
 
 use std::net::SocketAddr;
@@ -28,11 +30,17 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    /// toml/serde's own message, which already names unknown keys with line and column.
+    /// Not TOML: toml's message, with the line and column.
     #[error("{0}")]
     Parse(String),
     #[error("{key}: {reason}")]
     Invalid { key: String, reason: String },
+    /// One of the above, in the file at `path`.
+    #[error("{path}: {error}")]
+    InFile {
+        path: String,
+        error: Box<ConfigError>,
+    },
 }
 
 impl From<TlsError> for ConfigError {
@@ -49,18 +57,32 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 }
 
 impl Config {
+    /// Reads the file at `path`, with `${NAME}` in its string values replaced from this
+    /// process's environment; every error names the file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let in_file = |error| ConfigError::InFile {
+            path: path.display().to_string(),
+            error: Box::new(error),
+        };
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Config::from_toml(&text)
+        Config::from_toml(&text).map_err(in_file)
     }
 
     /// `preauthorize.secret_file` is read as given, so a relative path is relative to the cwd.
+    /// `${NAME}` is replaced from this process's environment.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let raw = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
-        build::config(raw)
+        Config::from_toml_in(text, &|name| std::env::var_os(name))
+    }
+
+    /// [`Config::from_toml`] with `env` as the environment.
+    pub(crate) fn from_toml_in(
+        text: &str,
+        env: read::Environment<'_>,
+    ) -> Result<Config, ConfigError> {
+        build::config(read::raw(text, env)?)
     }
 }
 

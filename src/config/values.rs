@@ -129,9 +129,13 @@ fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
     }
 }
 
+/// What a duration may look like, for the error that refuses one.
+const DURATION_FORMS: &str =
+    "an integer and a unit, us, ms, s, m or h, without spaces: \"500ms\", \"60s\", \"2m\"";
+
 /// "500ms", "60s", "2m", "1h", "250us", "0s": an unsigned integer and a unit, no spaces.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?}");
+    let bad = || format!("invalid duration {s:?}: {DURATION_FORMS}");
     let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
     let (digits, unit) = s.split_at(split);
     let n: u64 = digits.parse().map_err(|_| bad())?;
@@ -182,7 +186,10 @@ mod tests {
         ] {
             assert_eq!(
                 parse_duration(bad),
-                Err(format!("invalid duration {bad:?}"))
+                Err(format!(
+                    "invalid duration {bad:?}: an integer and a unit, us, ms, s, m or h, \
+                     without spaces: \"500ms\", \"60s\", \"2m\""
+                ))
             );
         }
     }

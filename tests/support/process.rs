@@ -36,8 +36,29 @@ impl Iamproxy {
         args: &[&str],
         keep: impl FnMut(&str) -> bool + Send + 'static,
     ) -> Iamproxy {
+        Iamproxy::start_in(args, &[], keep)
+    }
+
+    /// Like [`Iamproxy::start`], with `env` added to its environment.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Iamproxy {
+        Iamproxy::start_in(args, env, |_| true)
+    }
+
+    /// Runs to completion with `env` added to its environment.
+    pub async fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> (Iamproxy, ExitStatus) {
+        let mut process = Iamproxy::start_with_env(args, env);
+        let status = process.exit_status(PATIENCE).await;
+        (process, status)
+    }
+
+    fn start_in(
+        args: &[&str],
+        env: &[(&str, &str)],
+        keep: impl FnMut(&str) -> bool + Send + 'static,
+    ) -> Iamproxy {
         let mut child = Command::new(env!("CARGO_BIN_EXE_iamproxy"))
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
