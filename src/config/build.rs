@@ -8,19 +8,20 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::header::HeaderValue;
+use hyper::header::{HeaderName, HeaderValue};
 use hyper::http::uri::Scheme;
 use hyper::{StatusCode, Uri};
 use rustls::ClientConfig;
 
 use super::raw::*;
-use super::values::{parse_duration, AdminToken, Cidr, Secret, UpstreamUrl};
+use super::values::{parse_duration, AdminToken, Cidr, Secret, StaticHeaders, UpstreamUrl};
 use super::{
     invalid, BreakerConfig, CacheConfig, Config, ConfigError, IamConfig, LogConfig, LogFormat,
     OauthConfig, PreauthorizeConfig, RailsConfig, RedisConfig, ServerConfig,
 };
 use crate::classify::Endpoint;
 use crate::decision::rules::{Mode, PercentageOfActors, RailsIssued, RoutingConfig};
+use crate::forward::headers;
 use crate::server::tls::{self, ServerTls};
 
 /// Every key's default, as the TOML would spell it (lists comma-separated): the one table
@@ -91,7 +92,11 @@ pub(super) fn config(raw: RawConfig) -> Result<Config, ConfigError> {
         .rails
         .ok_or_else(|| invalid("rails", "required table is missing"))?;
     let rails = RailsConfig {
-        url: upstream(("rails.url", rails.url), ("rails.ca_file", rails.ca_file))?,
+        url: upstream(
+            ("rails.url", rails.url),
+            ("rails.ca_file", rails.ca_file),
+            static_headers("rails", rails.headers)?,
+        )?,
         connect_timeout: positive_duration("rails.connect_timeout", rails.connect_timeout)?,
         timeout: positive_duration("rails.timeout", rails.timeout)?,
         max_connections: positive_int("rails.max_connections", rails.max_connections)?,
@@ -249,7 +254,11 @@ fn iam(raw: RawIam) -> Result<IamConfig, ConfigError> {
         raw.circuit_breaker.consecutive_failures,
     )?;
     Ok(IamConfig {
-        url: upstream(("iam.url", raw.url), ("iam.ca_file", raw.ca_file))?,
+        url: upstream(
+            ("iam.url", raw.url),
+            ("iam.ca_file", raw.ca_file),
+            static_headers("iam", raw.headers)?,
+        )?,
         connect_timeout: positive_duration("iam.connect_timeout", raw.connect_timeout)?,
         timeout: positive_duration("iam.timeout", raw.timeout)?,
         max_connections: positive_int("iam.max_connections", raw.max_connections)?,
@@ -291,6 +300,7 @@ fn preauthorize(raw: RawPreauthorize) -> Result<PreauthorizeConfig, ConfigError>
         Secret::from_base64(&String::from_utf8_lossy(&bytes)).map_err(|r| invalid(key, r))?;
     Ok(PreauthorizeConfig {
         url,
+        headers: static_headers("preauthorize", raw.headers)?,
         secret,
         timeout: positive_duration("preauthorize.timeout", raw.timeout)?,
         max_connections: positive_int("preauthorize.max_connections", raw.max_connections)?,
@@ -552,6 +562,7 @@ fn upstream_tls(
 fn upstream(
     (key, raw): (&str, Option<String>),
     (ca_key, ca_file): (&'static str, Option<String>),
+    headers: StaticHeaders,
 ) -> Result<UpstreamUrl, ConfigError> {
     let uri = http_uri(key, raw)?;
     let tls = upstream_tls(&uri, ca_key, ca_file)?;
@@ -576,5 +587,32 @@ fn upstream(
         authority,
         host,
         tls,
+        headers,
     })
+}
+
+/// `[<upstream>.headers]`: each name and value checked once, here, and refused with its
+/// key (`iam.headers."Host"`) when it is not a header, would break the request's framing
+/// or routing ([`headers::refuse_static`]), or names one header twice in two cases.
+fn static_headers(upstream: &str, raw: RawHeaders) -> Result<StaticHeaders, ConfigError> {
+    let mut out: Vec<(HeaderName, HeaderValue)> = Vec::new();
+    for (name, value) in raw.unwrap_or_default() {
+        let key = format!("{upstream}.headers.{name:?}");
+        let header = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| invalid(&key, "is not a valid header name"))?;
+        if let Some(reason) = headers::refuse_static(&header) {
+            return Err(invalid(key, reason));
+        }
+        if out.iter().any(|(seen, _)| *seen == header) {
+            return Err(invalid(key, "is set twice (header names ignore case)"));
+        }
+        let value = HeaderValue::from_str(&value).map_err(|_| {
+            invalid(
+                &key,
+                "the value must be printable ASCII (spaces and tabs allowed)",
+            )
+        })?;
+        out.push((header, value));
+    }
+    Ok(StaticHeaders::new(out))
 }

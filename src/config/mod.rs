@@ -21,7 +21,7 @@ use crate::classify::Endpoint;
 use crate::decision::rules::RoutingConfig;
 use crate::server::tls::{ServerTls, TlsError};
 pub use build::DEFAULTS;
-pub use values::{parse_duration, AdminToken, Cidr, Secret, UpstreamUrl};
+pub use values::{parse_duration, AdminToken, Cidr, Secret, StaticHeaders, UpstreamUrl};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -180,6 +180,8 @@ pub struct BreakerConfig {
 pub struct PreauthorizeConfig {
     /// Full URL including the path; never a query, the gateway adds `client_id`.
     pub url: Uri,
+    /// Set on every pre-authorize call, under the call's own headers.
+    pub headers: StaticHeaders,
     pub secret: Secret,
     pub timeout: Duration,
     pub max_connections: usize,

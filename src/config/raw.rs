@@ -1,7 +1,13 @@
 //! The first stage: the TOML file exactly as written, every key optional, unknown keys
 //! refused by serde (naming them with line and column).
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
+
+/// `[rails.headers]` and the like: header names to values, set on every request to that
+/// upstream.
+pub(super) type RawHeaders = Option<BTreeMap<String, String>>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,6 +73,7 @@ pub(super) struct RawRails {
     pub(super) connect_timeout: Option<String>,
     pub(super) timeout: Option<String>,
     pub(super) max_connections: Option<i64>,
+    pub(super) headers: RawHeaders,
 }
 
 #[derive(Deserialize)]
@@ -81,6 +88,7 @@ pub(super) struct RawIam {
     pub(super) token_prefixes: Option<Vec<String>>,
     #[serde(default)]
     pub(super) circuit_breaker: RawBreaker,
+    pub(super) headers: RawHeaders,
 }
 
 #[derive(Deserialize, Default)]
@@ -98,6 +106,7 @@ pub(super) struct RawPreauthorize {
     pub(super) secret_file: Option<String>,
     pub(super) timeout: Option<String>,
     pub(super) max_connections: Option<i64>,
+    pub(super) headers: RawHeaders,
 }
 
 #[derive(Deserialize, Default)]

@@ -31,11 +31,17 @@ pub(super) fn raw(text: &str, env: Environment<'_>) -> Result<RawConfig, ConfigE
     }
     serde_path_to_error::deserialize(Value::Table(table)).map_err(|error| {
         let mut key = String::new();
+        let mut in_headers = false;
         // The path ends at the value refused: an unknown key names itself.
         for segment in error.path() {
             match segment {
+                // A header name is always quoted, as the header checks write it.
+                Segment::Map { key: name } if in_headers => {
+                    let _ = write!(key, ".{name:?}");
+                }
                 Segment::Map { key: name } | Segment::Enum { variant: name } => {
                     push_key(&mut key, name);
+                    in_headers = name == "headers";
                 }
                 Segment::Seq { index } => {
                     let _ = write!(key, "[{index}]");

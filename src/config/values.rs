@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use hyper::header::HeaderValue;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::http::uri::Authority;
 use hyper::Uri;
 use rustls::ClientConfig;
@@ -47,6 +47,39 @@ pub struct UpstreamUrl {
     pub host: HeaderValue,
     /// What the upstream's certificate must chain to; unused for `http`.
     pub tls: Arc<ClientConfig>,
+    /// Set on every request to this upstream.
+    pub headers: StaticHeaders,
+}
+
+/// Headers set on every request to one upstream (`[iam.headers]`, …), replacing a
+/// client's of the same name: checked and made once per configuration, never parsed per
+/// request. Their values may be credentials, so `Debug` shows the names only.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct StaticHeaders(Arc<[(HeaderName, HeaderValue)]>);
+
+impl StaticHeaders {
+    pub(super) fn new(headers: Vec<(HeaderName, HeaderValue)>) -> StaticHeaders {
+        StaticHeaders(headers.into())
+    }
+
+    /// Sets each header in `headers`, replacing whatever value of that name is there.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for (name, value) in self.0.iter() {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &(HeaderName, HeaderValue)> {
+        self.0.iter()
+    }
+}
+
+impl fmt::Debug for StaticHeaders {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(name, _)| name))
+            .finish()
+    }
 }
 
 /// The 32-byte key that signs pre-authorize JWTs. Deliberately no `Display`, and a

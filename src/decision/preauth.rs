@@ -11,7 +11,7 @@ use jsonwebtoken::{EncodingKey, Header};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::Serialize;
 
-use crate::config::{CacheConfig, PreauthorizeConfig};
+use crate::config::{CacheConfig, PreauthorizeConfig, StaticHeaders};
 use crate::decision::Destination;
 use crate::forward::client::{Pool, PoolLimits};
 use crate::forward::headers::X_REQUEST_ID;
@@ -111,6 +111,8 @@ pub struct PreauthClient {
     /// The URL's path, origin-form, and its authority as `Host`.
     path: String,
     host: HeaderValue,
+    /// `[preauthorize.headers]`.
+    headers: StaticHeaders,
     key: EncodingKey,
     timeout: Duration,
     limits: CacheConfig,
@@ -151,6 +153,7 @@ impl PreauthClient {
                 .authority()
                 .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
                 .unwrap_or(HeaderValue::from_static("localhost")),
+            headers: config.headers.clone(),
             key: EncodingKey::from_secret(config.secret.as_bytes()),
             timeout: config.timeout,
             limits: limits.clone(),
@@ -215,6 +218,8 @@ impl PreauthClient {
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri;
         let headers = request.headers_mut();
+        // First, so that the call's own headers below are never replaced.
+        self.headers.apply(headers);
         headers.insert(header::HOST, self.host.clone());
         headers.insert(GITLAB_WORKHORSE.clone(), self.user_agent.clone());
         headers.insert(GITLAB_WORKHORSE_API_REQUEST.clone(), jwt);

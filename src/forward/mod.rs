@@ -114,7 +114,8 @@ pub enum HostRule {
     Rewrite,
 }
 
-/// The one place an upstream request is built.
+/// The one place an upstream request is built: the prepared head, the `Host` rule, and
+/// the upstream's static headers, which replace a client's of the same name.
 pub fn upstream_request(
     head: &Head,
     mut headers: HeaderMap,
@@ -131,6 +132,7 @@ pub fn upstream_request(
         (_, None) => upstream.host.clone(),
     };
     headers.insert(header::HOST, host);
+    upstream.headers.apply(&mut headers);
     if body.size_hint().exact().is_none() {
         // A body of unknown length is a client's chunked one (or HTTP/2 DATA without a
         // length). hyper's client would send it chunked, except for GET and HEAD, whose
@@ -367,6 +369,7 @@ mod tests {
             authority,
             uri,
             tls: crate::server::tls::unused_client_config(),
+            headers: Default::default(),
         }
     }
 

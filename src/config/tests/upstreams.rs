@@ -1,4 +1,5 @@
-//! Upstream URLs, the CA files and the listener's TLS files, and the Workhorse secret.
+//! Upstream URLs, the CA files and the listener's TLS files, the Workhorse secret, and
+//! each upstream's static headers.
 
 use super::*;
 
@@ -156,4 +157,112 @@ fn secret_file_with_wrong_length_or_content_is_rejected() {
         missing.display()
     );
     assert!(msg.starts_with(&want), "{msg}");
+}
+
+#[test]
+fn static_headers_are_read_per_upstream_and_printed_without_values() {
+    let secret = secret_file(32);
+    let text = with_iam(
+        secret.path(),
+        "[preauthorize.headers]\nX-Preauth = \"p\"\n[iam.headers]\n\"X-Gitlab-Svc\" = \"iam-auth-http\"\n\
+         [rails.headers]\nX-Token = \"secret value\"\n",
+    );
+    let c = Config::from_toml(&text).unwrap();
+    let names = |headers: &StaticHeaders| -> Vec<(String, String)> {
+        headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+            .collect()
+    };
+    let iam = c.iam.as_ref().unwrap();
+    let svc = ("x-gitlab-svc".to_owned(), "iam-auth-http".to_owned());
+    assert_eq!(names(&iam.url.headers), [svc]);
+    assert_eq!(
+        names(&c.rails.url.headers),
+        [("x-token".into(), "secret value".into())]
+    );
+    let pre = c.preauthorize.as_ref().unwrap();
+    assert_eq!(names(&pre.headers), [("x-preauth".into(), "p".into())]);
+    assert!(
+        !format!("{c:?}").contains("secret value"),
+        "values stay out of Debug"
+    );
+    assert!(Config::from_toml(MINIMAL)
+        .unwrap()
+        .rails
+        .url
+        .headers
+        .iter()
+        .next()
+        .is_none());
+}
+
+#[test]
+fn static_headers_refuse_bad_names_values_and_headers_the_gateway_owns() {
+    let secret = secret_file(32);
+    let header = |table: &str, line: &str| {
+        err(&with_iam(
+            secret.path(),
+            &format!("[{table}.headers]\n{line}\n"),
+        ))
+    };
+    for (table, line, want) in [
+        (
+            "iam",
+            "\"Host\" = \"iam\"",
+            r#"iam.headers."Host": Host is the client's for Rails; set iam.host or preauthorize.host instead"#,
+        ),
+        (
+            "rails",
+            "Connection = \"close\"",
+            r#"rails.headers."Connection": is a hop-by-hop header, which describes one connection"#,
+        ),
+        (
+            "rails",
+            "Transfer-Encoding = \"chunked\"",
+            r#"rails.headers."Transfer-Encoding": is a hop-by-hop header, which describes one connection"#,
+        ),
+        (
+            "preauthorize",
+            "Proxy-Authorization = \"x\"",
+            r#"preauthorize.headers."Proxy-Authorization": is a hop-by-hop header, which describes one connection"#,
+        ),
+        (
+            "iam",
+            "Content-Length = \"0\"",
+            r#"iam.headers."Content-Length": Content-Length is the body's length"#,
+        ),
+        (
+            "rails",
+            "Gitlab-Workhorse-Api-Request = \"x\"",
+            r#"rails.headers."Gitlab-Workhorse-Api-Request": Gitlab-Workhorse headers are the gateway's own"#,
+        ),
+        (
+            "iam",
+            "\"Bad Name\" = \"x\"",
+            r#"iam.headers."Bad Name": is not a valid header name"#,
+        ),
+        (
+            "iam",
+            "\"\" = \"x\"",
+            r#"iam.headers."": is not a valid header name"#,
+        ),
+        (
+            "iam",
+            "X-Svc = \"a\\nb\"",
+            r#"iam.headers."X-Svc": the value must be printable ASCII (spaces and tabs allowed)"#,
+        ),
+        (
+            "iam",
+            "X-Svc = \"a\"\nx-svc = \"b\"",
+            r#"iam.headers."x-svc": is set twice (header names ignore case)"#,
+        ),
+        (
+            "iam",
+            "X-Svc = 1",
+            r#"iam.headers."X-Svc": invalid type: integer `1`, expected a string"#,
+        ),
+    ] {
+        assert_eq!(header(table, line), want, "{line}");
+    }
 }
