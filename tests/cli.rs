@@ -251,6 +251,21 @@ async fn check_replaces_environment_references_and_names_an_unset_one() {
 }
 
 #[tokio::test]
+async fn check_refuses_tls_on_a_unix_listener() {
+    let secret = SecretFile::new();
+    let config = valid_config(secret.path()).replace(
+        "listen = \"127.0.0.1:8181\"",
+        "listen = \"unix:/run/iamproxy/iamproxy.sock\"",
+    ) + "\n[server.tls]\ncertificate_file = \"/etc/iamproxy/tls/cert.pem\"\n\
+           key_file = \"/etc/iamproxy/tls/key.pem\"\n";
+    let stderr = rejected(&config).await;
+    assert!(
+        stderr.contains("server.tls: is not served on a unix: listener (server.listen)"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
 async fn check_rejects_a_secret_of_16_bytes_asking_for_32() {
     let random = SecretFile::new();
     let secret = TempFile::new(&STANDARD.encode(&random.bytes[..16]));
@@ -404,6 +419,35 @@ async fn sigterm_lets_a_slow_request_finish_then_exits_zero() {
         tokio::net::TcpStream::connect(gw.addr).await.is_err(),
         "listener still accepts after exit"
     );
+}
+
+#[tokio::test]
+async fn sigterm_removes_the_unix_socket_the_gateway_listened_on() {
+    let rails = FakeUpstream::start("rails").await;
+    let dir = support::unix::SocketDir::new();
+    let socket = dir.path("iamproxy.sock");
+    let admin = free_addr();
+    let config = TempFile::new(&format!(
+        "[server]\nlisten = \"unix:{}\"\nadmin_listen = \"{admin}\"\n\
+         [rails]\nurl = \"{}\"\n[log]\nlevel = \"warn\"\n",
+        socket.display(),
+        rails.url()
+    ));
+    let mut process = Iamproxy::start(&["--config", config.path()]);
+    poll_until("readiness answers 200", || async {
+        probe(admin, "/-/readiness").await == Some(StatusCode::OK)
+    })
+    .await;
+    let request = Request::get("/api/v4/version")
+        .header("host", "gitlab.example.com")
+        .body(Full::default())
+        .unwrap();
+    let answer = support::unix::send_unix(&socket, request).await;
+    assert_eq!(answer.served_by(), "rails");
+
+    process.sigterm();
+    process.assert_exits_cleanly().await;
+    assert!(!socket.exists(), "the socket file is removed on exit");
 }
 
 #[tokio::test]

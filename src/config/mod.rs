@@ -8,20 +8,20 @@ mod raw;
 mod read;
 mod values;
 
-use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::time::Duration;
 
-use hyper::{StatusCode, Uri};
-use rustls::ClientConfig;
-use std::sync::Arc;
+use hyper::StatusCode;
 
 use crate::classify::Endpoint;
 use crate::decision::rules::RoutingConfig;
 use crate::server::tls::{ServerTls, TlsError};
 pub use build::DEFAULTS;
-pub use values::{parse_duration, AdminToken, Cidr, Secret, StaticHeaders, UpstreamUrl};
+pub use values::{
+    parse_duration, AdminToken, Cidr, ListenAddr, Secret, StaticHeaders, UpstreamAddress,
+    UpstreamUrl,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -113,8 +113,10 @@ pub struct RedisConfig {
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    pub listen: SocketAddr,
-    pub admin_listen: SocketAddr,
+    pub listen: ListenAddr,
+    pub admin_listen: ListenAddr,
+    /// Permission bits of the socket file of a `unix:` listener.
+    pub socket_mode: u32,
     /// A request's headers must arrive within this from its first byte (a new
     /// connection's, from accept, TLS handshake included).
     pub header_read_timeout: Duration,
@@ -141,7 +143,7 @@ pub struct ServerConfig {
     pub graceful_shutdown_delay: Duration,
     /// Peers whose X-Forwarded-For / X-Request-Id are kept rather than replaced.
     pub trusted_cidrs: Vec<Cidr>,
-    /// Present: the main listener speaks only HTTPS.
+    /// Present: the main listener speaks only HTTPS (never on a Unix socket).
     pub tls: Option<ServerTls>,
 }
 
@@ -178,15 +180,14 @@ pub struct BreakerConfig {
 
 #[derive(Debug, Clone)]
 pub struct PreauthorizeConfig {
-    /// Full URL including the path; never a query, the gateway adds `client_id`.
-    pub url: Uri,
-    /// Set on every pre-authorize call, under the call's own headers.
-    pub headers: StaticHeaders,
+    /// Where the backend is, the `Host` it gets, and its static headers (set under the
+    /// call's own headers).
+    pub upstream: UpstreamUrl,
+    /// The request path, origin-form; never a query, the gateway adds `client_id`.
+    pub path: String,
     pub secret: Secret,
     pub timeout: Duration,
     pub max_connections: usize,
-    /// What the backend's certificate must chain to; unused for `http`.
-    pub tls: Arc<ClientConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -35,6 +35,7 @@ pub(super) struct RawConfig {
 pub(super) struct RawServer {
     pub(super) listen: Option<String>,
     pub(super) admin_listen: Option<String>,
+    pub(super) socket_mode: Option<String>,
     pub(super) header_read_timeout: Option<String>,
     pub(super) idle_timeout: Option<String>,
     pub(super) body_read_timeout: Option<String>,
@@ -80,6 +81,7 @@ pub(super) struct RawRails {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawIam {
     pub(super) url: Option<String>,
+    pub(super) host: Option<String>,
     pub(super) ca_file: Option<String>,
     pub(super) connect_timeout: Option<String>,
     pub(super) timeout: Option<String>,
@@ -102,6 +104,7 @@ pub(super) struct RawBreaker {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPreauthorize {
     pub(super) url: Option<String>,
+    pub(super) host: Option<String>,
     pub(super) ca_file: Option<String>,
     pub(super) secret_file: Option<String>,
     pub(super) timeout: Option<String>,

@@ -107,8 +107,10 @@ struct Claims {
 /// the proxied traffic needs.
 pub struct PreauthClient {
     pool: Pool,
+    /// Where it is, for `Debug`.
     url: String,
-    /// The URL's path, origin-form, and its authority as `Host`.
+    /// The URL's path, origin-form, and the `Host` it gets (`preauthorize.host`, or the
+    /// URL's authority).
     path: String,
     host: HeaderValue,
     /// `[preauthorize.headers]`.
@@ -136,24 +138,21 @@ impl PreauthClient {
         limits: &CacheConfig,
         saturated: prometheus::IntCounter,
     ) -> PreauthClient {
+        let upstream = &config.upstream;
         PreauthClient {
             pool: Pool::new(
-                &config.url,
-                &config.tls,
+                &upstream.address,
+                &upstream.tls,
                 PoolLimits {
                     connect_timeout: config.timeout,
                     max_connections: config.max_connections,
                     saturated,
                 },
             ),
-            url: config.url.to_string(),
-            path: config.url.path().to_owned(),
-            host: config
-                .url
-                .authority()
-                .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
-                .unwrap_or(HeaderValue::from_static("localhost")),
-            headers: config.headers.clone(),
+            url: upstream.address.to_string(),
+            path: config.path.clone(),
+            host: upstream.host.clone(),
+            headers: upstream.headers.clone(),
             key: EncodingKey::from_secret(config.secret.as_bytes()),
             timeout: config.timeout,
             limits: limits.clone(),

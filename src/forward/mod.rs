@@ -366,8 +366,7 @@ mod tests {
         let authority = uri.authority().unwrap().clone();
         UpstreamUrl {
             host: HeaderValue::from_str(authority.as_str()).unwrap(),
-            authority,
-            uri,
+            address: crate::config::UpstreamAddress::Url(uri),
             tls: crate::server::tls::unused_client_config(),
             headers: Default::default(),
         }

@@ -3,11 +3,13 @@
 
 use super::*;
 
+const HTTP_OR_UNIX: &str = "scheme must be http or https, or the URL unix:/path/to.sock";
+
 #[test]
 fn upstream_url_must_be_an_http_or_https_origin() {
     for (url, reason) in [
-        ("ftp://rails", "scheme must be http or https"),
-        ("127.0.0.1:8080", "scheme must be http or https"),
+        ("ftp://rails", HTTP_OR_UNIX),
+        ("127.0.0.1:8080", HTTP_OR_UNIX),
         ("http://:8080", "must have a host"),
         ("http://rails/api", "must not have a path"),
         ("http://rails/?a=1", "must not have a query or fragment"),
@@ -22,7 +24,7 @@ fn upstream_url_must_be_an_http_or_https_origin() {
     assert_eq!(err("[rails]\n"), "rails.url: required key is missing");
     assert_eq!(err("[cache]\n"), "rails: required table is missing");
     let iam = with_iam("/unused", "").replace("http://127.0.0.1:9000", "ws://iam");
-    assert_eq!(err(&iam), "iam.url: scheme must be http or https");
+    assert_eq!(err(&iam), format!("iam.url: {HTTP_OR_UNIX}"));
 }
 
 #[test]
@@ -58,10 +60,13 @@ fn https_upstreams_keep_their_scheme_and_trust_the_ca_file() {
         );
     let config = Config::from_toml(&text).unwrap();
     let iam = config.iam.unwrap();
-    assert_eq!(iam.url.uri, "https://iam.internal/");
+    assert_eq!(iam.url.address.to_string(), "https://iam.internal/");
     assert_eq!(iam.url.host, "iam.internal");
     let preauthorize = config.preauthorize.unwrap();
-    assert_eq!(preauthorize.url.scheme_str(), Some("https"));
+    assert_eq!(
+        preauthorize.upstream.address.to_string(),
+        "https://rails.internal/"
+    );
 }
 
 #[test]
@@ -107,8 +112,7 @@ fn server_tls_names_the_key_of_the_file_at_fault() {
 #[test]
 fn upstream_keeps_authority_as_written_for_the_host_header() {
     let c = Config::from_toml("[rails]\nurl = \"http://Rails.Internal\"\n").unwrap();
-    assert_eq!(c.rails.url.uri, "http://Rails.Internal/");
-    assert_eq!(c.rails.url.authority.port_u16(), None);
+    assert_eq!(c.rails.url.address.to_string(), "http://Rails.Internal/");
     assert_eq!(c.rails.url.host, "Rails.Internal");
 }
 
@@ -116,10 +120,10 @@ fn upstream_keeps_authority_as_written_for_the_host_header() {
 fn preauthorize_url_keeps_its_path_but_rejects_a_query() {
     let secret = secret_file(32);
     let c = Config::from_toml(&with_iam(secret.path(), "")).unwrap();
-    assert_eq!(
-        c.preauthorize.unwrap().url,
-        "http://127.0.0.1:8080/-/oauth/iam_routing"
-    );
+    let pre = c.preauthorize.unwrap();
+    assert_eq!(pre.upstream.address.to_string(), "http://127.0.0.1:8080/");
+    assert_eq!(pre.path, "/-/oauth/iam_routing");
+    assert_eq!(pre.upstream.host, "127.0.0.1:8080");
     let query = with_iam(secret.path(), "").replace("iam_routing", "iam_routing?x=1");
     assert_eq!(
         err(&query),
@@ -182,7 +186,10 @@ fn static_headers_are_read_per_upstream_and_printed_without_values() {
         [("x-token".into(), "secret value".into())]
     );
     let pre = c.preauthorize.as_ref().unwrap();
-    assert_eq!(names(&pre.headers), [("x-preauth".into(), "p".into())]);
+    assert_eq!(
+        names(&pre.upstream.headers),
+        [("x-preauth".into(), "p".into())]
+    );
     assert!(
         !format!("{c:?}").contains("secret value"),
         "values stay out of Debug"
