@@ -1,5 +1,5 @@
-//! Unix sockets: `unix:` listeners and their mode, and `unix:` upstreams with the `Host`
-//! they get.
+//! Unix sockets: `unix:` listeners and their mode, `unix:` upstreams with the `Host` they
+//! get; and the configurations the README's Deploying section and the example file show.
 
 use super::*;
 use std::path::Path;
@@ -156,4 +156,79 @@ fn unix_upstream_urls_refuse_paths_queries_and_ca_files() {
             "{bad}"
         );
     }
+}
+
+/// The README's Deploying examples are valid configurations: the Omnibus one as written,
+/// the container one with its variables set.
+#[test]
+fn readme_deploying_examples_are_valid() {
+    let readme = include_str!("../../../README.md");
+    let example = |heading: &str| -> String {
+        let section = readme.split_once(heading).expect(heading).1;
+        let block = section.split_once("```toml\n").expect("a toml block").1;
+        block.split_once("```").expect("closed").0.to_owned()
+    };
+    let secret = secret_file(32);
+    let omnibus = example("### In front of Omnibus over Unix sockets").replace(
+        "/var/opt/gitlab/gitlab-rails/etc/gitlab_workhorse_secret",
+        secret.path(),
+    );
+    let c = Config::from_toml(&omnibus).unwrap();
+    assert_eq!(
+        c.server.listen,
+        unix("/var/opt/gitlab/iamproxy/iamproxy.sock")
+    );
+    assert_eq!(c.server.socket_mode, 0o660);
+
+    let container = example("### A container with environment variables").replace(
+        "/etc/gitlab-secrets/workhorse/.gitlab_workhorse_secret",
+        secret.path(),
+    );
+    let env = |name: &str| match name {
+        "RAILS_URL" => Some("http://webservice:8080".into()),
+        "IAM_SERVICE_URL" => Some("http://iam-auth:9000".into()),
+        _ => None,
+    };
+    let c = Config::from_toml_in(&container, &env).unwrap();
+    assert_eq!(c.server.listen.to_string(), "0.0.0.0:8181");
+    assert_eq!(c.preauthorize.unwrap().path, "/-/oauth/iam_routing");
+    let iam = c.iam.unwrap();
+    assert_eq!(iam.url.host, "iam-auth:9000");
+    let svc: Vec<_> = iam.url.headers.iter().map(|(_, v)| v.clone()).collect();
+    assert_eq!(svc, ["iam-auth-http"]);
+    let unset = Config::from_toml_in(&container, &|_| None).unwrap_err();
+    assert_eq!(
+        unset.to_string(),
+        "iam.url: environment variable IAM_SERVICE_URL is not set (\"${IAM_SERVICE_URL:-default}\" gives it a default)"
+    );
+}
+
+/// The example's commented-out `host` keys and `headers` tables are valid once uncommented.
+#[test]
+fn example_config_commented_hosts_and_headers_are_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/iamproxy.example.toml");
+    let example = std::fs::read_to_string(path).unwrap();
+    let secret = secret_file(32);
+    let mut uncomment_next = false;
+    let mut uncommented = 0;
+    let text: Vec<String> = example
+        .lines()
+        .map(|line| {
+            let header = line.starts_with("# [") && line.ends_with(".headers]");
+            if header || uncomment_next || line.starts_with("# host = ") {
+                uncomment_next = header;
+                uncommented += 1;
+                line[2..].to_owned()
+            } else if line.starts_with("secret_file = ") {
+                format!("secret_file = '{}'", secret.path())
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect();
+    assert_eq!(uncommented, 8, "two hosts, three tables of one header each");
+    let c = Config::from_toml(&text.join("\n")).unwrap();
+    assert_eq!(c.iam.unwrap().url.headers.iter().count(), 1);
+    assert_eq!(c.preauthorize.unwrap().upstream.host, "gitlab.example.com");
+    assert_eq!(c.rails.url.headers.iter().count(), 1);
 }
