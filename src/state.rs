@@ -321,5 +321,10 @@ mod tests {
             listener_changes(&started, &changed),
             ["server.listen", "server.max_connections"]
         );
+        let socket = server("listen = \"unix:/run/iamproxy.sock\"\nsocket_mode = \"0600\"");
+        assert_eq!(
+            listener_changes(&started, &socket),
+            ["server.listen", "server.socket_mode"]
+        );
     }
 }

@@ -352,6 +352,52 @@ async fn sighup_swaps_in_a_valid_config_and_keeps_the_running_one_when_invalid()
 }
 
 #[tokio::test]
+async fn sighup_substitutes_the_environment_again_in_the_reloaded_file() {
+    let old_rails = FakeUpstream::start("old-rails").await;
+    let new_rails = FakeUpstream::start("new-rails").await;
+    let (addr, admin) = (free_addr(), free_addr());
+    let config = TempFile::new(&serving_config(addr, admin, "", &old_rails));
+    let process = Iamproxy::start_with_env(
+        &["--config", config.path()],
+        &[("NEW_RAILS_URL", &new_rails.url())],
+    );
+    poll_until("readiness answers 200", || async {
+        probe(admin, "/-/readiness").await == Some(StatusCode::OK)
+    })
+    .await;
+    let reloaded =
+        serving_config(addr, admin, "", &new_rails).replace(&new_rails.url(), "${NEW_RAILS_URL}");
+    std::fs::write(&config.0, reloaded).unwrap();
+    process.signal("HUP");
+    poll_until("requests reach the Rails the environment names", || async {
+        try_get(addr, "/api/v4/version")
+            .await
+            .is_some_and(|answer| answer.served_by() == "new-rails")
+    })
+    .await;
+
+    let unset = serving_config(addr, admin, "", &old_rails)
+        .replace(&old_rails.url(), "${NOT_SET_ANYWHERE}");
+    std::fs::write(&config.0, unset).unwrap();
+    process.signal("HUP");
+    poll_until("the failed reload is logged", || async {
+        process.stderr().contains("config reload failed")
+    })
+    .await;
+    assert!(
+        process
+            .stderr()
+            .contains("rails.url: environment variable NOT_SET_ANYWHERE is not set"),
+        "{}",
+        process.stderr()
+    );
+    let answer = try_get(addr, "/api/v4/version")
+        .await
+        .expect("still serving");
+    assert_eq!(answer.served_by(), "new-rails", "the running config stays");
+}
+
+#[tokio::test]
 async fn sighup_log_level_applies_to_log_statements_that_already_ran() {
     let quiet_rails = FakeUpstream::start("quiet-rails").await;
     let loud_rails = FakeUpstream::start("loud-rails").await;
