@@ -35,6 +35,9 @@ const STAND_IN_CONNECTIONS: usize = 256;
 
 const IAM_CLIENT: &str = "demo-iam";
 const BROKEN_IAM_CLIENT: &str = "demo-iam-broken";
+/// One IAM failure, short of the URL: the banner's command that opens the breaker.
+const BREAKER_REQUEST: &str =
+    "curl -s -X POST -u demo-iam-broken:secret -d grant_type=client_credentials";
 
 pub type DemoError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -42,6 +45,9 @@ pub type DemoError = Box<dyn std::error::Error + Send + Sync>;
 pub struct Demo {
     gateway: Gateway,
     secret_file: PathBuf,
+    /// The admin API's token, printed in the banner, and the file it is in.
+    admin_token: String,
+    token_file: PathBuf,
     /// Dropping this stops the stand-ins.
     _stop_stand_ins: watch::Sender<()>,
 }
@@ -56,6 +62,9 @@ pub async fn start(listen: SocketAddr, admin_listen: SocketAddr) -> Result<Demo,
         listen.port()
     ));
     write_private(&secret_file, &secret)?;
+    let admin_token = random_secret();
+    let token_file = secret_file.with_extension("admin-token");
+    write_private(&token_file, &admin_token)?;
     let key = Secret::from_base64(&secret).map_err(|e| format!("demo secret: {e}"))?;
     let key = Arc::new(jsonwebtoken::DecodingKey::from_secret(key.as_bytes()));
 
@@ -100,16 +109,22 @@ secret_file = "{secret_file}"
 [cache]
 ttl = "30s"
 
+[admin]
+token_file = "{token_file}"
+
 [log]
 format = "text"
 "#,
-        secret_file = secret_file.display()
+        secret_file = secret_file.display(),
+        token_file = token_file.display()
     );
     let config = Config::from_toml(&toml)?;
     let gateway = Gateway::bind(config).await?;
     Ok(Demo {
         gateway,
         secret_file,
+        admin_token,
+        token_file,
         _stop_stand_ins: stop,
     })
 }
@@ -145,19 +160,32 @@ try:
   curl -s http://{admin}/-/readiness
   curl -s http://{admin}/metrics | grep ^iamproxy_
 
-Ctrl-C stops it."
+the admin API (its token is in {token_file}): what is cached for {IAM_CLIENT}, then forget it:
+  curl -s -H 'Authorization: Bearer {token}' http://{admin}/-/admin/decisions/{IAM_CLIENT}
+  curl -s -X DELETE -H 'Authorization: Bearer {token}' http://{admin}/-/admin/decisions/{IAM_CLIENT}
+
+open the circuit breaker (5 IAM failures in a row), then {IAM_CLIENT} is served by Rails for 10s:
+  for i in 1 2 3 4 5; do {BREAKER_REQUEST} http://{gw}/oauth/token; echo; done
+  curl -s http://{admin}/metrics | grep iamproxy_iam_breaker_state
+
+Ctrl-C stops it.",
+            token = self.admin_token,
+            token_file = self.token_file.display(),
         )
     }
 
-    /// Serves until `shutdown`, then removes the demo secret.
+    /// Serves until `shutdown`, then removes the demo secret and admin token.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let Demo {
             gateway,
             secret_file,
+            token_file,
             _stop_stand_ins,
+            ..
         } = self;
         gateway.serve(shutdown).await;
         let _ = std::fs::remove_file(secret_file);
+        let _ = std::fs::remove_file(token_file);
     }
 }
 

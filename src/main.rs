@@ -17,8 +17,9 @@ mod demo;
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
-    /// The TOML configuration file.
-    #[arg(long, short, value_name = "FILE")]
+    /// The TOML configuration file; `${NAME}` in its string values is read from the
+    /// environment.
+    #[arg(long, short, value_name = "FILE", env = "IAMPROXY_CONFIG")]
     config: Option<PathBuf>,
     /// Validate the configuration and exit: 0 when valid, 1 with the key and reason.
     #[arg(long, requires = "config")]
@@ -84,7 +85,9 @@ fn main() -> ExitCode {
                 Err(error) => fail(&error.to_string()),
             }
         }
-        (None, None) => fail("--config FILE is required (or run `iamproxy demo`); see --help"),
+        (None, None) => fail(
+            "--config FILE (or IAMPROXY_CONFIG) is required (or run `iamproxy demo`); see --help",
+        ),
     }
 }
 

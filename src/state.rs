@@ -77,7 +77,7 @@ impl AppState {
             url: config.rails.url.clone(),
             timeout: config.rails.timeout,
             pool: Pool::new(
-                &config.rails.url.uri,
+                &config.rails.url.address,
                 &config.rails.url.tls,
                 PoolLimits {
                     connect_timeout: config.rails.connect_timeout,
@@ -95,7 +95,8 @@ impl AppState {
                 let same_breaker = previous
                     .and_then(|previous| previous.config.iam.as_ref().zip(previous.iam.as_ref()))
                     .filter(|(old, _)| {
-                        old.url.uri == iam.url.uri && old.circuit_breaker == iam.circuit_breaker
+                        old.url.address == iam.url.address
+                            && old.circuit_breaker == iam.circuit_breaker
                     })
                     .map(|(_, route)| route.breaker.clone());
                 IamUpstream {
@@ -104,7 +105,7 @@ impl AppState {
                     fallback_statuses: iam.fallback_statuses.clone(),
                     token_prefixes: iam.token_prefixes.clone(),
                     pool: Pool::new(
-                        &iam.url.uri,
+                        &iam.url.address,
                         &iam.url.tls,
                         PoolLimits {
                             connect_timeout: iam.connect_timeout,
@@ -248,6 +249,7 @@ fn listener_changes(started: &ServerConfig, new: &ServerConfig) -> Vec<&'static 
             "server.admin_listen",
             started.admin_listen != new.admin_listen,
         ),
+        ("server.socket_mode", started.socket_mode != new.socket_mode),
         ("server.tls", started.tls.is_some() != new.tls.is_some()),
         (
             "server.max_connections",
@@ -318,6 +320,11 @@ mod tests {
         assert_eq!(
             listener_changes(&started, &changed),
             ["server.listen", "server.max_connections"]
+        );
+        let socket = server("listen = \"unix:/run/iamproxy.sock\"\nsocket_mode = \"0600\"");
+        assert_eq!(
+            listener_changes(&started, &socket),
+            ["server.listen", "server.socket_mode"]
         );
     }
 }

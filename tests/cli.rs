@@ -1,56 +1,21 @@
-//! The `iamproxy` binary run as a child process: `--version`, `--help`, `--check`, graceful
-//! shutdown on SIGTERM, and `iamproxy demo`.
+//! The `iamproxy` binary run as a child process: `--version`, `--help`, `--check`, the
+//! configuration from the environment, reloads on SIGHUP, graceful shutdown on SIGTERM
+//! (`iamproxy demo` is in `demo.rs`).
 
 mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitStatus;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::{Request, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use support::process::{free_addr, Iamproxy, TempFile, PATIENCE};
-use support::{Answer, FakeUpstream, Reply, SecretFile, TestClient};
+use support::process::{free_addr, poll_until, probe, try_get, Iamproxy, TempFile, PATIENCE};
+use support::{Answer, FakeUpstream, Reply, SecretFile};
 use tokio::task::JoinHandle;
-
-// ---- Probes ----------------------------------------------------------------------------
-
-/// `GET path` on a fresh connection, or `None` when there is no (complete) answer.
-async fn try_get(addr: SocketAddr, path: &str) -> Option<Answer> {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let uri = format!("http://{addr}{path}").parse().unwrap();
-    let (parts, body) = client.get(uri).await.ok()?.into_parts();
-    Some(Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: body.collect().await.ok()?.to_bytes(),
-    })
-}
-
-/// The status of `GET path` on a fresh connection, or `None` when there is no answer
-/// within a second.
-async fn probe(addr: SocketAddr, path: &str) -> Option<StatusCode> {
-    let answer = tokio::time::timeout(Duration::from_secs(1), try_get(addr, path)).await;
-    answer.ok().flatten().map(|answer| answer.status)
-}
-
-/// Checks `condition` every 20 ms until it holds, failing the test after `PATIENCE`.
-async fn poll_until<F>(what: &str, mut condition: impl FnMut() -> F)
-where
-    F: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + PATIENCE;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 // ---- Configurations ---------------------------------------------------------------------
 
@@ -186,11 +151,83 @@ async fn check_rejects_an_invalid_duration_naming_key_and_value() {
 }
 
 #[tokio::test]
-async fn check_rejects_an_unknown_key_naming_it() {
+async fn check_rejects_an_unknown_key_naming_the_file_and_the_dotted_key() {
     let secret = SecretFile::new();
-    let config = valid_config(secret.path()) + "\n[cache]\nttl_seconds = 60\n";
+    let rails = "[rails]\nurl = \"http://127.0.0.1:8080\"\n";
+    let config = valid_config(secret.path()).replace(rails, &format!("{rails}timout = \"5s\"\n"));
+    let file = TempFile::new(&config);
+    let (process, status) = Iamproxy::run(&["--config", file.path(), "--check"]).await;
+    assert_eq!(status.code(), Some(1), "stdout:\n{}", process.stdout());
+    let want = format!("iamproxy: {}: rails.timout: unknown key", file.path());
+    assert!(process.stderr().starts_with(&want), "{}", process.stderr());
+}
+
+#[tokio::test]
+async fn iamproxy_config_names_the_file_when_config_is_not_given() {
+    let secret = SecretFile::new();
+    let file = TempFile::new(&valid_config(secret.path()));
+    let (process, status) =
+        Iamproxy::run_with_env(&["--check"], &[("IAMPROXY_CONFIG", file.path())]).await;
+    assert!(status.success(), "stderr:\n{}", process.stderr());
+    assert!(
+        process.stdout().contains(file.path()),
+        "{}",
+        process.stdout()
+    );
+    // --config still wins.
+    let missing = format!("{}.missing", file.path());
+    let (process, status) = Iamproxy::run_with_env(
+        &["--config", &missing, "--check"],
+        &[("IAMPROXY_CONFIG", file.path())],
+    )
+    .await;
+    assert_eq!(status.code(), Some(1));
+    assert!(process.stderr().contains(&missing), "{}", process.stderr());
+}
+
+#[tokio::test]
+async fn check_replaces_environment_references_and_names_an_unset_one() {
+    let secret = SecretFile::new();
+    let config = valid_config(secret.path())
+        .replace("http://127.0.0.1:9000", "${IAM_URL}")
+        .replace(
+            &secret.path().display().to_string(),
+            "${SECRET_DIR}/${SECRET_NAME:-x}",
+        );
+    let file = TempFile::new(&config);
+    let dir = secret.path().parent().unwrap().to_str().unwrap();
+    let name = secret.path().file_name().unwrap().to_str().unwrap();
+    let args = ["--config", file.path(), "--check"];
+    let env = [
+        ("IAM_URL", "http://127.0.0.1:9000"),
+        ("SECRET_DIR", dir),
+        ("SECRET_NAME", name),
+    ];
+    let (process, status) = Iamproxy::run_with_env(&args, &env).await;
+    assert!(status.success(), "stderr:\n{}", process.stderr());
+
+    let (process, status) = Iamproxy::run_with_env(&args, &env[1..]).await;
+    assert_eq!(status.code(), Some(1));
+    let want = format!(
+        "iamproxy: {}: iam.url: environment variable IAM_URL is not set",
+        file.path()
+    );
+    assert!(process.stderr().starts_with(&want), "{}", process.stderr());
+}
+
+#[tokio::test]
+async fn check_refuses_tls_on_a_unix_listener() {
+    let secret = SecretFile::new();
+    let config = valid_config(secret.path()).replace(
+        "listen = \"127.0.0.1:8181\"",
+        "listen = \"unix:/run/iamproxy/iamproxy.sock\"",
+    ) + "\n[server.tls]\ncertificate_file = \"/etc/iamproxy/tls/cert.pem\"\n\
+           key_file = \"/etc/iamproxy/tls/key.pem\"\n";
     let stderr = rejected(&config).await;
-    assert!(stderr.contains("ttl_seconds"), "{stderr}");
+    assert!(
+        stderr.contains("server.tls: is not served on a unix: listener (server.listen)"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
@@ -280,6 +317,52 @@ async fn sighup_swaps_in_a_valid_config_and_keeps_the_running_one_when_invalid()
 }
 
 #[tokio::test]
+async fn sighup_substitutes_the_environment_again_in_the_reloaded_file() {
+    let old_rails = FakeUpstream::start("old-rails").await;
+    let new_rails = FakeUpstream::start("new-rails").await;
+    let (addr, admin) = (free_addr(), free_addr());
+    let config = TempFile::new(&serving_config(addr, admin, "", &old_rails));
+    let process = Iamproxy::start_with_env(
+        &["--config", config.path()],
+        &[("NEW_RAILS_URL", &new_rails.url())],
+    );
+    poll_until("readiness answers 200", || async {
+        probe(admin, "/-/readiness").await == Some(StatusCode::OK)
+    })
+    .await;
+    let reloaded =
+        serving_config(addr, admin, "", &new_rails).replace(&new_rails.url(), "${NEW_RAILS_URL}");
+    std::fs::write(&config.0, reloaded).unwrap();
+    process.signal("HUP");
+    poll_until("requests reach the Rails the environment names", || async {
+        try_get(addr, "/api/v4/version")
+            .await
+            .is_some_and(|answer| answer.served_by() == "new-rails")
+    })
+    .await;
+
+    let unset = serving_config(addr, admin, "", &old_rails)
+        .replace(&old_rails.url(), "${NOT_SET_ANYWHERE}");
+    std::fs::write(&config.0, unset).unwrap();
+    process.signal("HUP");
+    poll_until("the failed reload is logged", || async {
+        process.stderr().contains("config reload failed")
+    })
+    .await;
+    assert!(
+        process
+            .stderr()
+            .contains("rails.url: environment variable NOT_SET_ANYWHERE is not set"),
+        "{}",
+        process.stderr()
+    );
+    let answer = try_get(addr, "/api/v4/version")
+        .await
+        .expect("still serving");
+    assert_eq!(answer.served_by(), "new-rails", "the running config stays");
+}
+
+#[tokio::test]
 async fn sighup_log_level_applies_to_log_statements_that_already_ran() {
     let quiet_rails = FakeUpstream::start("quiet-rails").await;
     let loud_rails = FakeUpstream::start("loud-rails").await;
@@ -350,6 +433,35 @@ async fn sigterm_lets_a_slow_request_finish_then_exits_zero() {
 }
 
 #[tokio::test]
+async fn sigterm_removes_the_unix_socket_the_gateway_listened_on() {
+    let rails = FakeUpstream::start("rails").await;
+    let dir = support::unix::SocketDir::new();
+    let socket = dir.path("iamproxy.sock");
+    let admin = free_addr();
+    let config = TempFile::new(&format!(
+        "[server]\nlisten = \"unix:{}\"\nadmin_listen = \"{admin}\"\n\
+         [rails]\nurl = \"{}\"\n[log]\nlevel = \"warn\"\n",
+        socket.display(),
+        rails.url()
+    ));
+    let mut process = Iamproxy::start(&["--config", config.path()]);
+    poll_until("readiness answers 200", || async {
+        probe(admin, "/-/readiness").await == Some(StatusCode::OK)
+    })
+    .await;
+    let request = Request::get("/api/v4/version")
+        .header("host", "gitlab.example.com")
+        .body(Full::default())
+        .unwrap();
+    let answer = support::unix::send_unix(&socket, request).await;
+    assert_eq!(answer.served_by(), "rails");
+
+    process.sigterm();
+    process.assert_exits_cleanly().await;
+    assert!(!socket.exists(), "the socket file is removed on exit");
+}
+
+#[tokio::test]
 async fn readiness_reports_503_during_the_graceful_delay_while_requests_are_served() {
     let rails = FakeUpstream::start("rails").await;
     let mut gw = serve(&rails, "graceful_shutdown_delay = \"1s\"").await;
@@ -382,63 +494,4 @@ async fn shutdown_timeout_bounds_exit_when_a_request_never_finishes() {
         "{status}; stderr:\n{}",
         gw.process.stderr()
     );
-}
-
-// ---- Demo -------------------------------------------------------------------------------
-
-#[tokio::test]
-async fn demo_routes_through_its_stand_ins_and_exits_on_sigterm() {
-    let (addr, admin) = (free_addr(), free_addr());
-    let mut demo = Iamproxy::start(&[
-        "demo",
-        "--listen",
-        &addr.to_string(),
-        "--admin-listen",
-        &admin.to_string(),
-    ]);
-    let banner = demo
-        .stdout_containing(&format!("admin on http://{admin}"))
-        .await;
-    assert!(
-        banner.contains(&format!("gateway on http://{addr}")),
-        "{banner}"
-    );
-
-    let client = TestClient::new();
-    let url = |path: &str| format!("http://{addr}{path}");
-    let authorize = client
-        .get(&url("/oauth/authorize?client_id=demo-iam"))
-        .await;
-    assert_eq!(authorize.served_by(), "iam");
-    let token = client
-        .post_form(
-            &url("/oauth/token"),
-            "grant_type=client_credentials&client_id=demo-app",
-        )
-        .await;
-    assert_eq!(token.served_by(), "rails");
-    let broken = client
-        .send(
-            Request::post(url("/oauth/token"))
-                .header(
-                    "authorization",
-                    format!("Basic {}", STANDARD.encode("demo-iam-broken:secret")),
-                )
-                .header("content-type", "application/x-www-form-urlencoded")
-                .body(Full::new(Bytes::from_static(
-                    b"grant_type=client_credentials",
-                )))
-                .unwrap(),
-        )
-        .await;
-    assert_eq!(broken.served_by(), "rails", "IAM's 503 replayed to Rails");
-    assert_eq!(probe(admin, "/-/readiness").await, Some(StatusCode::OK));
-    let metrics = client.get(&format!("http://{admin}/metrics")).await.text();
-    assert!(
-        metrics.contains("iamproxy_fallbacks_total{reason=\"status\"} 1\n"),
-        "the demo's replay shows in its metrics:\n{metrics}"
-    );
-
-    demo.sigterm();
-    demo.assert_exits_cleanly().await;
 }

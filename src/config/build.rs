@@ -1,27 +1,25 @@
 //! The second stage: raw values checked and turned into the typed [`Config`], every error
 //! naming its key, and the one table of defaults.
 
+mod addresses;
+
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::header::HeaderValue;
-use hyper::http::uri::Scheme;
-use hyper::{StatusCode, Uri};
-use rustls::ClientConfig;
+use hyper::StatusCode;
 
 use super::raw::*;
-use super::values::{parse_duration, AdminToken, Cidr, Secret, UpstreamUrl};
+use super::values::{parse_duration, AdminToken, Cidr, ListenAddr, Secret};
 use super::{
     invalid, BreakerConfig, CacheConfig, Config, ConfigError, IamConfig, LogConfig, LogFormat,
     OauthConfig, PreauthorizeConfig, RailsConfig, RedisConfig, ServerConfig,
 };
 use crate::classify::Endpoint;
 use crate::decision::rules::{Mode, PercentageOfActors, RailsIssued, RoutingConfig};
-use crate::server::tls::{self, ServerTls};
+use crate::server::tls::ServerTls;
+use addresses::{listen_addr, socket_mode, static_headers, upstream, upstream_with_path};
 
 /// Every key's default, as the TOML would spell it (lists comma-separated): the one table
 /// the builders below read, and the README's configuration table shows. Keys without a
@@ -29,6 +27,8 @@ use crate::server::tls::{self, ServerTls};
 pub const DEFAULTS: &[(&str, &str)] = &[
     ("server.listen", "127.0.0.1:8181"),
     ("server.admin_listen", "127.0.0.1:9229"),
+    // Anyone on the host may connect, as to a TCP port; "0660" keeps it to a group.
+    ("server.socket_mode", "0666"),
     ("server.header_read_timeout", "10s"),
     ("server.idle_timeout", "60s"),
     ("server.body_read_timeout", "30s"),
@@ -68,7 +68,7 @@ pub const DEFAULTS: &[(&str, &str)] = &[
 
 /// `key`'s default from [`DEFAULTS`]; empty (and so refused by every reader) for a key
 /// that has none, which the tests rule out.
-fn default(key: &str) -> &'static str {
+pub(super) fn default(key: &str) -> &'static str {
     DEFAULTS
         .iter()
         .find(|(k, _)| *k == key)
@@ -91,7 +91,13 @@ pub(super) fn config(raw: RawConfig) -> Result<Config, ConfigError> {
         .rails
         .ok_or_else(|| invalid("rails", "required table is missing"))?;
     let rails = RailsConfig {
-        url: upstream(("rails.url", rails.url), ("rails.ca_file", rails.ca_file))?,
+        // Rails keeps the client's Host, so no `rails.host`.
+        url: upstream(
+            ("rails.url", rails.url),
+            ("rails.ca_file", rails.ca_file),
+            None,
+            static_headers("rails", rails.headers)?,
+        )?,
         connect_timeout: positive_duration("rails.connect_timeout", rails.connect_timeout)?,
         timeout: positive_duration("rails.timeout", rails.timeout)?,
         max_connections: positive_int("rails.max_connections", rails.max_connections)?,
@@ -121,14 +127,24 @@ pub(super) fn config(raw: RawConfig) -> Result<Config, ConfigError> {
 }
 
 fn server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
-    let listen = socket_addr("server.listen", raw.listen)?;
-    let admin_listen = socket_addr("server.admin_listen", raw.admin_listen)?;
+    let listen = listen_addr("server.listen", raw.listen)?;
+    let admin_listen = listen_addr("server.admin_listen", raw.admin_listen)?;
     // Port 0 asks the OS for a fresh port each time, so two of them never collide.
-    if listen == admin_listen && listen.port() != 0 {
+    let same = match (&listen, &admin_listen) {
+        (ListenAddr::Tcp(main), ListenAddr::Tcp(admin)) => main == admin && main.port() != 0,
+        (main, admin) => main == admin,
+    };
+    if same {
         return Err(invalid(
             "server.admin_listen",
             "must differ from server.listen",
         ));
+    }
+    let socket_mode = socket_mode(raw.socket_mode)?;
+    if raw.tls.is_some() && matches!(listen, ListenAddr::Unix(_)) {
+        let reason = "is not served on a unix: listener (server.listen): terminate TLS in \
+                      front of the socket, e.g. in nginx";
+        return Err(invalid("server.tls", reason));
     }
     let header_read_timeout =
         positive_duration("server.header_read_timeout", raw.header_read_timeout)?;
@@ -173,6 +189,7 @@ fn server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
     Ok(ServerConfig {
         listen,
         admin_listen,
+        socket_mode,
         header_read_timeout,
         idle_timeout,
         body_read_timeout,
@@ -249,7 +266,12 @@ fn iam(raw: RawIam) -> Result<IamConfig, ConfigError> {
         raw.circuit_breaker.consecutive_failures,
     )?;
     Ok(IamConfig {
-        url: upstream(("iam.url", raw.url), ("iam.ca_file", raw.ca_file))?,
+        url: upstream(
+            ("iam.url", raw.url),
+            ("iam.ca_file", raw.ca_file),
+            Some(("iam.host", raw.host)),
+            static_headers("iam", raw.headers)?,
+        )?,
         connect_timeout: positive_duration("iam.connect_timeout", raw.connect_timeout)?,
         timeout: positive_duration("iam.timeout", raw.timeout)?,
         max_connections: positive_int("iam.max_connections", raw.max_connections)?,
@@ -280,21 +302,25 @@ fn iam(raw: RawIam) -> Result<IamConfig, ConfigError> {
 }
 
 fn preauthorize(raw: RawPreauthorize) -> Result<PreauthorizeConfig, ConfigError> {
-    let url = http_uri("preauthorize.url", raw.url)?;
-    let tls = upstream_tls(&url, "preauthorize.ca_file", raw.ca_file)?;
+    let (upstream, path) = upstream_with_path(
+        ("preauthorize.url", raw.url),
+        ("preauthorize.ca_file", raw.ca_file),
+        Some(("preauthorize.host", raw.host)),
+        static_headers("preauthorize", raw.headers)?,
+    )?;
     let key = "preauthorize.secret_file";
-    let path = required(key, raw.secret_file)?;
+    let file = required(key, raw.secret_file)?;
     let bytes =
-        std::fs::read(&path).map_err(|e| invalid(key, format!("cannot read {path}: {e}")))?;
+        std::fs::read(&file).map_err(|e| invalid(key, format!("cannot read {file}: {e}")))?;
     // Non-UTF-8 bytes become U+FFFD, which base64 then rejects.
     let secret =
         Secret::from_base64(&String::from_utf8_lossy(&bytes)).map_err(|r| invalid(key, r))?;
     Ok(PreauthorizeConfig {
-        url,
+        upstream,
+        path,
         secret,
         timeout: positive_duration("preauthorize.timeout", raw.timeout)?,
         max_connections: positive_int("preauthorize.max_connections", raw.max_connections)?,
-        tls,
     })
 }
 
@@ -461,7 +487,7 @@ fn log(raw: RawLog) -> Result<LogConfig, ConfigError> {
     Ok(LogConfig { format, level })
 }
 
-fn required(key: &str, value: Option<String>) -> Result<String, ConfigError> {
+pub(super) fn required(key: &str, value: Option<String>) -> Result<String, ConfigError> {
     value.ok_or_else(|| invalid(key, "required key is missing"))
 }
 
@@ -494,87 +520,4 @@ fn positive_int<T: TryFrom<i64>>(key: &'static str, raw: Option<i64>) -> Result<
         return Err(invalid(key, format!("must be at least 1, found {n}")));
     }
     T::try_from(n).map_err(|_| invalid(key, format!("{n} is too large")))
-}
-
-fn socket_addr(key: &'static str, raw: Option<String>) -> Result<SocketAddr, ConfigError> {
-    let text = raw.as_deref().unwrap_or(default(key));
-    text.parse()
-        .map_err(|_| invalid(key, format!("invalid socket address {text:?}")))
-}
-
-/// An absolute `http` or `https` URL with a host and no query.
-fn http_uri(key: &str, raw: Option<String>) -> Result<Uri, ConfigError> {
-    let text = required(key, raw)?;
-    let uri: Uri = text
-        .parse()
-        .map_err(|e| invalid(key, format!("invalid URL {text:?}: {e}")))?;
-    if uri.scheme() != Some(&Scheme::HTTP) && uri.scheme() != Some(&Scheme::HTTPS) {
-        return Err(invalid(key, "scheme must be http or https"));
-    }
-    match uri.authority() {
-        None => return Err(invalid(key, "must have a host")),
-        Some(a) if a.host().is_empty() => return Err(invalid(key, "must have a host")),
-        // Credentials would otherwise end up in the Host header.
-        Some(a) if a.as_str().contains('@') => {
-            return Err(invalid(key, "must not contain user info"))
-        }
-        // The http crate reads "host:99999" as "no port", which would quietly mean 80.
-        Some(a) if a.port_u16().is_none() && a.as_str() != a.host() => {
-            return Err(invalid(key, "invalid port"))
-        }
-        Some(_) => {}
-    }
-    // The http crate silently drops a fragment, so look at the text.
-    if uri.query().is_some() || text.contains('#') {
-        return Err(invalid(key, "must not have a query or fragment"));
-    }
-    Ok(uri)
-}
-
-/// Trust for an `https` URL: `ca_file`'s certificates, or the system's roots.
-fn upstream_tls(
-    url: &Uri,
-    ca_key: &'static str,
-    ca_file: Option<String>,
-) -> Result<Arc<ClientConfig>, ConfigError> {
-    if url.scheme() != Some(&Scheme::HTTPS) {
-        return match ca_file {
-            Some(_) => Err(invalid(ca_key, "is only used with an https URL")),
-            None => Ok(tls::unused_client_config()),
-        };
-    }
-    Ok(tls::client_config(
-        ca_key,
-        ca_file.as_deref().map(Path::new),
-    )?)
-}
-
-fn upstream(
-    (key, raw): (&str, Option<String>),
-    (ca_key, ca_file): (&'static str, Option<String>),
-) -> Result<UpstreamUrl, ConfigError> {
-    let uri = http_uri(key, raw)?;
-    let tls = upstream_tls(&uri, ca_key, ca_file)?;
-    let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
-    if !matches!(uri.path(), "" | "/") {
-        return Err(invalid(key, "must not have a path"));
-    }
-    let authority = uri
-        .authority()
-        .cloned()
-        .ok_or_else(|| invalid(key, "must have a host"))?;
-    let host = HeaderValue::from_str(authority.as_str())
-        .map_err(|_| invalid(key, "host is not a valid Host header"))?;
-    let uri = Uri::builder()
-        .scheme(scheme)
-        .authority(authority.clone())
-        .path_and_query("/")
-        .build()
-        .map_err(|e| invalid(key, e.to_string()))?;
-    Ok(UpstreamUrl {
-        uri,
-        authority,
-        host,
-        tls,
-    })
 }

@@ -1,25 +1,27 @@
-//! Configuration: one TOML file, read in two stages — the raw serde structs ([`raw`]), then
-//! a validated, typed [`Config`] ([`build`]) whose errors name the key — and the value types
+//! Configuration: one TOML file, read in two stages — the raw serde structs ([`raw`],
+//! filled by [`read`], which also replaces `${NAME}` from the environment), then a
+//! validated, typed [`Config`] ([`build`]) whose errors name the key — and the value types
 //! it is made of ([`values`]).
 
 mod build;
 mod raw;
+mod read;
 mod values;
 
-use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::time::Duration;
 
-use hyper::{StatusCode, Uri};
-use rustls::ClientConfig;
-use std::sync::Arc;
+use hyper::StatusCode;
 
 use crate::classify::Endpoint;
 use crate::decision::rules::RoutingConfig;
 use crate::server::tls::{ServerTls, TlsError};
 pub use build::DEFAULTS;
-pub use values::{parse_duration, AdminToken, Cidr, Secret, UpstreamUrl};
+pub use values::{
+    parse_duration, AdminToken, Cidr, ListenAddr, Secret, StaticHeaders, UpstreamAddress,
+    UpstreamUrl,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -28,11 +30,17 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    /// toml/serde's own message, which already names unknown keys with line and column.
+    /// Not TOML: toml's message, with the line and column.
     #[error("{0}")]
     Parse(String),
     #[error("{key}: {reason}")]
     Invalid { key: String, reason: String },
+    /// One of the above, in the file at `path`.
+    #[error("{path}: {error}")]
+    InFile {
+        path: String,
+        error: Box<ConfigError>,
+    },
 }
 
 impl From<TlsError> for ConfigError {
@@ -49,18 +57,32 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 }
 
 impl Config {
+    /// Reads the file at `path`, with `${NAME}` in its string values replaced from this
+    /// process's environment; every error names the file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let in_file = |error| ConfigError::InFile {
+            path: path.display().to_string(),
+            error: Box::new(error),
+        };
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Config::from_toml(&text)
+        Config::from_toml(&text).map_err(in_file)
     }
 
     /// `preauthorize.secret_file` is read as given, so a relative path is relative to the cwd.
+    /// `${NAME}` is replaced from this process's environment.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let raw = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
-        build::config(raw)
+        Config::from_toml_in(text, &|name| std::env::var_os(name))
+    }
+
+    /// [`Config::from_toml`] with `env` as the environment.
+    pub(crate) fn from_toml_in(
+        text: &str,
+        env: read::Environment<'_>,
+    ) -> Result<Config, ConfigError> {
+        build::config(read::raw(text, env)?)
     }
 }
 
@@ -91,8 +113,10 @@ pub struct RedisConfig {
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    pub listen: SocketAddr,
-    pub admin_listen: SocketAddr,
+    pub listen: ListenAddr,
+    pub admin_listen: ListenAddr,
+    /// Permission bits of the socket file of a `unix:` listener.
+    pub socket_mode: u32,
     /// A request's headers must arrive within this from its first byte (a new
     /// connection's, from accept, TLS handshake included).
     pub header_read_timeout: Duration,
@@ -119,7 +143,7 @@ pub struct ServerConfig {
     pub graceful_shutdown_delay: Duration,
     /// Peers whose X-Forwarded-For / X-Request-Id are kept rather than replaced.
     pub trusted_cidrs: Vec<Cidr>,
-    /// Present: the main listener speaks only HTTPS.
+    /// Present: the main listener speaks only HTTPS (never on a Unix socket).
     pub tls: Option<ServerTls>,
 }
 
@@ -156,13 +180,14 @@ pub struct BreakerConfig {
 
 #[derive(Debug, Clone)]
 pub struct PreauthorizeConfig {
-    /// Full URL including the path; never a query, the gateway adds `client_id`.
-    pub url: Uri,
+    /// Where the backend is, the `Host` it gets, and its static headers (set under the
+    /// call's own headers).
+    pub upstream: UpstreamUrl,
+    /// The request path, origin-form; never a query, the gateway adds `client_id`.
+    pub path: String,
     pub secret: Secret,
     pub timeout: Duration,
     pub max_connections: usize,
-    /// What the backend's certificate must chain to; unused for `http`.
-    pub tls: Arc<ClientConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

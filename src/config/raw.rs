@@ -1,7 +1,13 @@
 //! The first stage: the TOML file exactly as written, every key optional, unknown keys
 //! refused by serde (naming them with line and column).
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
+
+/// `[rails.headers]` and the like: header names to values, set on every request to that
+/// upstream.
+pub(super) type RawHeaders = Option<BTreeMap<String, String>>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,6 +35,7 @@ pub(super) struct RawConfig {
 pub(super) struct RawServer {
     pub(super) listen: Option<String>,
     pub(super) admin_listen: Option<String>,
+    pub(super) socket_mode: Option<String>,
     pub(super) header_read_timeout: Option<String>,
     pub(super) idle_timeout: Option<String>,
     pub(super) body_read_timeout: Option<String>,
@@ -67,12 +74,14 @@ pub(super) struct RawRails {
     pub(super) connect_timeout: Option<String>,
     pub(super) timeout: Option<String>,
     pub(super) max_connections: Option<i64>,
+    pub(super) headers: RawHeaders,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawIam {
     pub(super) url: Option<String>,
+    pub(super) host: Option<String>,
     pub(super) ca_file: Option<String>,
     pub(super) connect_timeout: Option<String>,
     pub(super) timeout: Option<String>,
@@ -81,6 +90,7 @@ pub(super) struct RawIam {
     pub(super) token_prefixes: Option<Vec<String>>,
     #[serde(default)]
     pub(super) circuit_breaker: RawBreaker,
+    pub(super) headers: RawHeaders,
 }
 
 #[derive(Deserialize, Default)]
@@ -94,10 +104,12 @@ pub(super) struct RawBreaker {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPreauthorize {
     pub(super) url: Option<String>,
+    pub(super) host: Option<String>,
     pub(super) ca_file: Option<String>,
     pub(super) secret_file: Option<String>,
     pub(super) timeout: Option<String>,
     pub(super) max_connections: Option<i64>,
+    pub(super) headers: RawHeaders,
 }
 
 #[derive(Deserialize, Default)]

@@ -2,14 +2,14 @@
 //! secrets (the Workhorse secret, the admin token), which never print themselves.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use hyper::header::HeaderValue;
-use hyper::http::uri::Authority;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::Uri;
 use rustls::ClientConfig;
 
@@ -37,16 +37,109 @@ impl fmt::Debug for AdminToken {
     }
 }
 
-/// An origin to forward to. A missing port means 80 (443 for https); `authority` stays
-/// as written so the `Host` header matches what the operator configured.
+/// An upstream to forward to: where its connections go, the `Host` it gets when the
+/// client's is not kept, and the headers it always gets.
 #[derive(Debug, Clone)]
 pub struct UpstreamUrl {
-    /// `http://authority/` or `https://authority/`.
-    pub uri: Uri,
-    pub authority: Authority,
+    pub address: UpstreamAddress,
+    /// The URL's authority as written, so it matches what the operator configured;
+    /// `localhost` for a Unix socket; or the upstream's `host` key.
     pub host: HeaderValue,
-    /// What the upstream's certificate must chain to; unused for `http`.
+    /// What the upstream's certificate must chain to; unused but for `https`.
     pub tls: Arc<ClientConfig>,
+    /// Set on every request to this upstream.
+    pub headers: StaticHeaders,
+}
+
+/// Where an upstream's connections go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAddress {
+    /// `http://authority/` or `https://authority/`: the host is resolved at each connect;
+    /// a missing port means 80 (443 for https).
+    Url(Uri),
+    /// `unix:/path`: cleartext HTTP/1.1 on a Unix socket, as Omnibus runs Puma.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for UpstreamAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamAddress::Url(uri) => write!(f, "{uri}"),
+            UpstreamAddress::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// Where a listener listens: an IP address and port, or a Unix socket file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// The longest path a Unix socket can be bound to: `sun_path` holds 108 bytes, the last
+/// a NUL.
+pub const MAX_SOCKET_PATH_BYTES: usize = 107;
+
+/// The socket file of `unix:/path` (and, after a second `:`, what follows it, for a URL
+/// that carries a request path); `None` when `text` is no `unix:` address. The socket
+/// path ends at the first `:`, so it cannot hold one.
+pub fn unix_address(text: &str) -> Option<Result<(PathBuf, Option<&str>), String>> {
+    let rest = text.strip_prefix("unix:")?;
+    let (socket, after) = match rest.split_once(':') {
+        Some((socket, after)) => (socket, Some(after)),
+        None => (rest, None),
+    };
+    Some(if socket.is_empty() {
+        Err("unix: needs the socket file's path, e.g. unix:/run/iamproxy/iamproxy.sock".into())
+    } else if socket.len() > MAX_SOCKET_PATH_BYTES {
+        Err(format!(
+            "the socket path is {} bytes, more than the {MAX_SOCKET_PATH_BYTES} a Unix socket can have",
+            socket.len()
+        ))
+    } else {
+        Ok((PathBuf::from(socket), after))
+    })
+}
+
+/// Headers set on every request to one upstream (`[iam.headers]`, …), replacing a
+/// client's of the same name: checked and made once per configuration, never parsed per
+/// request. Their values may be credentials, so `Debug` shows the names only.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct StaticHeaders(Arc<[(HeaderName, HeaderValue)]>);
+
+impl StaticHeaders {
+    pub(super) fn new(headers: Vec<(HeaderName, HeaderValue)>) -> StaticHeaders {
+        StaticHeaders(headers.into())
+    }
+
+    /// Sets each header in `headers`, replacing whatever value of that name is there.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for (name, value) in self.0.iter() {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &(HeaderName, HeaderValue)> {
+        self.0.iter()
+    }
+}
+
+impl fmt::Debug for StaticHeaders {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(name, _)| name))
+            .finish()
+    }
 }
 
 /// The 32-byte key that signs pre-authorize JWTs. Deliberately no `Display`, and a
@@ -129,9 +222,13 @@ fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
     }
 }
 
+/// What a duration may look like, for the error that refuses one.
+const DURATION_FORMS: &str =
+    "an integer and a unit, us, ms, s, m or h, without spaces: \"500ms\", \"60s\", \"2m\"";
+
 /// "500ms", "60s", "2m", "1h", "250us", "0s": an unsigned integer and a unit, no spaces.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?}");
+    let bad = || format!("invalid duration {s:?}: {DURATION_FORMS}");
     let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
     let (digits, unit) = s.split_at(split);
     let n: u64 = digits.parse().map_err(|_| bad())?;
@@ -182,7 +279,10 @@ mod tests {
         ] {
             assert_eq!(
                 parse_duration(bad),
-                Err(format!("invalid duration {bad:?}"))
+                Err(format!(
+                    "invalid duration {bad:?}: an integer and a unit, us, ms, s, m or h, \
+                     without spaces: \"500ms\", \"60s\", \"2m\""
+                ))
             );
         }
     }

@@ -11,7 +11,7 @@ use jsonwebtoken::{EncodingKey, Header};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::Serialize;
 
-use crate::config::{CacheConfig, PreauthorizeConfig};
+use crate::config::{CacheConfig, PreauthorizeConfig, StaticHeaders};
 use crate::decision::Destination;
 use crate::forward::client::{Pool, PoolLimits};
 use crate::forward::headers::X_REQUEST_ID;
@@ -107,10 +107,14 @@ struct Claims {
 /// the proxied traffic needs.
 pub struct PreauthClient {
     pool: Pool,
+    /// Where it is, for `Debug`.
     url: String,
-    /// The URL's path, origin-form, and its authority as `Host`.
+    /// The URL's path, origin-form, and the `Host` it gets (`preauthorize.host`, or the
+    /// URL's authority).
     path: String,
     host: HeaderValue,
+    /// `[preauthorize.headers]`.
+    headers: StaticHeaders,
     key: EncodingKey,
     timeout: Duration,
     limits: CacheConfig,
@@ -134,23 +138,21 @@ impl PreauthClient {
         limits: &CacheConfig,
         saturated: prometheus::IntCounter,
     ) -> PreauthClient {
+        let upstream = &config.upstream;
         PreauthClient {
             pool: Pool::new(
-                &config.url,
-                &config.tls,
+                &upstream.address,
+                &upstream.tls,
                 PoolLimits {
                     connect_timeout: config.timeout,
                     max_connections: config.max_connections,
                     saturated,
                 },
             ),
-            url: config.url.to_string(),
-            path: config.url.path().to_owned(),
-            host: config
-                .url
-                .authority()
-                .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
-                .unwrap_or(HeaderValue::from_static("localhost")),
+            url: upstream.address.to_string(),
+            path: config.path.clone(),
+            host: upstream.host.clone(),
+            headers: upstream.headers.clone(),
             key: EncodingKey::from_secret(config.secret.as_bytes()),
             timeout: config.timeout,
             limits: limits.clone(),
@@ -215,6 +217,8 @@ impl PreauthClient {
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri;
         let headers = request.headers_mut();
+        // First, so that the call's own headers below are never replaced.
+        self.headers.apply(headers);
         headers.insert(header::HOST, self.host.clone());
         headers.insert(GITLAB_WORKHORSE.clone(), self.user_agent.clone());
         headers.insert(GITLAB_WORKHORSE_API_REQUEST.clone(), jwt);

@@ -1,5 +1,6 @@
-//! The upstream clients: one keep-alive pool per upstream, driving hyper's HTTP/1.1
-//! client connections directly, and the upstreams' names.
+//! The upstream clients: one keep-alive pool per upstream (over TCP, TLS or a Unix
+//! socket), driving hyper's HTTP/1.1 client connections directly, and the upstreams'
+//! names.
 //!
 //! A pool knows its one upstream, so a checkout is a pop off a short stack: no host
 //! hashing, no URI rebuilding, no task spawned per request. A connection goes back on the
@@ -23,6 +24,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -39,12 +41,13 @@ use prometheus::IntCounter;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use super::RequestBody;
+use crate::config::UpstreamAddress;
 
 /// The upstreams the gateway talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +84,9 @@ pub const ABANDONED_BYTES: usize = 256 * 1024;
 pub enum SendError {
     #[error("tcp connect error: {0}")]
     Connect(std::io::Error),
-    #[error("tcp connect timed out after {0:?}")]
+    #[error("unix socket connect error: unix:{}: {}", .0.display(), .1)]
+    UnixConnect(PathBuf, std::io::Error),
+    #[error("connect timed out after {0:?}")]
     ConnectTimeout(Duration),
     #[error("tls handshake error: {0}")]
     Tls(std::io::Error),
@@ -105,11 +110,7 @@ pub struct PoolLimits {
 pub struct Pool(Arc<Shared>);
 
 struct Shared {
-    /// `host:port`, resolved at each connect.
-    addr: String,
-    /// `Some` for `https`: the connector and the name the certificate must carry (`None`
-    /// if the host is not a name a certificate can carry).
-    tls: Option<(TlsConnector, Option<ServerName<'static>>)>,
+    target: Target,
     connect_timeout: Duration,
     /// One permit per open connection, held by its task.
     connections: Arc<Semaphore>,
@@ -117,6 +118,19 @@ struct Shared {
     /// Counts requests that waited in vain for a free connection.
     saturated: IntCounter,
     slots: Mutex<Slots>,
+}
+
+/// Where a pool's connections go.
+enum Target {
+    Tcp {
+        /// `host:port`, resolved at each connect.
+        addr: String,
+        /// `Some` for `https`: the connector and the name the certificate must carry
+        /// (`None` if the host is not a name a certificate can carry).
+        tls: Option<(TlsConnector, Option<ServerName<'static>>)>,
+    },
+    /// A Unix socket file: cleartext.
+    Unix(PathBuf),
 }
 
 #[derive(Default)]
@@ -135,38 +149,33 @@ struct Idle {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool")
-            .field("addr", &self.0.addr)
-            .field("tls", &self.0.tls.is_some())
-            .finish_non_exhaustive()
+        let mut f = f.debug_struct("Pool");
+        match &self.0.target {
+            Target::Tcp { addr, tls } => f.field("addr", addr).field("tls", &tls.is_some()),
+            Target::Unix(path) => f.field("unix", path),
+        }
+        .finish_non_exhaustive()
     }
 }
 
 impl Pool {
-    /// A pool to the upstream at `url` (`http` or `https`; the path is the caller's).
-    /// `tls` decides which certificates an `https` upstream may present; `connect_timeout`
-    /// bounds the wait for a free connection, and then name resolution and the TCP
-    /// connect; the TLS handshake counts against the request's own timeout.
-    pub fn new(url: &Uri, tls: &Arc<ClientConfig>, limits: PoolLimits) -> Pool {
+    /// A pool to the upstream at `address` (an `http` or `https` URL, whose path is the
+    /// caller's, or a Unix socket). `tls` decides which certificates an `https` upstream
+    /// may present; `connect_timeout` bounds the wait for a free connection, and then name
+    /// resolution and the connect; the TLS handshake counts against the request's own
+    /// timeout.
+    pub fn new(address: &UpstreamAddress, tls: &Arc<ClientConfig>, limits: PoolLimits) -> Pool {
         let PoolLimits {
             connect_timeout,
             max_connections,
             saturated,
         } = limits;
-        let https = url.scheme_str() == Some("https");
-        // Config validation guarantees a host; the default ports follow the scheme.
-        let host = url.host().unwrap_or("localhost");
-        let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let tls = https.then(|| {
-            let mut config = ClientConfig::clone(tls);
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
-            let name = host.trim_start_matches('[').trim_end_matches(']');
-            let name = ServerName::try_from(name.to_owned()).ok();
-            (TlsConnector::from(Arc::new(config)), name)
-        });
+        let target = match address {
+            UpstreamAddress::Url(url) => tcp_target(url, tls),
+            UpstreamAddress::Unix(path) => Target::Unix(path.clone()),
+        };
         Pool(Arc::new(Shared {
-            addr: format!("{host}:{port}"),
-            tls,
+            target,
             connect_timeout,
             connections: Arc::new(Semaphore::new(max_connections)),
             max_connections,
@@ -315,12 +324,23 @@ impl Pool {
                 }
             }
         };
-        let tcp = tokio::time::timeout(shared.connect_timeout, TcpStream::connect(&*shared.addr))
+        let timeout = shared.connect_timeout;
+        let (addr, tls) = match &shared.target {
+            Target::Tcp { addr, tls } => (addr, tls),
+            Target::Unix(path) => {
+                let unix = tokio::time::timeout(timeout, UnixStream::connect(path))
+                    .await
+                    .map_err(|_| SendError::ConnectTimeout(timeout))?
+                    .map_err(|error| SendError::UnixConnect(path.clone(), error))?;
+                return handshake(unix, permit).await;
+            }
+        };
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(&**addr))
             .await
-            .map_err(|_| SendError::ConnectTimeout(shared.connect_timeout))?
+            .map_err(|_| SendError::ConnectTimeout(timeout))?
             .map_err(SendError::Connect)?;
         let _ = tcp.set_nodelay(true);
-        match &shared.tls {
+        match tls {
             None => handshake(tcp, permit).await,
             Some((connector, name)) => {
                 let name = name.clone().ok_or_else(|| {
@@ -350,6 +370,26 @@ impl Pool {
             }
             body
         })
+    }
+}
+
+/// Where a pool for `url` (`http` or `https`) connects: the host and port, and for
+/// `https` how.
+fn tcp_target(url: &Uri, tls: &Arc<ClientConfig>) -> Target {
+    let https = url.scheme_str() == Some("https");
+    // Config validation guarantees a host; the default ports follow the scheme.
+    let host = url.host().unwrap_or("localhost");
+    let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let tls = https.then(|| {
+        let mut config = ClientConfig::clone(tls);
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let name = host.trim_start_matches('[').trim_end_matches(']');
+        let name = ServerName::try_from(name.to_owned()).ok();
+        (TlsConnector::from(Arc::new(config)), name)
+    });
+    Target::Tcp {
+        addr: format!("{host}:{port}"),
+        tls,
     }
 }
 

@@ -192,6 +192,25 @@ pub fn remove_gateway_only(headers: &mut HeaderMap) {
     });
 }
 
+/// Why `name` cannot be one of an upstream's static headers (`[iam.headers]`, …), or
+/// `None` when it can: hop-by-hop headers describe one connection and are removed,
+/// `Host` has its own rule (the client's for Rails; `iam.host`, `preauthorize.host`),
+/// `Content-Length` is the body's framing, and `Gitlab-Workhorse*` is the gateway's
+/// signature towards Rails.
+pub fn refuse_static(name: &HeaderName) -> Option<&'static str> {
+    if is_hop_by_hop(name) {
+        Some("is a hop-by-hop header, which describes one connection")
+    } else if *name == header::HOST {
+        Some("Host is the client's for Rails; set iam.host or preauthorize.host instead")
+    } else if *name == header::CONTENT_LENGTH {
+        Some("Content-Length is the body's length")
+    } else if name.as_str().starts_with("gitlab-workhorse") {
+        Some("Gitlab-Workhorse headers are the gateway's own")
+    } else {
+        None
+    }
+}
+
 /// Forwarding headers other than `X-Forwarded-For` and `-Proto` that Rack reads to work
 /// out the scheme, host and port of the request (`Forwarded` and `X-Forwarded-Scheme` /
 /// `-Ssl` before `X-Forwarded-Proto`).
@@ -489,6 +508,38 @@ mod tests {
         let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, vec!["accept", "gitlab-shell-api-request"]);
+    }
+
+    #[test]
+    fn static_headers_may_not_be_hop_by_hop_host_length_or_the_gateways_own() {
+        for refused in [
+            "connection",
+            "keep-alive",
+            "proxy-authorization",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "host",
+            "content-length",
+            "gitlab-workhorse",
+            "gitlab-workhorse-api-request",
+        ] {
+            let name = HeaderName::from_static(refused);
+            assert!(refuse_static(&name).is_some(), "{refused}");
+        }
+        for allowed in [
+            "x-gitlab-svc",
+            "authorization",
+            "x-forwarded-proto",
+            "gitlab-shell",
+        ] {
+            assert_eq!(
+                refuse_static(&HeaderName::from_static(allowed)),
+                None,
+                "{allowed}"
+            );
+        }
     }
 
     #[test]

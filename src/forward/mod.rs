@@ -137,7 +137,8 @@ pub enum HostRule {
     Rewrite,
 }
 
-/// The one place an upstream request is built.
+/// The one place an upstream request is built: the prepared head, the `Host` rule, and
+/// the upstream's static headers, which replace a client's of the same name.
 pub fn upstream_request(
     head: &Head,
     mut headers: HeaderMap,
@@ -159,6 +160,7 @@ pub fn upstream_request(
             headers.insert(header::HOST, upstream.host.clone());
         }
     }
+    upstream.headers.apply(&mut headers);
     if body.size_hint().exact().is_none() {
         // A body of unknown length is a client's chunked one (or HTTP/2 DATA without a
         // length). hyper's client would send it chunked, except for GET and HEAD, whose
@@ -287,9 +289,9 @@ mod tests {
         let authority = uri.authority().unwrap().clone();
         UpstreamUrl {
             host: HeaderValue::from_str(authority.as_str()).unwrap(),
-            authority,
-            uri,
+            address: crate::config::UpstreamAddress::Url(uri),
             tls: crate::server::tls::unused_client_config(),
+            headers: Default::default(),
         }
     }
 

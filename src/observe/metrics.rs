@@ -132,7 +132,11 @@ impl Metrics {
         );
         let request_duration = Family::new(request_duration, ROUTES * Destination::ALL.len());
         for endpoint in Endpoint::ALL.map(Some).into_iter().chain([None]) {
-            for destination in Destination::ALL {
+            // A series that can never move would only mislead a dashboard.
+            for destination in Destination::ALL
+                .into_iter()
+                .filter(|d| can_serve(endpoint, *d))
+            {
                 let index = duration_index(route_index(endpoint), destination);
                 request_duration.get(index, || [route_label(endpoint), destination.as_str()]);
             }
@@ -387,6 +391,12 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.dec();
     }
+}
+
+/// Whether a request to `endpoint` (`None`: any other path) can end at `destination`: only
+/// the OAuth endpoints are ever routed to IAM, everything else passes through to Rails.
+fn can_serve(endpoint: Option<Endpoint>, destination: Destination) -> bool {
+    endpoint.is_some() || destination == Destination::Rails
 }
 
 fn route_index(endpoint: Option<Endpoint>) -> usize {

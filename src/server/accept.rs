@@ -13,13 +13,13 @@ use hyper::service::Service;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use super::connection::{self, Conn, Draining, Timeouts};
+use super::listener::{Listen, Listener};
 use crate::config::ServerConfig;
 
 /// What a connection is served with: read from the configuration current at accept, so
@@ -142,8 +142,16 @@ where
         }
     }
 
+    /// Accepts connections on either kind of listener until `stop` resolves.
+    pub async fn on(&self, listener: &Listener, stop: impl Future) {
+        match listener {
+            Listener::Tcp(tcp) => self.until(tcp, stop).await,
+            Listener::Unix(unix) => self.until(unix, stop).await,
+        }
+    }
+
     /// Accepts connections until `stop` resolves.
-    pub async fn until(&self, listener: &TcpListener, stop: impl Future) {
+    pub async fn until<L: Listen + Sync>(&self, listener: &L, stop: impl Future) {
         tokio::pin!(stop);
         loop {
             let waited = match self.when_full {
@@ -173,7 +181,6 @@ where
                     _ = &mut stop => return,
                 },
             };
-            let _ = stream.set_nodelay(true);
             let Settings { tls, timeouts } = (self.settings)();
             // Only a listener that may close a connection to make room keeps an eye on them.
             let slot = (self.when_full == WhenFull::CloseOldestIdle)

@@ -14,16 +14,9 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 
-use hyper::body::Incoming;
-use hyper::header::{self, HeaderMap, HeaderValue};
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use percent_encoding::percent_decode_str;
-use serde_json::{json, Value};
-use tokio::net::TcpListener;
-
 use super::accept::{timeouts, Accept, Limits, Settings, WhenFull};
 use super::connection::Conn;
+use super::listener::Listener;
 use crate::config::ServerConfig;
 use crate::decision::fleet::{self, Invalidation};
 use crate::forward::ResponseBody;
@@ -31,6 +24,12 @@ use crate::observe::metrics;
 use crate::proxy::decide::{rules, Rule};
 use crate::respond::{json_response, synthetic, text_response};
 use crate::state::{AppState, Live};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use percent_encoding::percent_decode_str;
+use serde_json::{json, Value};
 
 /// Every admin API path starts with this.
 pub const PREFIX: &str = "/-/admin/";
@@ -42,12 +41,7 @@ const DECISIONS: &str = "/-/admin/decisions";
 pub const ADMIN_CONNECTIONS: usize = 64;
 
 /// Serves the admin listener until `stop` resolves.
-pub async fn serve(
-    listener: TcpListener,
-    live: Arc<Live>,
-    server: &ServerConfig,
-    stop: impl Future,
-) {
+pub async fn serve(listener: Listener, live: Arc<Live>, server: &ServerConfig, stop: impl Future) {
     let settings = {
         let live = live.clone();
         move || Settings {
@@ -73,7 +67,7 @@ pub async fn serve(
         h2_max_concurrent_streams: server.h2_max_concurrent_streams,
     };
     Accept::new(limits, settings, make)
-        .until(&listener, stop)
+        .on(&listener, stop)
         .await;
 }
 

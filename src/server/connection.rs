@@ -41,7 +41,6 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
@@ -407,11 +406,12 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
     }
 }
 
-/// Serves one accepted connection to the end: TLS first when `tls` is set, then HTTP/1.1
-/// or HTTP/2 with upgrades, under the idle and header-read clocks. Shutdown (through
-/// `drain`) closes it gracefully: the request in flight finishes, keep-alive ends.
-pub async fn serve<M, S, B>(
-    stream: TcpStream,
+/// Serves one accepted connection (TCP or Unix socket) to the end: TLS first when `tls`
+/// is set, then HTTP/1.1 or HTTP/2 with upgrades, under the idle and header-read clocks.
+/// Shutdown (through `drain`) closes it gracefully: the request in flight finishes,
+/// keep-alive ends.
+pub async fn serve<I, M, S, B>(
+    stream: I,
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
     builder: auto::Builder<TokioExecutor>,
@@ -419,6 +419,7 @@ pub async fn serve<M, S, B>(
     drain: Drain,
     make: M,
 ) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     M: FnOnce(Arc<Conn>) -> S,
     S: Service<Request<Incoming>, Response = Response<B>, Error = std::convert::Infallible>
         + Send

@@ -1,28 +1,29 @@
 //! The gateway's listeners from bind to exit: the main listener (HTTP/1.1 and HTTP/2 on one
-//! port, over TLS when `[server.tls]` is set) and the admin listener, served until shutdown,
-//! then drained.
+//! port or Unix socket, over TLS when `[server.tls]` is set) and the admin listener, served
+//! until shutdown, then drained.
 
 pub mod accept;
 pub mod admin;
 pub mod connection;
+pub mod listener;
 pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{Config, RedisConfig, ServerConfig};
+use crate::config::{Config, ListenAddr, RedisConfig, ServerConfig};
 use crate::decision::fleet;
 use crate::proxy;
 use crate::state::{AppState, Live, Reloader};
 use accept::{timeouts, Accept, Limits, Settings};
 use connection::{Conn, Draining};
+use listener::Listener;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +31,7 @@ pub enum StartError {
     #[error("{key}: cannot listen on {addr}: {source}")]
     Bind {
         key: &'static str,
-        addr: SocketAddr,
+        addr: ListenAddr,
         source: std::io::Error,
     },
 }
@@ -43,14 +44,20 @@ pub struct Gateway {
     started: ServerConfig,
     /// What the Redis subscription was started with.
     redis: Option<RedisConfig>,
-    main: TcpListener,
-    admin: TcpListener,
+    main: Listener,
+    admin: Listener,
 }
 
 impl Gateway {
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
-        let main = bind("server.listen", config.server.listen).await?;
-        let admin = bind("server.admin_listen", config.server.admin_listen).await?;
+        let server = &config.server;
+        let main = Listener::bind("server.listen", &server.listen, server.socket_mode).await?;
+        let admin = Listener::bind(
+            "server.admin_listen",
+            &server.admin_listen,
+            server.socket_mode,
+        )
+        .await?;
         Ok(Gateway {
             started: config.server.clone(),
             redis: config.redis.clone(),
@@ -60,12 +67,28 @@ impl Gateway {
         })
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
-        self.main.local_addr().unwrap_or(self.started.listen)
+    /// The main listener's address, with the port the OS chose for port 0.
+    pub fn listen_addr(&self) -> ListenAddr {
+        self.main
+            .local_addr()
+            .unwrap_or_else(|| self.started.listen.clone())
     }
 
+    /// The admin listener's address, as [`Gateway::listen_addr`].
+    pub fn admin_listen_addr(&self) -> ListenAddr {
+        self.admin
+            .local_addr()
+            .unwrap_or_else(|| self.started.admin_listen.clone())
+    }
+
+    /// The main listener's TCP address; `0.0.0.0:0` for a Unix socket, which has none.
+    pub fn local_addr(&self) -> SocketAddr {
+        tcp_addr(self.listen_addr())
+    }
+
+    /// The admin listener's TCP address, as [`Gateway::local_addr`].
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin.local_addr().unwrap_or(self.started.admin_listen)
+        tcp_addr(self.admin_listen_addr())
     }
 
     pub fn state(&self) -> Arc<AppState> {
@@ -122,11 +145,12 @@ impl Gateway {
         let settings = main_settings(&live, &started);
         let accept = Accept::new(Limits::of(&started), settings, make);
 
-        accept.until(&main, shutdown).await;
+        accept.on(&main, shutdown).await;
         let server = begin_shutdown(&live);
         accept
-            .until(&main, tokio::time::sleep(server.graceful_shutdown_delay))
+            .on(&main, tokio::time::sleep(server.graceful_shutdown_delay))
             .await;
+        // Closed, and a socket file removed, before the wait for what is in flight.
         drop(main);
         drain(&accept.draining, server.shutdown_timeout).await;
 
@@ -186,10 +210,11 @@ async fn drain(draining: &Draining, timeout: Duration) {
     }
 }
 
-async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { key, addr, source })
+fn tcp_addr(addr: ListenAddr) -> SocketAddr {
+    match addr {
+        ListenAddr::Tcp(addr) => addr,
+        ListenAddr::Unix(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+    }
 }
 
 fn millis(duration: Duration) -> u64 {

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod process;
 pub mod raw;
 pub mod tls;
+pub mod unix;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -107,7 +108,10 @@ type Responder = dyn Fn(&Recorded) -> Reply + Send + Sync;
 /// A fake upstream: counts and records every request, answers with a replaceable rule.
 #[derive(Clone)]
 pub struct FakeUpstream {
+    /// Its TCP address; unspecified for a fake on a Unix socket.
     pub addr: SocketAddr,
+    /// The socket file of a fake on a Unix socket ([`FakeUpstream::start_unix`]).
+    pub socket: Option<PathBuf>,
     name: &'static str,
     requests: Arc<Mutex<Vec<Recorded>>>,
     /// Off: requests are counted, not kept (long runs).
@@ -124,6 +128,17 @@ impl FakeUpstream {
     pub async fn start(name: &'static str) -> FakeUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        FakeUpstream::serve_on(name, addr, None, listener)
+    }
+
+    /// A fake on `listener` (at `addr`, or the Unix socket `socket`), serving every
+    /// connection until the last clone is dropped.
+    fn serve_on(
+        name: &'static str,
+        addr: SocketAddr,
+        socket: Option<PathBuf>,
+        listener: impl Accepts,
+    ) -> FakeUpstream {
         let (stop, mut stopped) = oneshot::channel();
         let served_by = Bytes::from(format!(r#"{{"served_by":"{name}"}}"#));
         let default: Arc<Responder> = Arc::new(move |_| Reply::Respond {
@@ -133,6 +148,7 @@ impl FakeUpstream {
         });
         let fake = FakeUpstream {
             addr,
+            socket,
             name,
             requests: Arc::default(),
             remember: Arc::new(std::sync::atomic::AtomicBool::new(true)),
@@ -144,8 +160,8 @@ impl FakeUpstream {
         let serving = fake.clone();
         tokio::spawn(async move {
             loop {
-                let (stream, _) = tokio::select! {
-                    accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+                let stream = tokio::select! {
+                    accepted = listener.accept_one() => match accepted { Ok(a) => a, Err(_) => continue },
                     _ = &mut stopped => return,
                 };
                 let fake = serving.clone();
@@ -174,8 +190,12 @@ impl FakeUpstream {
         self.respond(move |_| reply.clone());
     }
 
+    /// `http://127.0.0.1:port`, or `unix:/path` for a fake on a Unix socket.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match &self.socket {
+            Some(path) => format!("unix:{}", path.display()),
+            None => format!("http://{}", self.addr),
+        }
     }
 
     /// From now on requests are only counted: `requests()` and `last()` see none of them.
@@ -267,6 +287,26 @@ impl FakeUpstream {
                 }
             }
         }
+    }
+}
+
+/// A listener a fake upstream takes connections from.
+trait Accepts: Send + 'static {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn accept_one(&self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Accepts for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_one(&self) -> std::io::Result<Self::Stream> {
+        Ok(self.accept().await?.0)
+    }
+}
+
+impl Accepts for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_one(&self) -> std::io::Result<Self::Stream> {
+        Ok(self.accept().await?.0)
     }
 }
 
@@ -449,7 +489,12 @@ impl GatewayBuilder {
             tables.push((
                 "preauthorize".into(),
                 vec![
-                    format!("url = \"{}/-/oauth/iam_routing\"", preauth.url()),
+                    // On a socket, the request path follows the socket's after a ':'.
+                    format!(
+                        "url = \"{}{}/-/oauth/iam_routing\"",
+                        preauth.url(),
+                        if preauth.socket.is_some() { ":" } else { "" }
+                    ),
                     format!("secret_file = \"{}\"", secret.path().display()),
                 ],
             ));

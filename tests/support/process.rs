@@ -1,14 +1,21 @@
-//! The `iamproxy` binary as a child process, with its output collected as it arrives, and
-//! the temp files and loopback ports it is started with.
+//! The `iamproxy` binary as a child process, with its output collected as it arrives, the
+//! temp files and loopback ports it is started with, and probes that poll it from outside.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::StatusCode;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
+
+use super::Answer;
 
 /// Longest any step may take before the test fails instead of hanging.
 pub const PATIENCE: Duration = Duration::from_secs(10);
@@ -36,8 +43,29 @@ impl Iamproxy {
         args: &[&str],
         keep: impl FnMut(&str) -> bool + Send + 'static,
     ) -> Iamproxy {
+        Iamproxy::start_in(args, &[], keep)
+    }
+
+    /// Like [`Iamproxy::start`], with `env` added to its environment.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Iamproxy {
+        Iamproxy::start_in(args, env, |_| true)
+    }
+
+    /// Runs to completion with `env` added to its environment.
+    pub async fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> (Iamproxy, ExitStatus) {
+        let mut process = Iamproxy::start_with_env(args, env);
+        let status = process.exit_status(PATIENCE).await;
+        (process, status)
+    }
+
+    fn start_in(
+        args: &[&str],
+        env: &[(&str, &str)],
+        keep: impl FnMut(&str) -> bool + Send + 'static,
+    ) -> Iamproxy {
         let mut child = Command::new(env!("CARGO_BIN_EXE_iamproxy"))
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -224,4 +252,35 @@ pub fn own_rss() -> u64 {
 /// Peak resident memory (`VmHWM`) of this test process, in bytes.
 pub fn own_peak_rss() -> u64 {
     status_bytes("self", "VmHWM")
+}
+
+/// `GET path` on a fresh connection, or `None` when there is no (complete) answer.
+pub async fn try_get(addr: SocketAddr, path: &str) -> Option<Answer> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let uri = format!("http://{addr}{path}").parse().unwrap();
+    let (parts, body) = client.get(uri).await.ok()?.into_parts();
+    Some(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.ok()?.to_bytes(),
+    })
+}
+
+/// The status of `GET path` on a fresh connection, or `None` when there is no answer
+/// within a second.
+pub async fn probe(addr: SocketAddr, path: &str) -> Option<StatusCode> {
+    let answer = tokio::time::timeout(Duration::from_secs(1), try_get(addr, path)).await;
+    answer.ok().flatten().map(|answer| answer.status)
+}
+
+/// Checks `condition` every 20 ms until it holds, failing the test after `PATIENCE`.
+pub async fn poll_until<F>(what: &str, mut condition: impl FnMut() -> F)
+where
+    F: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -1,12 +1,15 @@
-//! Upstream URLs, the CA files and the listener's TLS files, and the Workhorse secret.
+//! Upstream URLs, the CA files and the listener's TLS files, the Workhorse secret, and
+//! each upstream's static headers.
 
 use super::*;
+
+const HTTP_OR_UNIX: &str = "scheme must be http or https, or the URL unix:/path/to.sock";
 
 #[test]
 fn upstream_url_must_be_an_http_or_https_origin() {
     for (url, reason) in [
-        ("ftp://rails", "scheme must be http or https"),
-        ("127.0.0.1:8080", "scheme must be http or https"),
+        ("ftp://rails", HTTP_OR_UNIX),
+        ("127.0.0.1:8080", HTTP_OR_UNIX),
         ("http://:8080", "must have a host"),
         ("http://rails/api", "must not have a path"),
         ("http://rails/?a=1", "must not have a query or fragment"),
@@ -21,7 +24,7 @@ fn upstream_url_must_be_an_http_or_https_origin() {
     assert_eq!(err("[rails]\n"), "rails.url: required key is missing");
     assert_eq!(err("[cache]\n"), "rails: required table is missing");
     let iam = with_iam("/unused", "").replace("http://127.0.0.1:9000", "ws://iam");
-    assert_eq!(err(&iam), "iam.url: scheme must be http or https");
+    assert_eq!(err(&iam), format!("iam.url: {HTTP_OR_UNIX}"));
 }
 
 #[test]
@@ -57,10 +60,13 @@ fn https_upstreams_keep_their_scheme_and_trust_the_ca_file() {
         );
     let config = Config::from_toml(&text).unwrap();
     let iam = config.iam.unwrap();
-    assert_eq!(iam.url.uri, "https://iam.internal/");
+    assert_eq!(iam.url.address.to_string(), "https://iam.internal/");
     assert_eq!(iam.url.host, "iam.internal");
     let preauthorize = config.preauthorize.unwrap();
-    assert_eq!(preauthorize.url.scheme_str(), Some("https"));
+    assert_eq!(
+        preauthorize.upstream.address.to_string(),
+        "https://rails.internal/"
+    );
 }
 
 #[test]
@@ -106,8 +112,7 @@ fn server_tls_names_the_key_of_the_file_at_fault() {
 #[test]
 fn upstream_keeps_authority_as_written_for_the_host_header() {
     let c = Config::from_toml("[rails]\nurl = \"http://Rails.Internal\"\n").unwrap();
-    assert_eq!(c.rails.url.uri, "http://Rails.Internal/");
-    assert_eq!(c.rails.url.authority.port_u16(), None);
+    assert_eq!(c.rails.url.address.to_string(), "http://Rails.Internal/");
     assert_eq!(c.rails.url.host, "Rails.Internal");
 }
 
@@ -115,10 +120,10 @@ fn upstream_keeps_authority_as_written_for_the_host_header() {
 fn preauthorize_url_keeps_its_path_but_rejects_a_query() {
     let secret = secret_file(32);
     let c = Config::from_toml(&with_iam(secret.path(), "")).unwrap();
-    assert_eq!(
-        c.preauthorize.unwrap().url,
-        "http://127.0.0.1:8080/-/oauth/iam_routing"
-    );
+    let pre = c.preauthorize.unwrap();
+    assert_eq!(pre.upstream.address.to_string(), "http://127.0.0.1:8080/");
+    assert_eq!(pre.path, "/-/oauth/iam_routing");
+    assert_eq!(pre.upstream.host, "127.0.0.1:8080");
     let query = with_iam(secret.path(), "").replace("iam_routing", "iam_routing?x=1");
     assert_eq!(
         err(&query),
@@ -156,4 +161,115 @@ fn secret_file_with_wrong_length_or_content_is_rejected() {
         missing.display()
     );
     assert!(msg.starts_with(&want), "{msg}");
+}
+
+#[test]
+fn static_headers_are_read_per_upstream_and_printed_without_values() {
+    let secret = secret_file(32);
+    let text = with_iam(
+        secret.path(),
+        "[preauthorize.headers]\nX-Preauth = \"p\"\n[iam.headers]\n\"X-Gitlab-Svc\" = \"iam-auth-http\"\n\
+         [rails.headers]\nX-Token = \"secret value\"\n",
+    );
+    let c = Config::from_toml(&text).unwrap();
+    let names = |headers: &StaticHeaders| -> Vec<(String, String)> {
+        headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+            .collect()
+    };
+    let iam = c.iam.as_ref().unwrap();
+    let svc = ("x-gitlab-svc".to_owned(), "iam-auth-http".to_owned());
+    assert_eq!(names(&iam.url.headers), [svc]);
+    assert_eq!(
+        names(&c.rails.url.headers),
+        [("x-token".into(), "secret value".into())]
+    );
+    let pre = c.preauthorize.as_ref().unwrap();
+    assert_eq!(
+        names(&pre.upstream.headers),
+        [("x-preauth".into(), "p".into())]
+    );
+    assert!(
+        !format!("{c:?}").contains("secret value"),
+        "values stay out of Debug"
+    );
+    assert!(Config::from_toml(MINIMAL)
+        .unwrap()
+        .rails
+        .url
+        .headers
+        .iter()
+        .next()
+        .is_none());
+}
+
+#[test]
+fn static_headers_refuse_bad_names_values_and_headers_the_gateway_owns() {
+    let secret = secret_file(32);
+    let header = |table: &str, line: &str| {
+        err(&with_iam(
+            secret.path(),
+            &format!("[{table}.headers]\n{line}\n"),
+        ))
+    };
+    for (table, line, want) in [
+        (
+            "iam",
+            "\"Host\" = \"iam\"",
+            r#"iam.headers."Host": Host is the client's for Rails; set iam.host or preauthorize.host instead"#,
+        ),
+        (
+            "rails",
+            "Connection = \"close\"",
+            r#"rails.headers."Connection": is a hop-by-hop header, which describes one connection"#,
+        ),
+        (
+            "rails",
+            "Transfer-Encoding = \"chunked\"",
+            r#"rails.headers."Transfer-Encoding": is a hop-by-hop header, which describes one connection"#,
+        ),
+        (
+            "preauthorize",
+            "Proxy-Authorization = \"x\"",
+            r#"preauthorize.headers."Proxy-Authorization": is a hop-by-hop header, which describes one connection"#,
+        ),
+        (
+            "iam",
+            "Content-Length = \"0\"",
+            r#"iam.headers."Content-Length": Content-Length is the body's length"#,
+        ),
+        (
+            "rails",
+            "Gitlab-Workhorse-Api-Request = \"x\"",
+            r#"rails.headers."Gitlab-Workhorse-Api-Request": Gitlab-Workhorse headers are the gateway's own"#,
+        ),
+        (
+            "iam",
+            "\"Bad Name\" = \"x\"",
+            r#"iam.headers."Bad Name": is not a valid header name"#,
+        ),
+        (
+            "iam",
+            "\"\" = \"x\"",
+            r#"iam.headers."": is not a valid header name"#,
+        ),
+        (
+            "iam",
+            "X-Svc = \"a\\nb\"",
+            r#"iam.headers."X-Svc": the value must be printable ASCII (spaces and tabs allowed)"#,
+        ),
+        (
+            "iam",
+            "X-Svc = \"a\"\nx-svc = \"b\"",
+            r#"iam.headers."x-svc": is set twice (header names ignore case)"#,
+        ),
+        (
+            "iam",
+            "X-Svc = 1",
+            r#"iam.headers."X-Svc": invalid type: integer `1`, expected a string"#,
+        ),
+    ] {
+        assert_eq!(header(table, line), want, "{line}");
+    }
 }

@@ -148,6 +148,50 @@ fn every_possible_decision_fallback_outcome_and_upstream_is_exported_from_the_st
     assert_eq!(value(&text, &version), Some(1.0));
 }
 
+/// Label combinations that can never happen: only OAuth endpoints go to IAM.
+const IMPOSSIBLE: [&[&str]; 1] = [&[r#"route="other""#, r#"destination="iam""#]];
+
+#[test]
+fn no_impossible_label_combination_is_exported() {
+    let metrics = Metrics::new();
+    // Every request that can happen, once.
+    for endpoint in Endpoint::ALL.map(Some).into_iter().chain([None]) {
+        for destination in Destination::ALL {
+            if endpoint.is_some() || destination == Destination::Rails {
+                let ok = StatusCode::OK;
+                let elapsed = Duration::from_millis(1);
+                metrics.request(endpoint, destination, &Method::GET, ok, elapsed);
+            }
+        }
+    }
+    for (destination, reason) in POSSIBLE_DECISIONS {
+        metrics.decision(Decision {
+            destination,
+            reason,
+        });
+    }
+    let text = scrape(&metrics, Some(BreakerState::Closed));
+    for line in text.lines().filter(|line| !line.starts_with('#')) {
+        for labels in IMPOSSIBLE {
+            assert!(
+                !labels.iter().all(|label| line.contains(label)),
+                "{labels:?} can never happen, yet: {line}"
+            );
+        }
+    }
+    // The possible ones are there from the start, so `rate()` sees their first request.
+    let fresh = scrape(&Metrics::new(), None);
+    let duration = |route: &str, destination: &str| {
+        let series = format!(
+            r#"iamproxy_request_duration_seconds_count{{destination="{destination}",route="{route}"}}"#
+        );
+        value(&fresh, &series)
+    };
+    assert_eq!(duration("token", "iam"), Some(0.0));
+    assert_eq!(duration("other", "rails"), Some(0.0));
+    assert_eq!(duration("other", "iam"), None);
+}
+
 #[test]
 fn a_failed_preauthorize_connection_counts_as_its_outcome_and_a_connection_error() {
     let metrics = Metrics::new();
