@@ -88,36 +88,84 @@ impl<'a> Params<'a> {
     /// `client_secret`) are never copied.
     pub fn read(encoded: &'a [u8], token_prefixes: &[String]) -> Result<Params<'a>, Malformed> {
         let mut params = Params::default();
-        for pair in encoded
-            .split(|&b| b == b'&')
-            .filter(|pair| !pair.is_empty())
-        {
-            if !well_encoded(pair) {
-                return Err(Malformed);
-            }
-            let (key, value) = match pair.iter().position(|&b| b == b'=') {
-                Some(equals) => (&pair[..equals], &pair[equals + 1..]),
-                None => (pair, &b""[..]),
-            };
-            let key = if key.iter().any(|&b| b == b'%' || b == b'+') {
-                Cow::Owned(decode(key).into_owned().into_bytes())
-            } else {
-                Cow::Borrowed(key)
-            };
-            match &*key {
-                b"client_id" => params.client_id.add(decode(value)),
-                b"client_assertion" => params.client_assertion.add(decode(value)),
-                b"login_verifier" => params.login_verifier.add(value),
-                b"consent_verifier" => params.consent_verifier.add(value),
-                b"code" | b"refresh_token" | b"device_code" | b"token" => {
-                    let issued = issuer(&decode(value), token_prefixes);
-                    params.tokens = params.tokens.max(issued);
+        // One pass over the bytes: where each pair ends, where its value starts, and
+        // whether either side needs decoding at all (most need none).
+        let mut pair = Pair::default();
+        for (i, &byte) in encoded.iter().enumerate() {
+            match byte {
+                b'&' => {
+                    params.add(&encoded[pair.start..i], &pair, token_prefixes)?;
+                    pair = Pair {
+                        start: i + 1,
+                        ..Pair::default()
+                    };
+                }
+                b'=' if pair.equals.is_none() => pair.equals = Some(i - pair.start),
+                b'%' | b'+' => {
+                    pair.percent |= byte == b'%';
+                    match pair.equals {
+                        None => pair.escaped_key = true,
+                        Some(_) => pair.escaped_value = true,
+                    }
                 }
                 _ => {}
             }
         }
+        params.add(&encoded[pair.start..], &pair, token_prefixes)?;
         Ok(params)
     }
+
+    /// One `name=value` pair, as [`Params::read`]'s pass found it.
+    fn add(
+        &mut self,
+        raw: &'a [u8],
+        pair: &Pair,
+        token_prefixes: &[String],
+    ) -> Result<(), Malformed> {
+        if raw.is_empty() {
+            return Ok(());
+        }
+        if pair.percent && !well_encoded(raw) {
+            return Err(Malformed);
+        }
+        let (key, value) = match pair.equals {
+            Some(equals) => (&raw[..equals], &raw[equals + 1..]),
+            None => (raw, &b""[..]),
+        };
+        let key = if pair.escaped_key {
+            Cow::Owned(decode(key).into_owned().into_bytes())
+        } else {
+            Cow::Borrowed(key)
+        };
+        let value_of = |value| match pair.escaped_value {
+            true => decode(value),
+            false => String::from_utf8_lossy(value),
+        };
+        match &*key {
+            b"client_id" => self.client_id.add(value_of(value)),
+            b"client_assertion" => self.client_assertion.add(value_of(value)),
+            b"login_verifier" => self.login_verifier.add(value),
+            b"consent_verifier" => self.consent_verifier.add(value),
+            b"code" | b"refresh_token" | b"device_code" | b"token" => {
+                let issued = issuer(&value_of(value), token_prefixes);
+                self.tokens = self.tokens.max(issued);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// What [`Params::read`] knows of the pair it is in.
+#[derive(Default)]
+struct Pair {
+    start: usize,
+    /// The first `=`, from the pair's start.
+    equals: Option<usize>,
+    /// A `%` or `+` before the first `=`, or after it.
+    escaped_key: bool,
+    escaped_value: bool,
+    percent: bool,
 }
 
 fn issuer(token: &str, token_prefixes: &[String]) -> Tokens {
@@ -236,9 +284,15 @@ impl<'a> Parameters<'a> {
 /// by Rails and IAM, so they are not.
 fn is_form(headers: &HeaderMap) -> bool {
     match Found::at_most_one(headers.get_all(CONTENT_TYPE).iter()) {
+        // Visible ASCII only (`to_str`), so trimming ASCII whitespace is `str::trim`.
         Found::One(value) => value.to_str().is_ok_and(|value| {
-            let media_type = value.split(';').next().unwrap_or_default().trim();
-            media_type.eq_ignore_ascii_case(FORM_MEDIA_TYPE)
+            let media_type = match value.find(';') {
+                Some(semicolon) => &value[..semicolon],
+                None => value,
+            };
+            media_type
+                .trim_ascii()
+                .eq_ignore_ascii_case(FORM_MEDIA_TYPE)
         }),
         Found::Absent | Found::Repeated => false,
     }
