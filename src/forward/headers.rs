@@ -341,14 +341,64 @@ impl RequestIds {
         }
     }
 
-    /// 32 lower-case hex digits: the prefix, then the counter.
+    /// 32 lower-case hex digits: the prefix, then the counter. Each thread takes
+    /// [`ID_BATCH`] counters at a time and writes their ids into one buffer, so an id
+    /// costs a slice of it rather than an allocation of its own.
     pub fn next(&self) -> HeaderValue {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let mut id = [0u8; 32];
-        hex(self.prefix, &mut id[..16]);
-        hex(n, &mut id[16..]);
+        thread_local! {
+            static BATCH: std::cell::RefCell<Batch> = std::cell::RefCell::default();
+        }
+        let id = BATCH.with_borrow_mut(|batch| {
+            if batch.prefix != self.prefix || batch.next == ID_BATCH {
+                *batch = Batch::new(
+                    self.prefix,
+                    self.counter.fetch_add(ID_BATCH as u64, Ordering::Relaxed),
+                );
+            }
+            let at = batch.next * ID_LEN;
+            batch.next += 1;
+            batch.ids.slice(at..at + ID_LEN)
+        });
         // Hex digits are always a valid header value.
-        HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
+        HeaderValue::from_maybe_shared(id).unwrap_or(HeaderValue::from_static("0"))
+    }
+}
+
+/// Ids a thread writes at once; see [`RequestIds::next`].
+const ID_BATCH: usize = 64;
+const ID_LEN: usize = 32;
+
+/// One thread's written ids, and which is next.
+struct Batch {
+    prefix: u64,
+    ids: Bytes,
+    next: usize,
+}
+
+impl Default for Batch {
+    /// Used up: the first id a thread asks for writes a batch.
+    fn default() -> Batch {
+        Batch {
+            prefix: 0,
+            ids: Bytes::new(),
+            next: ID_BATCH,
+        }
+    }
+}
+
+impl Batch {
+    /// The ids of counters `first` .. `first + ID_BATCH`.
+    fn new(prefix: u64, first: u64) -> Batch {
+        let mut ids = vec![0u8; ID_BATCH * ID_LEN];
+        for (n, id) in (first..).zip(ids.chunks_exact_mut(ID_LEN)) {
+            hex(prefix, &mut id[..16]);
+            hex(n, &mut id[16..]);
+        }
+        Batch {
+            prefix,
+            ids: Bytes::from(ids),
+            next: 0,
+        }
     }
 }
 
@@ -646,6 +696,38 @@ mod tests {
         assert_eq!(prefix, format!("{:016x}", ids.prefix));
         assert_eq!(counter, format!("{:016x}", 0));
         assert_eq!(&b.to_str().unwrap()[16..], "0000000000000001");
+    }
+
+    #[test]
+    fn request_ids_stay_unique_across_threads_batches_and_generators() {
+        let ids = std::sync::Arc::new(RequestIds::new());
+        let other = std::sync::Arc::new(RequestIds::new());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (ids, other) = (ids.clone(), other.clone());
+                std::thread::spawn(move || {
+                    // Alternating generators on one thread, past several batches each.
+                    (0..3 * ID_BATCH)
+                        .flat_map(|_| [ids.next(), other.next()])
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let all: Vec<HeaderValue> = threads
+            .into_iter()
+            .flat_map(|thread| thread.join().unwrap())
+            .collect();
+        let distinct: std::collections::HashSet<_> = all.iter().collect();
+        assert_eq!(distinct.len(), all.len());
+        assert_eq!(all.len(), 4 * 3 * ID_BATCH * 2);
+        for id in &all {
+            assert_eq!(id.len(), 32);
+            let prefix = &id.to_str().unwrap()[..16];
+            assert!(
+                prefix == format!("{:016x}", ids.prefix)
+                    || prefix == format!("{:016x}", other.prefix)
+            );
+        }
     }
 
     #[test]

@@ -25,13 +25,14 @@
 //! fires or when the connection's task runs anyway. These are the only clocks: hyper's own
 //! header timer is off.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -48,32 +49,68 @@ use tokio_rustls::TlsAcceptor;
 /// Starts shutdown and waits for every [`Drain`] token to be dropped: one per connection,
 /// and one per tunnel a connection became.
 #[derive(Debug)]
-pub struct Draining(watch::Sender<bool>);
+pub struct Draining {
+    tokens: watch::Sender<bool>,
+    begun: Arc<Begun>,
+}
 
 /// Held by whatever shutdown must wait for; tells its holder when shutdown has begun.
 #[derive(Debug, Clone)]
-pub struct Drain(watch::Receiver<bool>);
+pub struct Drain {
+    token: watch::Receiver<bool>,
+    begun: Arc<Begun>,
+}
+
+/// Whether shutdown has begun, and the connection tasks to wake when it does. A
+/// connection looks at the flag each time its task runs, which is one atomic load,
+/// rather than polling a notification (a lock) on every wake-up; see [`DrainWatch`].
+#[derive(Debug, Default)]
+struct Begun {
+    flag: AtomicBool,
+    waiting: Mutex<Waiting>,
+}
+
+#[derive(Debug, Default)]
+struct Waiting {
+    next: u64,
+    wakers: HashMap<u64, Waker>,
+}
 
 impl Default for Draining {
     fn default() -> Draining {
-        Draining(watch::Sender::new(false))
+        Draining {
+            tokens: watch::Sender::new(false),
+            begun: Arc::default(),
+        }
     }
 }
 
 impl Draining {
     pub fn token(&self) -> Drain {
-        Drain(self.0.subscribe())
+        Drain {
+            token: self.tokens.subscribe(),
+            begun: self.begun.clone(),
+        }
     }
 
     /// Connections and tunnels still open.
     pub fn count(&self) -> usize {
-        self.0.receiver_count()
+        self.tokens.receiver_count()
     }
 
     /// Tells every holder to finish up, and resolves once all have.
     pub async fn drain(&self) {
-        self.0.send_replace(true);
-        self.0.closed().await;
+        self.begun.flag.store(true, Ordering::Release);
+        let wakers = std::mem::take(&mut self.begun.waiting().wakers);
+        wakers.into_values().for_each(Waker::wake);
+        self.tokens.send_replace(true);
+        self.tokens.closed().await;
+    }
+}
+
+impl Begun {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -81,7 +118,61 @@ impl Drain {
     /// Resolves once shutdown has begun.
     pub async fn started(&mut self) {
         // An error means the gateway is gone, which is shutdown too.
-        let _ = self.0.wait_for(|started| *started).await;
+        let _ = self.token.wait_for(|started| *started).await;
+    }
+
+    /// Shutdown's beginning as a connection's task sees it, each time it runs.
+    fn watch(&self) -> DrainWatch {
+        DrainWatch {
+            begun: self.begun.clone(),
+            registered: None,
+        }
+    }
+}
+
+/// See [`Drain::watch`]: the task's waker is left with [`Begun`] once, and again only if
+/// the task's waker changes.
+struct DrainWatch {
+    begun: Arc<Begun>,
+    /// The waker left, and under which key.
+    registered: Option<(u64, Waker)>,
+}
+
+impl DrainWatch {
+    fn poll_begun(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.begun.flag.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        if self
+            .registered
+            .as_ref()
+            .is_some_and(|(_, waker)| waker.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
+        let mut waiting = self.begun.waiting();
+        // Looked at again under the lock, which `drain` takes after setting the flag.
+        if self.begun.flag.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        let key = match &self.registered {
+            Some((key, _)) => *key,
+            None => {
+                waiting.next += 1;
+                waiting.next
+            }
+        };
+        waiting.wakers.insert(key, cx.waker().clone());
+        self.registered = Some((key, cx.waker().clone()));
+        Poll::Pending
+    }
+}
+
+impl Drop for DrainWatch {
+    fn drop(&mut self) {
+        if let Some((key, _)) = self.registered.take() {
+            self.begun.waiting().wakers.remove(&key);
+        }
     }
 }
 
@@ -478,7 +569,7 @@ async fn run<I, M, S, B>(
     peer: Peer,
     builder: auto::Builder<TokioExecutor>,
     timeouts: Timeouts,
-    mut drain: Drain,
+    drain: Drain,
     make: M,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -509,8 +600,7 @@ async fn run<I, M, S, B>(
     // Once closed for idleness, a connection gets one more clock to go: HTTP/1 keeps a
     // connection open that holds part of a request head.
     let mut idle_closed = false;
-    let started = drain.started();
-    tokio::pin!(started);
+    let mut begun = drain.watch();
     let first = activity
         .deadline(timeouts)
         .map_or(Instant::now(), |(at, _)| at);
@@ -540,7 +630,7 @@ async fn run<I, M, S, B>(
                     return;
                 }
             },
-            () = &mut started, if !draining => {
+            () = std::future::poll_fn(|cx| begun.poll_begun(cx)), if !draining => {
                 connection.as_mut().graceful_shutdown();
                 draining = true;
             }

@@ -292,3 +292,36 @@ async fn a_client_that_stops_reading_a_response_is_cut_after_the_write_timeout()
         rest.len()
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn draining_closes_an_idle_keep_alive_connection_at_once_and_the_drain_ends() {
+    let (client, draining, serving) = serve_in_memory(TIMEOUTS, 65_536, || {
+        http_body_util::Full::new(bytes::Bytes::new())
+    });
+    let mut sender = request_over(client).await;
+    // Served, so the connection's task has run and is now waiting, idle.
+    assert_eq!(sender.send_request(get()).await.unwrap().status(), 200);
+    let began = Instant::now();
+    tokio::time::timeout(Duration::from_secs(1), draining.drain())
+        .await
+        .expect("the idle connection let go when shutdown began");
+    serving.await.unwrap();
+    assert_eq!(Instant::now(), began, "no clock had to run out");
+    assert_eq!(draining.count(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_in_flight_when_draining_begins_is_answered_then_the_connection_closes() {
+    let (client, draining, serving) = serve_in_memory(TIMEOUTS, 65_536, Frames::<3, 1>::new);
+    let mut sender = request_over(client).await;
+    let response = sender.send_request(get()).await.unwrap();
+    let drained = tokio::spawn(async move { draining.drain().await });
+    use http_body_util::BodyExt;
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), 3 * FRAME.len(), "the whole response");
+    tokio::time::timeout(Duration::from_secs(1), drained)
+        .await
+        .expect("drained once the response was sent")
+        .unwrap();
+    serving.await.unwrap();
+}
