@@ -194,17 +194,11 @@ where
                     make(conn)
                 }
             };
-            let serving = connection::serve(
-                stream,
-                peer,
-                tls,
-                self.builder.clone(),
-                timeouts,
-                self.draining.token(),
-                make,
-            );
+            let (builder, drain) = (self.builder.clone(), self.draining.token());
+            // The connection's future is made inside the task's: made outside and moved in,
+            // it would be kept twice in the task, and copied whole at each spawn.
             let task = tokio::spawn(async move {
-                serving.await;
+                connection::serve(stream, peer, tls, builder, timeouts, drain, make).await;
                 drop(permit);
             });
             if let Some(slot) = slot {

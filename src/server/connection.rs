@@ -25,14 +25,13 @@
 //! fires or when the connection's task runs anyway. These are the only clocks: hyper's own
 //! header timer is off.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -42,139 +41,10 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 
-/// Starts shutdown and waits for every [`Drain`] token to be dropped: one per connection,
-/// and one per tunnel a connection became.
-#[derive(Debug)]
-pub struct Draining {
-    tokens: watch::Sender<bool>,
-    begun: Arc<Begun>,
-}
-
-/// Held by whatever shutdown must wait for; tells its holder when shutdown has begun.
-#[derive(Debug, Clone)]
-pub struct Drain {
-    token: watch::Receiver<bool>,
-    begun: Arc<Begun>,
-}
-
-/// Whether shutdown has begun, and the connection tasks to wake when it does. A
-/// connection looks at the flag each time its task runs, which is one atomic load,
-/// rather than polling a notification (a lock) on every wake-up; see [`DrainWatch`].
-#[derive(Debug, Default)]
-struct Begun {
-    flag: AtomicBool,
-    waiting: Mutex<Waiting>,
-}
-
-#[derive(Debug, Default)]
-struct Waiting {
-    next: u64,
-    wakers: HashMap<u64, Waker>,
-}
-
-impl Default for Draining {
-    fn default() -> Draining {
-        Draining {
-            tokens: watch::Sender::new(false),
-            begun: Arc::default(),
-        }
-    }
-}
-
-impl Draining {
-    pub fn token(&self) -> Drain {
-        Drain {
-            token: self.tokens.subscribe(),
-            begun: self.begun.clone(),
-        }
-    }
-
-    /// Connections and tunnels still open.
-    pub fn count(&self) -> usize {
-        self.tokens.receiver_count()
-    }
-
-    /// Tells every holder to finish up, and resolves once all have.
-    pub async fn drain(&self) {
-        self.begun.flag.store(true, Ordering::Release);
-        let wakers = std::mem::take(&mut self.begun.waiting().wakers);
-        wakers.into_values().for_each(Waker::wake);
-        self.tokens.send_replace(true);
-        self.tokens.closed().await;
-    }
-}
-
-impl Begun {
-    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
-        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl Drain {
-    /// Resolves once shutdown has begun.
-    pub async fn started(&mut self) {
-        // An error means the gateway is gone, which is shutdown too.
-        let _ = self.token.wait_for(|started| *started).await;
-    }
-
-    /// Shutdown's beginning as a connection's task sees it, each time it runs.
-    fn watch(&self) -> DrainWatch {
-        DrainWatch {
-            begun: self.begun.clone(),
-            registered: None,
-        }
-    }
-}
-
-/// See [`Drain::watch`]: the task's waker is left with [`Begun`] once, and again only if
-/// the task's waker changes.
-struct DrainWatch {
-    begun: Arc<Begun>,
-    /// The waker left, and under which key.
-    registered: Option<(u64, Waker)>,
-}
-
-impl DrainWatch {
-    fn poll_begun(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.begun.flag.load(Ordering::Acquire) {
-            return Poll::Ready(());
-        }
-        if self
-            .registered
-            .as_ref()
-            .is_some_and(|(_, waker)| waker.will_wake(cx.waker()))
-        {
-            return Poll::Pending;
-        }
-        let mut waiting = self.begun.waiting();
-        // Looked at again under the lock, which `drain` takes after setting the flag.
-        if self.begun.flag.load(Ordering::Acquire) {
-            return Poll::Ready(());
-        }
-        let key = match &self.registered {
-            Some((key, _)) => *key,
-            None => {
-                waiting.next += 1;
-                waiting.next
-            }
-        };
-        waiting.wakers.insert(key, cx.waker().clone());
-        self.registered = Some((key, cx.waker().clone()));
-        Poll::Pending
-    }
-}
-
-impl Drop for DrainWatch {
-    fn drop(&mut self) {
-        if let Some((key, _)) = self.registered.take() {
-            self.begun.waiting().wakers.remove(&key);
-        }
-    }
-}
+pub use drain::{Drain, Draining};
 
 /// The timeouts of a connection with no request in flight; read from the configuration
 /// current at accept.
@@ -529,28 +399,55 @@ pub async fn serve<I, M, S, B>(
             };
             run(stream, peer, builder, timeouts, drain, make).await;
         }
+        // Boxed: a TLS connection's state is twice a cleartext one's, and a cleartext
+        // connection's task, copied whole when spawned, should not carry it.
         Some(acceptor) => {
-            let handshake = acceptor.accept(stream);
-            let stream =
-                match tokio::time::timeout(timeouts.handshake_and_header_read, handshake).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(error)) => {
-                        tracing::debug!(peer = %peer, error = %error, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(peer = %peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
-            let peer = Peer {
-                addr: peer,
-                https: true,
-                http2: stream.get_ref().1.alpn_protocol() == Some(b"h2"),
-            };
-            run(stream, peer, builder, timeouts, drain, make).await;
+            Box::pin(serve_tls(
+                stream, peer, acceptor, builder, timeouts, drain, make,
+            ))
+            .await;
         }
     }
+}
+
+/// [`serve`]'s TLS half: the handshake within the header-read clock, then the connection.
+async fn serve_tls<I, M, S, B>(
+    stream: I,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    builder: auto::Builder<TokioExecutor>,
+    timeouts: Timeouts,
+    drain: Drain,
+    make: M,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    M: FnOnce(Arc<Conn>) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = std::convert::Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let handshake = acceptor.accept(stream);
+    let stream = match tokio::time::timeout(timeouts.handshake_and_header_read, handshake).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tracing::debug!(peer = %peer, error = %error, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(peer = %peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let peer = Peer {
+        addr: peer,
+        https: true,
+        http2: stream.get_ref().1.alpn_protocol() == Some(b"h2"),
+    };
+    run(stream, peer, builder, timeouts, drain, make).await;
 }
 
 /// The other end of a connection, as the handshake left it.
@@ -638,5 +535,6 @@ async fn run<I, M, S, B>(
     }
 }
 
+mod drain;
 #[cfg(test)]
 mod tests;
