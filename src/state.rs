@@ -3,6 +3,7 @@
 //! it in ([`Live`]); and the reload itself ([`Reloader`]).
 
 use std::net::IpAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +19,7 @@ use crate::forward::breaker::Breaker;
 use crate::forward::client::{Pool, PoolLimits, Upstream};
 use crate::forward::headers::RequestIds;
 use crate::observe::logging::LogLevel;
-use crate::observe::metrics::Metrics;
+use crate::observe::metrics::{Metrics, ReloadResult};
 use crate::proxy::buffer::Budget;
 
 #[derive(Debug)]
@@ -217,6 +218,34 @@ impl Reloader {
     pub fn with_logs(mut self, level: LogLevel, format: LogFormat) -> Reloader {
         self.log = Some((level, format));
         self
+    }
+
+    /// Re-reads the configuration file at `path` and swaps it in (SIGHUP does this): an
+    /// invalid file is logged with its key and reason, and the running configuration
+    /// stays. Either way the reload is counted in the metrics.
+    pub fn reload(&self, path: &Path) -> ReloadResult {
+        let result = match Config::load(path) {
+            Ok(config) => {
+                for key in self.apply(config) {
+                    tracing::warn!(
+                        key,
+                        "config reload: this key keeps its old value until a restart"
+                    );
+                }
+                tracing::info!(path = %path.display(), "config reloaded");
+                ReloadResult::Success
+            }
+            Err(error) => {
+                tracing::error!(
+                    path = %path.display(),
+                    error = %error,
+                    "config reload failed: the running configuration stays"
+                );
+                ReloadResult::Failure
+            }
+        };
+        self.live.current().metrics.config_reload(result);
+        result
     }
 
     /// Swaps `config` in: requests that start from now on use it, requests in flight

@@ -122,6 +122,12 @@ async fn exports_exactly_the_contracted_metric_families_with_their_types() {
         ("iamproxy_iam_breaker_opens_total", "counter"),
         ("iamproxy_upstream_connection_errors_total", "counter"),
         ("iamproxy_upstream_saturated_total", "counter"),
+        ("iamproxy_config_last_reload_successful", "gauge"),
+        (
+            "iamproxy_config_last_reload_success_timestamp_seconds",
+            "gauge",
+        ),
+        ("iamproxy_config_reloads_total", "counter"),
         ("process_resident_memory_bytes", "gauge"),
         ("process_open_fds", "gauge"),
         ("process_cpu_seconds_total", "counter"),
@@ -771,6 +777,7 @@ fn assert_labels_come_from_closed_sets(scraped: &Scrape) {
             "state" => &["closed", "open", "half_open"],
             "upstream" => &["iam", "rails", "preauthorize"],
             "version" => &[env!("CARGO_PKG_VERSION")],
+            "result" => &["success", "failure"],
             _ => &[],
         }
     };

@@ -5,6 +5,7 @@
 pub mod accept;
 pub mod admin;
 pub mod connection;
+pub mod systemd;
 pub mod tls;
 
 use std::convert::Infallible;

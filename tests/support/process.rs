@@ -36,8 +36,22 @@ impl Iamproxy {
         args: &[&str],
         keep: impl FnMut(&str) -> bool + Send + 'static,
     ) -> Iamproxy {
+        Iamproxy::start_with(args, &[], keep)
+    }
+
+    /// Like [`Iamproxy::start`], with `env` added to the environment it inherits.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Iamproxy {
+        Iamproxy::start_with(args, env, |_| true)
+    }
+
+    fn start_with(
+        args: &[&str],
+        env: &[(&str, &str)],
+        keep: impl FnMut(&str) -> bool + Send + 'static,
+    ) -> Iamproxy {
         let mut child = Command::new(env!("CARGO_BIN_EXE_iamproxy"))
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
