@@ -39,6 +39,12 @@ cargo clippy --locked --all-targets -- -D warnings
 log "cargo test"
 cargo test --locked --all-targets
 
+# The Debian package: cargo-deb builds it (a release build; cargo-deb is installed when
+# missing), dpkg installs it, the installed binary checks the installed configuration, and
+# the package is purged.
+log "Debian package (scripts/deb-test.sh)"
+bash scripts/deb-test.sh
+
 # Real OAuth servers (oidc-provider as IAM, Doorkeeper as Rails) and openid-client through
 # the gateway binary `cargo test` just built; installs Node packages and Debian's Rails.
 log "end-to-end suite (tests/e2e/run.sh)"

@@ -44,6 +44,17 @@ pub use state::Reloader;
 /// The version reported by `--version` and sent to the pre-authorize backend.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The git commit the binary was built from (short hash), or `unknown` (see `build.rs`).
+pub const COMMIT: &str = env!("IAMPROXY_GIT_COMMIT");
+
+/// `--version`'s text after the name: the version and the commit, `0.1.0 (1a2b3c4)`.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("IAMPROXY_GIT_COMMIT"),
+    ")"
+);
+
 /// Binds the listeners and serves until `shutdown` resolves and in-flight requests drain.
 /// SIGHUP re-reads `config_path` and swaps the new configuration in (see
 /// [`Reloader::apply`]); an invalid file is logged and the running configuration stays.

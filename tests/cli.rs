@@ -146,13 +146,16 @@ impl Serving {
 // ---- Command line -----------------------------------------------------------------------
 
 #[tokio::test]
-async fn version_prints_the_crate_version() {
+async fn version_prints_the_crate_version_and_the_git_commit() {
     let (process, status) = Iamproxy::run(&["--version"]).await;
     assert!(status.success());
-    assert!(
-        process.stdout().contains(env!("CARGO_PKG_VERSION")),
-        "{}",
-        process.stdout()
+    assert_eq!(
+        process.stdout(),
+        format!(
+            "iamproxy {} ({})\n",
+            env!("CARGO_PKG_VERSION"),
+            support::process::git_commit()
+        )
     );
 }
 

@@ -272,9 +272,10 @@ async fn histograms_use_the_contracted_buckets() {
 }
 
 #[tokio::test]
-async fn build_info_is_1_with_the_crate_version() {
+async fn build_info_is_1_with_the_crate_version_and_the_git_commit() {
     let gw = gateway().start().await;
     let scraped = scrape(gw.admin).await;
+    let commit = support::process::git_commit();
     let series: Vec<String> = scraped
         .named("iamproxy_build_info")
         .map(|(series, _)| series.to_string())
@@ -282,14 +283,14 @@ async fn build_info_is_1_with_the_crate_version() {
     assert_eq!(
         series,
         [format!(
-            "iamproxy_build_info{{version={:?}}}",
+            "iamproxy_build_info{{commit={commit:?},version={:?}}}",
             env!("CARGO_PKG_VERSION")
         )]
     );
     assert_eq!(
         scraped.value(
             "iamproxy_build_info",
-            &[("version", env!("CARGO_PKG_VERSION"))]
+            &[("commit", &commit), ("version", env!("CARGO_PKG_VERSION"))]
         ),
         1.0
     );
@@ -802,6 +803,7 @@ fn assert_labels_come_from_closed_sets(scraped: &Scrape) {
         "breaker_open",
         "saturated",
     ];
+    let commit = support::process::git_commit();
     for series in scraped.samples.keys() {
         if !series.name.starts_with("iamproxy_") {
             continue;
@@ -811,6 +813,7 @@ fn assert_labels_come_from_closed_sets(scraped: &Scrape) {
                 "le" => value == "+Inf" || value.parse::<f64>().is_ok(),
                 "reason" if series.name == DECISIONS => decision_reasons.contains(&value.as_str()),
                 "reason" if series.name == FALLBACKS => fallback_reasons.contains(&value.as_str()),
+                "commit" => *value == commit,
                 other => allowed(other).contains(&value.as_str()),
             };
             assert!(ok, "{series}: {label}={value:?} is outside the contract");

@@ -175,11 +175,16 @@ impl Metrics {
         let build_info = register(
             &registry,
             IntGaugeVec::new(
-                Opts::new("iamproxy_build_info", "Always 1; the version as a label."),
-                &["version"],
+                Opts::new(
+                    "iamproxy_build_info",
+                    "Always 1; the version and the git commit as labels.",
+                ),
+                &["version", "commit"],
             ),
         );
-        build_info.with_label_values(&[crate::VERSION]).set(1);
+        build_info
+            .with_label_values(&[crate::VERSION, crate::COMMIT])
+            .set(1);
 
         let requests = register(
             &registry,

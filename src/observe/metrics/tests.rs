@@ -144,7 +144,11 @@ fn every_possible_decision_fallback_outcome_and_upstream_is_exported_from_the_st
             format!(r#"iamproxy_upstream_connection_errors_total{{upstream="{upstream}"}}"#);
         assert_eq!(value(&text, &series), Some(0.0), "{series}");
     }
-    let version = format!(r#"iamproxy_build_info{{version="{}"}}"#, crate::VERSION);
+    let version = format!(
+        r#"iamproxy_build_info{{commit="{}",version="{}"}}"#,
+        crate::COMMIT,
+        crate::VERSION
+    );
     assert_eq!(value(&text, &version), Some(1.0));
 }
 
