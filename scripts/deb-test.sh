@@ -39,8 +39,9 @@ if [[ -z "$DEB" ]]; then
         cargo install --locked cargo-deb
     fi
     log "cargo deb (a release build)"
-    cargo deb --no-dbgsym -- --locked >&2
-    DEB=$(ls -t target/debian/iamproxy_*.deb | head -n 1)
+    # cargo-deb prints the package's path last (under CARGO_TARGET_DIR when that is set).
+    DEB=$(cargo deb --no-dbgsym -- --locked | tail -n 1)
+    [[ -f "$DEB" ]] || fail "cargo deb made no package ($DEB)"
 fi
 log "testing $DEB"
 
