@@ -70,12 +70,12 @@ pub async fn run(
     use tokio::signal::unix::{signal, SignalKind};
     // Installed before serving: SIGHUP's default action would end the process.
     let hangups = signal(SignalKind::hangup());
-    let log_format = config.log.format;
+    let log_config = config.log.clone();
     let gateway = Gateway::bind(config).await?;
     let notify = Arc::new(Notifier::from_env());
     let mut reloader = gateway.reloader();
     if let Some(level) = log_level {
-        reloader = reloader.with_logs(level, log_format);
+        reloader = reloader.with_logs(level, &log_config);
     }
     let reloads = match hangups {
         Ok(hangups) => Some(tokio::spawn(reload_on_sighup(

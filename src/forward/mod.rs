@@ -56,6 +56,8 @@ pub struct Downstream<'a> {
     pub https: bool,
     /// In `server.trusted_cidrs`: its forwarding headers are kept.
     pub trusted: bool,
+    /// In `server.trusted_cidrs_for_propagation`: its `X-Request-Id` is kept.
+    pub propagate_id: bool,
 }
 
 impl Head {
@@ -87,7 +89,7 @@ impl Head {
         headers::set_forwarded_proto(&mut headers, client.https, client.trusted);
         let request_id = headers
             .get(&X_REQUEST_ID)
-            .filter(|id| client.trusted && headers::is_acceptable_request_id(id))
+            .filter(|id| client.propagate_id && headers::is_acceptable_request_id(id))
             .cloned()
             .unwrap_or_else(new_id);
         headers.insert(X_REQUEST_ID.clone(), request_id.clone());
@@ -385,6 +387,7 @@ mod tests {
             ip: &ip,
             https: false,
             trusted: false,
+            propagate_id: false,
         };
         Head::prepare(parts, None, client, || {
             HeaderValue::from_static("generated")
@@ -438,6 +441,7 @@ mod tests {
                 ip: &ip,
                 https: false,
                 trusted,
+                propagate_id: trusted,
             };
             let head = Head::prepare(parts, None, client, || HeaderValue::from_static("id"));
             let kept = head.headers.get_all(&X_FORWARDED_HOST).iter().count();

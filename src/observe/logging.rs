@@ -1,8 +1,12 @@
 //! Structured logs through `tracing`: JSON lines (`{"time", "level", "msg", fields…}`,
 //! the shape Workhorse's logs have) or plain text.
 //!
-//! Secrets stay out by construction: the request path logs the path (never the query),
-//! the validated client id and the gateway's own fields, never headers or bodies.
+//! `log.fields` (static `name = value` pairs, e.g. `subcomponent = "workhorse"`) are
+//! rendered once per subscriber and copied into every JSON line.
+//!
+//! Secrets stay out by construction: the request path logs the path and the query with
+//! every value replaced ([`crate::proxy::access`]), the validated client id and the
+//! gateway's own fields, never bodies, cookies or `Authorization`.
 
 use std::fmt::{self, Write as _};
 use std::io;
@@ -46,7 +50,8 @@ where
         .with_ansi(false);
     let subscriber: Box<dyn Subscriber + Send + Sync> = match config.format {
         LogFormat::Json => {
-            Box::new(Registry::default().with(layer.event_format(JsonLines).with_filter(filter)))
+            let format = JsonLines::new(&config.fields);
+            Box::new(Registry::default().with(layer.event_format(format).with_filter(filter)))
         }
         LogFormat::Text => {
             Box::new(Registry::default().with(layer.with_target(false).with_filter(filter)))
@@ -128,8 +133,54 @@ fn rank(level: Level) -> u8 {
     }
 }
 
-/// One JSON object per line.
-struct JsonLines;
+/// Field names the gateway's own lines use, which `log.fields` may not take: a line would
+/// otherwise hold the name twice.
+pub const RESERVED_FIELDS: &[&str] = &[
+    "time",
+    "level",
+    "msg",
+    "correlation_id",
+    "method",
+    "path",
+    "uri",
+    "route",
+    "status",
+    "duration_ms",
+    "ttfb_ms",
+    "destination",
+    "reason",
+    "fallback_reason",
+    "client_id",
+    "identification",
+    "remote_ip",
+    "host",
+    "proto",
+    "user_agent",
+    "referrer",
+    "written_bytes",
+    "content_type",
+    "error",
+    "outcome",
+];
+
+/// One JSON object per line, with the configured static fields after `msg`.
+struct JsonLines {
+    /// `,"name":"value"` for each of `log.fields`, encoded once.
+    fields: String,
+}
+
+impl JsonLines {
+    fn new(fields: &[(String, String)]) -> JsonLines {
+        let mut encoded = String::new();
+        for (name, value) in fields {
+            encoded.push(',');
+            write_json_str(&mut encoded, name);
+            encoded.push(':');
+            write_json_str(&mut encoded, value);
+        }
+        JsonLines { fields: encoded }
+    }
+}
 
 impl<S, N> FormatEvent<S, N> for JsonLines
 where
@@ -145,15 +196,22 @@ where
         // The fields' buffers are the thread's own, reused line after line: a line costs no
         // allocation once they have grown to fit. (An event logged while one is formatted,
         // from inside a field's `Debug`, gets buffers of its own.)
+        let fixed = &self.fields;
         FIELDS.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut fields) => json_line(&mut fields, event, &mut writer),
-            Err(_) => json_line(&mut JsonFields::default(), event, &mut writer),
+            Ok(mut fields) => json_line(&mut fields, fixed, event, &mut writer),
+            Err(_) => json_line(&mut JsonFields::default(), fixed, event, &mut writer),
         })
     }
 }
 
-/// Formats `event` as one JSON line into `writer`, through `fields`' buffers.
-fn json_line(fields: &mut JsonFields, event: &Event<'_>, writer: &mut Writer<'_>) -> fmt::Result {
+/// Formats `event` as one JSON line into `writer`, through `fields`' buffers; `fixed` is
+/// the encoded `log.fields`.
+fn json_line(
+    fields: &mut JsonFields,
+    fixed: &str,
+    event: &Event<'_>,
+    writer: &mut Writer<'_>,
+) -> fmt::Result {
     fields.msg.clear();
     fields.has_msg = false;
     fields.rest.clear();
@@ -175,6 +233,7 @@ fn json_line(fields: &mut JsonFields, event: &Event<'_>, writer: &mut Writer<'_>
         line.push_str(",\"msg\":");
         write_json_str(line, &fields.msg);
     }
+    line.push_str(fixed);
     line.push_str(&fields.rest);
     line.push_str("}\n");
     writer.write_str(line)
@@ -242,8 +301,22 @@ impl Visit for JsonFields {
             let _ = write!(self.msg, "{value:?}");
             self.has_msg = true;
         } else {
-            self.record_str(field, &format!("{value:?}"));
+            // Straight into the line, escaped on the way: no string per field.
+            let rest = self.key(field);
+            rest.push('"');
+            let _ = write!(Escaping(rest), "{value:?}");
+            rest.push('"');
         }
+    }
+}
+
+/// Formatted text written into a JSON string literal, escaped as it arrives.
+struct Escaping<'a>(&'a mut String);
+
+impl fmt::Write for Escaping<'_> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        write_json_chars(self.0, text);
+        Ok(())
     }
 }
 
@@ -401,6 +474,7 @@ mod tests {
         let config = LogConfig {
             format,
             level: tracing::Level::INFO,
+            fields: Vec::new(),
         };
         let subscriber = subscriber(&config, move || sink.clone());
         tracing::subscriber::with_default(subscriber, emit);
@@ -415,6 +489,7 @@ mod tests {
         let config = LogConfig {
             format: LogFormat::Json,
             level: tracing::Level::INFO,
+            fields: Vec::new(),
         };
         let (subscriber, level) = subscriber_with_level(&config, move || sink.clone());
         tracing::subscriber::with_default(subscriber, || {
@@ -554,6 +629,42 @@ mod tests {
             let back: String = serde_json::from_str(&literal).unwrap();
             proptest::prop_assert_eq!(back, text);
         }
+    }
+
+    #[test]
+    fn static_fields_follow_msg_on_every_line_and_display_values_are_escaped_in_place() {
+        let buffer = Buffer::default();
+        let sink = buffer.clone();
+        let config = LogConfig {
+            format: LogFormat::Json,
+            level: tracing::Level::INFO,
+            fields: vec![
+                ("subcomponent".into(), "workhorse".into()),
+                ("note".into(), "say \"hi\"".into()),
+            ],
+        };
+        let subscriber = subscriber(&config, move || sink.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(uri = tracing::field::display("/a?b=\"c\"\n"), "access");
+            tracing::warn!("no fields of its own");
+        });
+        let out = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        assert!(
+            lines[0].contains(
+                r#""msg":"access","subcomponent":"workhorse","note":"say \"hi\"","uri":"#
+            ),
+            "{}",
+            lines[0]
+        );
+        for line in lines {
+            let line: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(line["subcomponent"], "workhorse");
+            assert_eq!(line["note"], "say \"hi\"");
+        }
+        let first: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+        assert_eq!(first["uri"], "/a?b=\"c\"\n");
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //!    their issuer, identify the client, apply the rules before the cache, then the
 //!    decision cache and the pre-authorize backend ([`decide`]).
 //! 6. **forward** — to Rails, or to IAM with fail-open replay to Rails ([`replay`]).
-//! 7. **record** — one access line and the request metrics ([`access`]).
+//! 7. **record** — the request metrics when the response headers go out, and the access
+//!    line ([`access`]) once its body has been sent.
 //!
 //! Nothing here panics or hands a hyper error to the client: every outcome is a response,
 //! and [`ProxyError`] maps failures to statuses in one place.
@@ -43,7 +44,7 @@ use crate::forward::{
     Progress, RequestBody, ResponseBody, Streamed, UpstreamError,
 };
 use crate::respond::ProxyError;
-use crate::server::connection::Conn;
+use crate::server::connection::{Conn, Sending};
 use crate::state::AppState;
 use access::{log_str, AccessLog};
 
@@ -56,12 +57,15 @@ struct Exchange<'a> {
     access: AccessLog,
 }
 
-/// Serves one client request.
+/// Serves one client request. The request is in flight on its connection (see
+/// [`Conn::request_started`]) until the response body has been sent or dropped; then the
+/// access line is written.
 pub async fn handle(
     state: &AppState,
     conn: &Conn,
     mut request: Request<Incoming>,
-) -> Response<ResponseBody> {
+) -> Response<Sending<ResponseBody, AccessLog>> {
+    let busy = conn.request_started();
     let started = Instant::now();
     let _in_flight = state.metrics.in_flight();
     headers::remove_underscored(request.headers_mut());
@@ -71,17 +75,21 @@ pub async fn handle(
         Some(_) => None,
     };
     let (parts, body) = request.into_parts();
+    let version = parts.version;
+    let peer = conn.peer.ip();
     let client = Downstream {
         ip: &conn.peer_ip,
         https: conn.https,
-        trusted: state.is_trusted(conn.peer.ip()),
+        trusted: state.is_trusted(peer),
+        propagate_id: state.propagates_request_id(peer),
     };
     let body_length = body.size_hint().exact();
     let head = Head::prepare(parts, body_length, client, || state.request_ids.next());
+    let remote_ip = access::remote_ip(&head.headers, &client, &state.config.server.trusted_cidrs);
     let mut exchange = Exchange {
         state,
         endpoint,
-        access: AccessLog::new(&head, endpoint),
+        access: AccessLog::new(&head, endpoint, version, remote_ip, started),
     };
 
     let result = match (admit(&head, state.config.server.max_uri_bytes), endpoint) {
@@ -90,7 +98,7 @@ pub async fn handle(
         (Ok(()), Some(endpoint)) => oauth(&mut exchange, endpoint, head, body).await,
     };
     let mut response = result.unwrap_or_else(ProxyError::into_response);
-    let access = &exchange.access;
+    let mut access = exchange.access;
     response
         .headers_mut()
         .entry(X_REQUEST_ID.clone())
@@ -103,8 +111,8 @@ pub async fn handle(
         response.status(),
         elapsed,
     );
-    access.emit(response.status(), elapsed);
-    response
+    access.responded(response.status(), response.headers(), elapsed);
+    response.map(|body| busy.until_sent(body, access))
 }
 
 /// Refuses, before any upstream hears of it, what a reverse proxy does not forward: a
@@ -263,6 +271,7 @@ mod tests {
             ip: &ip,
             https: false,
             trusted: false,
+            propagate_id: false,
         };
         let head = Head::prepare(parts, None, client, || HeaderValue::from_static("id"));
         admit(&head, 64)

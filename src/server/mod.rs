@@ -112,11 +112,7 @@ impl Gateway {
                 service_fn(move |request| {
                     let state = live.current();
                     let conn = conn.clone();
-                    async move {
-                        let busy = conn.request_started();
-                        let response = proxy::handle(&state, &conn, request).await;
-                        Ok::<_, Infallible>(response.map(|body| busy.until_sent(body)))
-                    }
+                    async move { Ok::<_, Infallible>(proxy::handle(&state, &conn, request).await) }
                 })
             }
         };

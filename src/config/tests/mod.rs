@@ -1,6 +1,8 @@
 //! The configuration's tests: defaults, every key read, and every error naming its key
-//! (upstream URLs, TLS files and secrets in `upstreams.rs`, `[routing]` in `routing.rs`).
+//! (upstream URLs, TLS files and secrets in `upstreams.rs`, `[routing]` in `routing.rs`,
+//! `log.fields` and the correlation id's trusted peers in `logs.rs`).
 
+mod logs;
 mod routing;
 mod upstreams;
 
