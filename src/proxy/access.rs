@@ -3,7 +3,6 @@
 //! dropped), with labkit's fields (Workhorse's access logger) so the dashboards built on
 //! Workhorse's logs read it as they read Workhorse's.
 
-use std::fmt;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -106,6 +105,37 @@ impl AccessLog {
     /// One line per request. The query string shows its parameter names only, the
     /// referrer likewise: values carry codes, secrets and tokens.
     fn emit(&self, written: u64) {
+        let referrer = log_opt(&self.referrer);
+        if self.uri.query().is_none() && referrer.is_empty() {
+            // The common case: nothing to redact, nothing to write out first.
+            return self.emit_with(self.uri.path(), "", written);
+        }
+        thread_local! {
+            static TARGETS: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        let redacted = |targets: &mut String| {
+            targets.clear();
+            Target::of(&self.uri).write_to(targets);
+            let split = targets.len();
+            Target::url(referrer).write_to(targets);
+            split
+        };
+        TARGETS.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut targets) => {
+                let split = redacted(&mut targets);
+                let (uri, referrer) = targets.split_at(split);
+                self.emit_with(uri, referrer, written);
+            }
+            Err(_) => {
+                let mut targets = String::new();
+                let split = redacted(&mut targets);
+                let (uri, referrer) = targets.split_at(split);
+                self.emit_with(uri, referrer, written);
+            }
+        });
+    }
+
+    fn emit_with(&self, uri: &str, referrer: &str, written: u64) {
         let client_id = self
             .client_id
             .as_deref()
@@ -124,10 +154,10 @@ impl AccessLog {
             client_id,
             remote_ip = log_str(&self.remote_ip),
             host = log_opt(&self.host),
-            uri = tracing::field::display(Target::of(&self.uri)),
+            uri,
             proto = self.proto,
             user_agent = log_opt(&self.user_agent),
-            referrer = tracing::field::display(Target::url(log_opt(&self.referrer))),
+            referrer,
             written_bytes = written,
             ttfb_ms = millis(self.ttfb),
             content_type = log_opt(&self.content_type),
@@ -137,7 +167,8 @@ impl AccessLog {
 }
 
 /// The body is done (sent, or dropped when the client went away): the line is complete.
-impl OnSent for AccessLog {
+/// Boxed, so the response body that carries it to the end stays small as hyper moves it.
+impl OnSent for Box<AccessLog> {
     fn sent(self, written: u64) {
         self.emit(written);
     }
@@ -192,8 +223,7 @@ pub(super) fn remote_ip(
 
 /// A request target or a URL as the access line writes it: the query keeps its parameter
 /// names and loses every value (`?code=[FILTERED]&state=[FILTERED]`; a part without `=`
-/// becomes `[FILTERED]` whole); a URL also loses its user info and fragment. Written
-/// straight into the line, without a string of its own.
+/// becomes `[FILTERED]` whole); a URL also loses its user info and fragment.
 struct Target<'a> {
     /// `scheme://host[:port]`, user info removed; empty for a request target.
     origin: (&'a str, &'a str),
@@ -237,30 +267,29 @@ impl<'a> Target<'a> {
     }
 }
 
-impl fmt::Display for Target<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.origin.0)?;
-        f.write_str(self.origin.1)?;
-        f.write_str(self.path)?;
+impl Target<'_> {
+    fn write_to(&self, out: &mut String) {
+        out.push_str(self.origin.0);
+        out.push_str(self.origin.1);
+        out.push_str(self.path);
         let Some(query) = self.query else {
-            return Ok(());
+            return;
         };
-        f.write_str("?")?;
+        out.push('?');
         for (i, part) in query.split('&').enumerate() {
             if i > 0 {
-                f.write_str("&")?;
+                out.push('&');
             }
             match part.split_once('=') {
                 Some((name, _)) => {
-                    f.write_str(name)?;
-                    f.write_str("=")?;
-                    f.write_str(FILTERED)?;
+                    out.push_str(name);
+                    out.push('=');
+                    out.push_str(FILTERED);
                 }
                 None if part.is_empty() => {}
-                None => f.write_str(FILTERED)?,
+                None => out.push_str(FILTERED),
             }
         }
-        Ok(())
     }
 }
 
@@ -281,7 +310,9 @@ mod tests {
     }
 
     fn target(uri: &str) -> String {
-        Target::of(&uri.parse().unwrap()).to_string()
+        let mut out = String::new();
+        Target::of(&uri.parse().unwrap()).write_to(&mut out);
+        out
     }
 
     #[test]
@@ -300,7 +331,11 @@ mod tests {
 
     #[test]
     fn a_referrer_loses_user_info_values_and_fragment() {
-        let url = |text: &str| Target::url(text).to_string();
+        let url = |text: &str| {
+            let mut out = String::new();
+            Target::url(text).write_to(&mut out);
+            out
+        };
         assert_eq!(
             url("https://user:pass@gitlab.example.com:8443/oauth/authorize?code=secret#access_token=t"),
             "https://gitlab.example.com:8443/oauth/authorize?code=[FILTERED]"

@@ -54,7 +54,7 @@ struct Exchange<'a> {
     state: &'a AppState,
     /// `None`: not an OAuth endpoint.
     endpoint: Option<Endpoint>,
-    access: AccessLog,
+    access: Box<AccessLog>,
 }
 
 /// Serves one client request. The request is in flight on its connection (see
@@ -64,7 +64,7 @@ pub async fn handle(
     state: &AppState,
     conn: &Conn,
     mut request: Request<Incoming>,
-) -> Response<Sending<ResponseBody, AccessLog>> {
+) -> Response<Sending<ResponseBody, Box<AccessLog>>> {
     let busy = conn.request_started();
     let started = Instant::now();
     let _in_flight = state.metrics.in_flight();
@@ -89,7 +89,7 @@ pub async fn handle(
     let mut exchange = Exchange {
         state,
         endpoint,
-        access: AccessLog::new(&head, endpoint, version, remote_ip, started),
+        access: Box::new(AccessLog::new(&head, endpoint, version, remote_ip, started)),
     };
 
     let result = match (admit(&head, state.config.server.max_uri_bytes), endpoint) {
