@@ -279,17 +279,21 @@ impl Visit for JsonFields {
         }
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.number(field, value);
+        write_u64(self.key(field), value);
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.number(field, value);
+        let rest = self.key(field);
+        if value < 0 {
+            rest.push('-');
+        }
+        write_u64(rest, value.unsigned_abs());
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
         // JSON has no NaN or infinity; Rust prints finite floats without exponents.
-        if value.is_finite() {
-            self.number(field, value);
-        } else {
+        if !value.is_finite() {
             self.key(field).push_str("null");
+        } else if !write_thousandths(self.key(field), value) {
+            let _ = write!(self.rest, "{value}");
         }
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
@@ -318,6 +322,55 @@ impl fmt::Write for Escaping<'_> {
         write_json_chars(self.0, text);
         Ok(())
     }
+}
+
+/// `value` in decimal, without going through `fmt` (a status, a byte count: every access
+/// line has some).
+fn write_u64(out: &mut String, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    // ASCII digits only.
+    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or("0"));
+}
+
+/// `value` as `Display` writes it, when it is a whole number of thousandths (the
+/// millisecond durations, µs resolution, that access lines carry): integer arithmetic
+/// instead of the shortest-float search. False, writing nothing, for any other value.
+fn write_thousandths(out: &mut String, value: f64) -> bool {
+    let scaled = (value * 1000.0).round();
+    // Exactly m / 1000 as f64, with m small enough that no shorter decimal is that f64.
+    if scaled.abs() >= 1e15 // NaN fails the next test
+        || scaled / 1000.0 != value
+        || value == 0.0 && value.is_sign_negative()
+    {
+        return false;
+    }
+    if scaled < 0.0 {
+        out.push('-');
+    }
+    let thousandths = scaled.abs() as u64;
+    write_u64(out, thousandths / 1000);
+    let mut fraction = thousandths % 1000;
+    if fraction != 0 {
+        let mut digits = 3;
+        while fraction % 10 == 0 {
+            fraction /= 10;
+            digits -= 1;
+        }
+        out.push('.');
+        for place in (0..digits).rev() {
+            out.push(char::from(b'0' + (fraction / 10u64.pow(place) % 10) as u8));
+        }
+    }
+    true
 }
 
 /// `text` as a JSON string literal (RFC 8259 §7), appended to `out`.

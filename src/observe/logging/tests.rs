@@ -231,3 +231,67 @@ fn text_format_is_plain() {
     assert!(out.contains("access status=502"), "{out}");
     assert!(!out.contains('\u{1b}'), "no ANSI colours");
 }
+
+proptest::proptest! {
+    #[test]
+    fn milliseconds_with_microseconds_are_written_as_display_writes_them(
+        micros in 0u64..10_000_000_000_000,
+        negative: bool,
+    ) {
+        let value = if negative { -(micros as f64) } else { micros as f64 } / 1000.0;
+        let mut ours = String::new();
+        proptest::prop_assert!(write_thousandths(&mut ours, value) || value == 0.0 && negative);
+        if !ours.is_empty() {
+            proptest::prop_assert_eq!(ours, format!("{value}"));
+        }
+    }
+
+    #[test]
+    fn any_other_float_is_left_to_display_or_read_back_exactly(value: f64) {
+        let mut ours = String::new();
+        if write_thousandths(&mut ours, value) {
+            proptest::prop_assert_eq!(ours.parse::<f64>().unwrap(), value);
+            proptest::prop_assert_eq!(&ours, &format!("{value}"));
+        } else {
+            proptest::prop_assert!(ours.is_empty());
+        }
+    }
+
+    #[test]
+    fn integers_are_written_as_display_writes_them(value: i64, unsigned: u64) {
+        let mut ours = String::new();
+        write_u64(&mut ours, unsigned);
+        proptest::prop_assert_eq!(ours, unsigned.to_string());
+        let out = capture(LogFormat::Json, || tracing::info!(n = value, u = unsigned, "x"));
+        let line: serde_json::Value = serde_json::from_str(out.trim_end()).unwrap();
+        proptest::prop_assert_eq!(line["n"].as_i64(), Some(value));
+        proptest::prop_assert_eq!(line["u"].as_u64(), Some(unsigned));
+    }
+}
+
+#[test]
+fn float_fields_read_back_whatever_their_form() {
+    let out = capture(LogFormat::Json, || {
+        tracing::info!(
+            a = 1.5,
+            b = 2.0,
+            c = 0.001,
+            d = 1e-7,
+            e = -3.25,
+            f = 1e300,
+            "x"
+        )
+    });
+    let line: serde_json::Value = serde_json::from_str(out.trim_end()).unwrap();
+    for (key, value) in [
+        ("a", 1.5),
+        ("b", 2.0),
+        ("c", 0.001),
+        ("d", 1e-7),
+        ("e", -3.25),
+        ("f", 1e300),
+    ] {
+        assert_eq!(line[key].as_f64(), Some(value), "{key} in {out}");
+    }
+    assert!(out.contains(r#""a":1.5,"b":2,"c":0.001,"#), "{out}");
+}
