@@ -11,7 +11,8 @@
 //!   gracefully (HTTP/2 gets a GOAWAY).
 //!
 //! A request is in flight from its head until its response body has been sent (or
-//! dropped), so a long download is never idle. While one is, a single clock runs:
+//! dropped), so a long download is never idle; then whoever asked ([`OnSent`], the access
+//! line) hears how many body bytes went out. While one is, a single clock runs:
 //! - **write**: a response body that handed a frame to hyper which hyper then does not
 //!   take the next one for `server.write_timeout` (the client accepts no bytes: its socket
 //!   or its HTTP/2 window is full) closes the connection. The watchdog looks every
