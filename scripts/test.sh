@@ -9,11 +9,14 @@ log() { printf '\n== %s\n' "$*"; }
 
 # Debian packages the tests need: `kill` (procps) to signal the gateway process,
 # `prometheus` for `promtool` (rule and metric checks) and the real server the
-# observability test scrapes the gateway with, and `redis-server` for fleet invalidation.
+# observability test scrapes the gateway with, `redis-server` for fleet invalidation, and
+# `systemd` for systemd-analyze.
 need_apt=()
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || need_apt+=(procps)
 { command -v promtool && command -v prometheus; } >/dev/null || need_apt+=(prometheus)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
+# `systemd-analyze verify` checks the unit file in packaging/ (tests/systemd.rs).
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   apt-get update -qq
@@ -35,6 +38,12 @@ cargo clippy --locked --all-targets -- -D warnings
 
 log "cargo test"
 cargo test --locked --all-targets
+
+# The Debian package: cargo-deb builds it (a release build; cargo-deb is installed when
+# missing), dpkg installs it, the installed binary checks the installed configuration, and
+# the package is purged.
+log "Debian package (scripts/deb-test.sh)"
+bash scripts/deb-test.sh
 
 # Real OAuth servers (oidc-provider as IAM, Doorkeeper as Rails) and openid-client through
 # the gateway binary `cargo test` just built; installs Node packages and Debian's Rails.

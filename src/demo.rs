@@ -134,6 +134,7 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<(), Dem
     let _logging = iamproxy::observe::logging::init(&LogConfig {
         format: LogFormat::Text,
         level: tracing::Level::INFO,
+        fields: Vec::new(),
     });
     let shutdown = iamproxy::shutdown_signal();
     let demo = start(listen, admin_listen).await?;

@@ -33,6 +33,9 @@ pub mod state;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use server::systemd::Notifier;
 
 pub use config::Config;
 pub use server::{Gateway, StartError};
@@ -41,10 +44,23 @@ pub use state::Reloader;
 /// The version reported by `--version` and sent to the pre-authorize backend.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The git commit the binary was built from (short hash), or `unknown` (see `build.rs`).
+pub const COMMIT: &str = env!("IAMPROXY_GIT_COMMIT");
+
+/// `--version`'s text after the name: the version and the commit, `0.1.0 (1a2b3c4)`.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("IAMPROXY_GIT_COMMIT"),
+    ")"
+);
+
 /// Binds the listeners and serves until `shutdown` resolves and in-flight requests drain.
 /// SIGHUP re-reads `config_path` and swaps the new configuration in (see
 /// [`Reloader::apply`]); an invalid file is logged and the running configuration stays.
 /// `log_level` is the process's log handle from [`observe::logging::init`], if it owns one.
+/// Started by systemd (`NOTIFY_SOCKET`), it reports readiness, reloads, shutdown and the
+/// watchdog's keep-alives ([`server::systemd`]).
 pub async fn run(
     config_path: &Path,
     config: Config,
@@ -54,26 +70,40 @@ pub async fn run(
     use tokio::signal::unix::{signal, SignalKind};
     // Installed before serving: SIGHUP's default action would end the process.
     let hangups = signal(SignalKind::hangup());
-    let log_format = config.log.format;
+    let log_config = config.log.clone();
     let gateway = Gateway::bind(config).await?;
+    let notify = Arc::new(Notifier::from_env());
     let mut reloader = gateway.reloader();
     if let Some(level) = log_level {
-        reloader = reloader.with_logs(level, log_format);
+        reloader = reloader.with_logs(level, &log_config);
     }
     let reloads = match hangups {
         Ok(hangups) => Some(tokio::spawn(reload_on_sighup(
             config_path.to_owned(),
             hangups,
             reloader,
+            notify.clone(),
         ))),
         Err(error) => {
             tracing::warn!(error = %error, "cannot install the SIGHUP handler: no config reload");
             None
         }
     };
+    let watchdog = server::systemd::watchdog_interval_from_env()
+        .filter(|_| notify.is_enabled())
+        .map(|every| tokio::spawn(keep_watchdog_fed(notify.clone(), every)));
+    // Every listener is bound: connections queue in their backlogs from here on.
+    notify.ready();
+    let shutdown = {
+        let notify = notify.clone();
+        async move {
+            shutdown.await;
+            notify.stopping();
+        }
+    };
     gateway.serve(shutdown).await;
-    if let Some(reloads) = reloads {
-        reloads.abort();
+    for task in [reloads, watchdog].into_iter().flatten() {
+        task.abort();
     }
     Ok(())
 }
@@ -82,26 +112,24 @@ async fn reload_on_sighup(
     path: PathBuf,
     mut hangups: tokio::signal::unix::Signal,
     reloader: Reloader,
+    notify: Arc<Notifier>,
 ) {
     while hangups.recv().await.is_some() {
-        let config = match Config::load(&path) {
-            Ok(config) => config,
-            Err(error) => {
-                tracing::error!(
-                    path = %path.display(),
-                    error = %error,
-                    "config reload failed: the running configuration stays"
-                );
-                continue;
-            }
-        };
-        for key in reloader.apply(config) {
-            tracing::warn!(
-                key,
-                "config reload: this key keeps its old value until a restart"
-            );
-        }
-        tracing::info!(path = %path.display(), "config reloaded");
+        notify.reloading();
+        reloader.reload(&path);
+        // Serving either way: with the new configuration, or the old one after a failure.
+        notify.ready();
+    }
+}
+
+/// `WATCHDOG=1` every `every` (half of `WatchdogSec=`) from a task on the runtime, so a
+/// runtime that stops running tasks stops feeding it and systemd restarts the service.
+async fn keep_watchdog_fed(notify: Arc<Notifier>, every: std::time::Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        notify.watchdog();
     }
 }
 

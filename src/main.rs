@@ -12,7 +12,7 @@ mod demo;
 #[derive(Parser)]
 #[command(
     name = "iamproxy",
-    version,
+    version = iamproxy::LONG_VERSION,
     about,
     args_conflicts_with_subcommands = true
 )]

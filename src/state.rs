@@ -3,6 +3,7 @@
 //! it in ([`Live`]); and the reload itself ([`Reloader`]).
 
 use std::net::IpAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,14 +12,14 @@ use arc_swap::ArcSwap;
 use hyper::StatusCode;
 
 use crate::classify::Endpoints;
-use crate::config::{Config, LogFormat, RedisConfig, ServerConfig, UpstreamUrl};
+use crate::config::{Config, LogConfig, RedisConfig, ServerConfig, UpstreamUrl};
 use crate::decision::cache::DecisionCache;
 use crate::decision::preauth::PreauthClient;
 use crate::forward::breaker::Breaker;
 use crate::forward::client::{Pool, PoolLimits, Upstream};
 use crate::forward::headers::RequestIds;
 use crate::observe::logging::LogLevel;
-use crate::observe::metrics::Metrics;
+use crate::observe::metrics::{Metrics, ReloadResult};
 use crate::proxy::buffer::Budget;
 
 #[derive(Debug)]
@@ -151,11 +152,21 @@ impl AppState {
         self.metrics.render(entries, breaker)
     }
 
-    /// Whether a peer's `X-Forwarded-For` and `X-Request-Id` are believed.
+    /// Whether a peer's `X-Forwarded-For` and other forwarding headers are believed.
     pub fn is_trusted(&self, ip: IpAddr) -> bool {
         self.config
             .server
             .trusted_cidrs
+            .iter()
+            .any(|cidr| cidr.contains(ip))
+    }
+
+    /// Whether a peer's `X-Request-Id` is kept as the correlation id
+    /// (`server.trusted_cidrs_for_propagation`).
+    pub fn propagates_request_id(&self, ip: IpAddr) -> bool {
+        self.config
+            .server
+            .trusted_cidrs_for_propagation
             .iter()
             .any(|cidr| cidr.contains(ip))
     }
@@ -200,8 +211,8 @@ pub struct Reloader {
     /// What the Redis subscription was started with.
     redis: Option<RedisConfig>,
     /// The process's logs, when this gateway owns them: their level reloads, their format
-    /// does not.
-    log: Option<(LogLevel, LogFormat)>,
+    /// and static fields do not.
+    log: Option<(LogLevel, LogConfig)>,
 }
 
 impl Reloader {
@@ -214,10 +225,39 @@ impl Reloader {
         }
     }
 
-    /// Also applies `log.level` to the process's logs, started with `format`.
-    pub fn with_logs(mut self, level: LogLevel, format: LogFormat) -> Reloader {
-        self.log = Some((level, format));
+    /// Also applies `log.level` to the process's logs, started with `started`'s format and
+    /// fields.
+    pub fn with_logs(mut self, level: LogLevel, started: &LogConfig) -> Reloader {
+        self.log = Some((level, started.clone()));
         self
+    }
+
+    /// Re-reads the configuration file at `path` and swaps it in (SIGHUP does this): an
+    /// invalid file is logged with its key and reason, and the running configuration
+    /// stays. Either way the reload is counted in the metrics.
+    pub fn reload(&self, path: &Path) -> ReloadResult {
+        let result = match Config::load(path) {
+            Ok(config) => {
+                for key in self.apply(config) {
+                    tracing::warn!(
+                        key,
+                        "config reload: this key keeps its old value until a restart"
+                    );
+                }
+                tracing::info!(path = %path.display(), "config reloaded");
+                ReloadResult::Success
+            }
+            Err(error) => {
+                tracing::error!(
+                    path = %path.display(),
+                    error = %error,
+                    "config reload failed: the running configuration stays"
+                );
+                ReloadResult::Failure
+            }
+        };
+        self.live.current().metrics.config_reload(result);
+        result
     }
 
     /// Swaps `config` in: requests that start from now on use it, requests in flight
@@ -229,10 +269,13 @@ impl Reloader {
         if self.redis != config.redis {
             needs_restart.push("redis");
         }
-        if let Some((level, format)) = &self.log {
+        if let Some((level, started)) = &self.log {
             level.set(config.log.level);
-            if *format != config.log.format {
+            if started.format != config.log.format {
                 needs_restart.push("log.format");
+            }
+            if started.fields != config.log.fields {
+                needs_restart.push("log.fields");
             }
         }
         let next = self.live.current().reloaded(config);

@@ -111,13 +111,16 @@ impl Serving {
 // ---- Command line -----------------------------------------------------------------------
 
 #[tokio::test]
-async fn version_prints_the_crate_version() {
+async fn version_prints_the_crate_version_and_the_git_commit() {
     let (process, status) = Iamproxy::run(&["--version"]).await;
     assert!(status.success());
-    assert!(
-        process.stdout().contains(env!("CARGO_PKG_VERSION")),
-        "{}",
-        process.stdout()
+    assert_eq!(
+        process.stdout(),
+        format!(
+            "iamproxy {} ({})\n",
+            env!("CARGO_PKG_VERSION"),
+            support::process::git_commit()
+        )
     );
 }
 
@@ -360,6 +363,69 @@ async fn sighup_substitutes_the_environment_again_in_the_reloaded_file() {
         .await
         .expect("still serving");
     assert_eq!(answer.served_by(), "new-rails", "the running config stays");
+}
+
+#[tokio::test]
+async fn sighup_reloads_are_counted_by_result_and_a_failed_one_reads_0_until_one_succeeds() {
+    use support::metrics::scrape;
+    const SUCCESSFUL: &str = "iamproxy_config_last_reload_successful";
+    const SUCCEEDED_AT: &str = "iamproxy_config_last_reload_success_timestamp_seconds";
+    const RELOADS: &str = "iamproxy_config_reloads_total";
+    let rails = FakeUpstream::start("rails").await;
+    let gw = serve(&rails, "").await;
+    let scraped = scrape(gw.admin).await;
+    assert_eq!(scraped.value(SUCCESSFUL, &[]), 1.0, "the start counts");
+    let started = scraped.value(SUCCEEDED_AT, &[]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now - 60.0..=now).contains(&started),
+        "{started} vs now {now}"
+    );
+    for result in ["success", "failure"] {
+        assert_eq!(
+            scraped.value(RELOADS, &[("result", result)]),
+            0.0,
+            "{result}"
+        );
+    }
+
+    let invalid = serving_config(gw.addr, gw.admin, "max_body_bytes = 0", &rails);
+    std::fs::write(&gw.config.0, invalid).unwrap();
+    gw.process.signal("HUP");
+    poll_until("the failed reload is counted", || async {
+        scrape(gw.admin)
+            .await
+            .value(RELOADS, &[("result", "failure")])
+            == 1.0
+    })
+    .await;
+    let scraped = scrape(gw.admin).await;
+    assert_eq!(scraped.value(SUCCESSFUL, &[]), 0.0);
+    assert_eq!(
+        scraped.value(SUCCEEDED_AT, &[]),
+        started,
+        "unchanged by a failure"
+    );
+    assert_eq!(scraped.value(RELOADS, &[("result", "success")]), 0.0);
+
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let valid = serving_config(gw.addr, gw.admin, "max_body_bytes = 4096", &rails);
+    std::fs::write(&gw.config.0, valid).unwrap();
+    gw.process.signal("HUP");
+    poll_until("the good reload is counted", || async {
+        scrape(gw.admin)
+            .await
+            .value(RELOADS, &[("result", "success")])
+            == 1.0
+    })
+    .await;
+    let scraped = scrape(gw.admin).await;
+    assert_eq!(scraped.value(SUCCESSFUL, &[]), 1.0);
+    assert!(scraped.value(SUCCEEDED_AT, &[]) > started);
+    assert_eq!(scraped.value(RELOADS, &[("result", "failure")]), 1.0);
 }
 
 #[tokio::test]

@@ -23,6 +23,9 @@ const METRICS: &[&str] = &[
     "iamproxy_iam_breaker_opens_total",
     "iamproxy_upstream_connection_errors_total",
     "iamproxy_upstream_saturated_total",
+    "iamproxy_config_last_reload_successful",
+    "iamproxy_config_last_reload_success_timestamp_seconds",
+    "iamproxy_config_reloads_total",
     "process_resident_memory_bytes",
     "process_open_fds",
     "process_cpu_seconds_total",
@@ -48,6 +51,7 @@ const ALERTS: &[&str] = &[
     "IamproxyPreauthorizeLatencyHigh",
     "IamproxyOauthErrorRatioHigh",
     "IamproxyOauthLatencyRegression",
+    "IamproxyConfigReloadFailed",
 ];
 
 const RUNBOOK: &str = "https://gitlab.com/gitlab-org/iamproxy/-/blob/main/README.md#";

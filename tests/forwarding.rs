@@ -260,6 +260,46 @@ async fn trusted_peer_keeps_its_forwarded_for_chain_proto_and_request_id() {
 }
 
 #[tokio::test]
+async fn a_peer_trusted_for_propagation_only_keeps_its_request_id_but_not_its_forwarded_chain() {
+    let gw = gateway()
+        .set(
+            "server",
+            "trusted_cidrs_for_propagation = [\"127.0.0.1/32\"]",
+        )
+        .start()
+        .await;
+    let answer = send(with_client_forwarding_headers(gw.url("/api/v4/projects"))).await;
+    let headers = gw.rails.last().headers;
+    assert_eq!(headers["x-request-id"], "client-chosen-1");
+    assert_eq!(answer.headers["x-request-id"], "client-chosen-1");
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.1", "chain dropped");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_peer_trusted_for_forwarding_but_not_propagation_gets_a_generated_request_id() {
+    let gw = gateway()
+        .set(
+            "server",
+            "trusted_cidrs = [\"127.0.0.1/32\"]\ntrusted_cidrs_for_propagation = []",
+        )
+        .start()
+        .await;
+    let answer = send(with_client_forwarding_headers(gw.url("/api/v4/projects"))).await;
+    let headers = gw.rails.last().headers;
+    assert_eq!(
+        headers["x-forwarded-for"], "6.6.6.6, 127.0.0.1",
+        "chain kept"
+    );
+    assert_eq!(headers["x-forwarded-proto"], "https");
+    let request_id = &headers["x-request-id"];
+    assert_ne!(request_id, "client-chosen-1", "replaced");
+    assert_eq!(&answer.headers["x-request-id"], request_id);
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn upstream_hop_by_hop_response_headers_do_not_reach_the_client() {
     let gw = gateway().start().await;
     let dirty = Reply::text(200, "ok")

@@ -198,7 +198,7 @@ async fn secrets_request_is_logged_safely(
         .await;
     assert_eq!(answer.served_by(), expected.served_by);
 
-    let lines = Captured::global().lines_of(&correlation_id);
+    let lines = Captured::global().request_lines(&correlation_id).await;
     let access = only(&lines, "access");
     for field in [
         "correlation_id",
@@ -356,7 +356,7 @@ async fn non_oauth_request_gets_an_access_line_and_no_routing_decision() {
         .await;
     assert_eq!(answer.served_by(), "rails");
 
-    let lines = Captured::global().lines_of(&correlation_id);
+    let lines = Captured::global().request_lines(&correlation_id).await;
     let access = only(&lines, "access");
     assert_eq!(access["method"], "GET");
     assert_eq!(access["path"], "/api/v4/user");
@@ -368,4 +368,198 @@ async fn non_oauth_request_gets_an_access_line_and_no_routing_decision() {
     assert_eq!(count(&lines, "iamproxy: routing decision"), 0, "{lines:#?}");
     secrets.assert_never_logged();
     gw.stop().await;
+}
+
+// ---- labkit's access fields and log.fields -------------------------------------------------
+
+/// The one access line of `correlation_id`, once written.
+async fn access_line(correlation_id: &str) -> Value {
+    let lines = Captured::global().request_lines(correlation_id).await;
+    only(&lines, "access").clone()
+}
+
+#[tokio::test]
+async fn access_line_has_labkits_fields_with_query_and_referrer_values_filtered() {
+    let gw = gateway_keeping_request_ids().await;
+    let body = r#"{"served_by":"rails","projects":[1,2,3]}"#;
+    gw.rails.always(Reply::Respond {
+        status: hyper::StatusCode::OK,
+        headers: vec![("content-type", "application/json; charset=utf-8".into())],
+        body: Bytes::from(body),
+    });
+    let token = format!("private-{}", random_hex());
+    let code = format!("code-{}", random_hex());
+    let password = format!("referrer-password-{}", random_hex());
+    let correlation_id = format!("logs-{}", random_hex());
+    let request = Request::get(gw.url(&format!(
+        "/api/v4/projects?private_token={token}&per_page=20&{code}"
+    )))
+    .header("host", "gitlab.example.com")
+    .header("user-agent", "labkit-test/1.0 (\"quoted\")")
+    .header(
+        "referer",
+        format!("https://root:{password}@gitlab.example.com/oauth/authorize?code={code}#access_token={token}"),
+    )
+    // The gateway trusts 127.0.0.1 here: its chain says who the client is.
+    .header("x-forwarded-for", "198.51.100.66, 203.0.113.7")
+    .header("x-request-id", &correlation_id)
+    .body(Full::default())
+    .unwrap();
+    let answer = TestClient::new().send(request).await;
+    assert_eq!(answer.text(), body);
+
+    let access = access_line(&correlation_id).await;
+    assert_eq!(access["remote_ip"], "203.0.113.7", "{access}");
+    assert_eq!(access["host"], "gitlab.example.com");
+    assert_eq!(
+        access["uri"],
+        "/api/v4/projects?private_token=[FILTERED]&per_page=[FILTERED]&[FILTERED]"
+    );
+    assert_eq!(access["path"], "/api/v4/projects");
+    assert_eq!(access["proto"], "HTTP/1.1");
+    assert_eq!(access["user_agent"], "labkit-test/1.0 (\"quoted\")");
+    assert_eq!(
+        access["referrer"],
+        "https://gitlab.example.com/oauth/authorize?code=[FILTERED]"
+    );
+    assert_eq!(access["written_bytes"], body.len());
+    assert_eq!(access["content_type"], "application/json; charset=utf-8");
+    let (ttfb, duration) = (
+        access["ttfb_ms"].as_f64().expect("ttfb_ms is a number"),
+        access["duration_ms"]
+            .as_f64()
+            .expect("duration_ms is a number"),
+    );
+    assert!(
+        0.0 < ttfb && ttfb <= duration,
+        "ttfb {ttfb} ms, duration {duration} ms"
+    );
+    let logs = Captured::global().text();
+    for secret in [&token, &code, &password] {
+        assert!(!logs.contains(secret.as_str()), "{secret} was logged");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_streamed_response_is_logged_once_sent_with_every_byte_and_its_whole_duration() {
+    let gw = gateway_keeping_request_ids().await;
+    gw.rails.always(Reply::Drip {
+        chunk: Bytes::from(vec![b'x'; 1000]),
+        chunks: 5,
+        every: std::time::Duration::from_millis(60),
+    });
+    let correlation_id = format!("logs-{}", random_hex());
+    let request = Request::get(gw.url("/api/v4/jobs/1/trace"))
+        .header("x-request-id", &correlation_id)
+        .body(Full::default())
+        .unwrap();
+    let answer = TestClient::new().send(request).await;
+    assert_eq!(answer.body.len(), 5000);
+
+    let access = access_line(&correlation_id).await;
+    assert_eq!(access["written_bytes"], 5000, "{access}");
+    let (ttfb, duration) = (
+        access["ttfb_ms"].as_f64().unwrap(),
+        access["duration_ms"].as_f64().unwrap(),
+    );
+    // Headers go out with the first chunk; four more follow, 60 ms apart.
+    assert!(
+        duration - ttfb >= 200.0,
+        "ttfb {ttfb} ms, duration {duration} ms"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_untrusted_peer_is_its_own_remote_ip_and_http2_is_logged_as_such() {
+    Captured::global();
+    let gw = gateway().start().await;
+    let request = Request::get(gw.url("/api/v4/version"))
+        .header("x-forwarded-for", "198.51.100.66")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let answer = support::send_h2(gw.addr, request).await;
+    let correlation_id = answer.headers["x-request-id"].to_str().unwrap().to_owned();
+    let access = access_line(&correlation_id).await;
+    assert_eq!(access["remote_ip"], "127.0.0.1", "{access}");
+    assert_eq!(access["proto"], "HTTP/2.0");
+    assert_eq!(access["written_bytes"], answer.body.len());
+    assert_eq!(access["referrer"], "");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn every_line_carries_log_fields_so_the_seeds_kibana_search_finds_the_decisions() {
+    let gw = gateway_keeping_request_ids().await;
+    let correlation_id = format!("logs-{}", random_hex());
+    let answer = TestClient::new()
+        .send(Secrets::new().token_request(&gw, &correlation_id))
+        .await;
+    assert_eq!(answer.served_by(), "rails");
+    let lines = Captured::global().request_lines(&correlation_id).await;
+    // json.subcomponent : "workhorse" AND json.msg : "iamproxy: routing decision"
+    let found: Vec<&Value> = lines
+        .iter()
+        .filter(|line| {
+            line["subcomponent"] == "workhorse" && line["msg"] == "iamproxy: routing decision"
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "{lines:#?}");
+    gw.stop().await;
+    let all = Captured::global().lines();
+    let without: Vec<&Value> = all
+        .iter()
+        .filter(|line| line["subcomponent"] != "workhorse")
+        .collect();
+    assert!(without.is_empty(), "lines without the field: {without:#?}");
+    assert!(
+        all.iter().any(|line| line.get("correlation_id").is_none()),
+        "lines that are not about a request carry it too"
+    );
+}
+
+#[tokio::test]
+async fn the_binary_writes_log_fields_on_its_start_access_and_shutdown_lines() {
+    use support::process::{free_addr, Iamproxy, TempFile};
+    let rails = support::FakeUpstream::start("rails").await;
+    let (addr, admin) = (free_addr(), free_addr());
+    let config = TempFile::new(&format!(
+        "[server]\nlisten = \"{addr}\"\nadmin_listen = \"{admin}\"\n\
+         [rails]\nurl = \"{}\"\n[log]\n{}\n",
+        rails.url(),
+        support::logs::LOG_FIELDS
+    ));
+    let mut process = Iamproxy::start(&["--config", config.path()]);
+    let url = format!("http://{addr}/api/v4/version");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let request = Request::get(url.as_str()).body(Full::default()).unwrap();
+        let sent = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            TestClient::new().try_send(request),
+        )
+        .await;
+        if let Ok(Some(answer)) = sent {
+            assert_eq!(answer.served_by(), "rails");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", process.stderr());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    process.sigterm();
+    process.assert_exits_cleanly().await;
+    let stderr = process.stderr();
+    let lines: Vec<Value> = stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    assert!(lines.iter().any(|line| line["msg"] == "access"), "{stderr}");
+    assert!(
+        lines.len() >= 3,
+        "start, access and shutdown lines: {stderr}"
+    );
+    for line in &lines {
+        assert_eq!(line["subcomponent"], "workhorse", "{line}");
+    }
 }

@@ -122,6 +122,12 @@ async fn exports_exactly_the_contracted_metric_families_with_their_types() {
         ("iamproxy_iam_breaker_opens_total", "counter"),
         ("iamproxy_upstream_connection_errors_total", "counter"),
         ("iamproxy_upstream_saturated_total", "counter"),
+        ("iamproxy_config_last_reload_successful", "gauge"),
+        (
+            "iamproxy_config_last_reload_success_timestamp_seconds",
+            "gauge",
+        ),
+        ("iamproxy_config_reloads_total", "counter"),
         ("process_resident_memory_bytes", "gauge"),
         ("process_open_fds", "gauge"),
         ("process_cpu_seconds_total", "counter"),
@@ -271,9 +277,10 @@ async fn histograms_use_the_contracted_buckets() {
 }
 
 #[tokio::test]
-async fn build_info_is_1_with_the_crate_version() {
+async fn build_info_is_1_with_the_crate_version_and_the_git_commit() {
     let gw = gateway().start().await;
     let scraped = scrape(gw.admin).await;
+    let commit = support::process::git_commit();
     let series: Vec<String> = scraped
         .named("iamproxy_build_info")
         .map(|(series, _)| series.to_string())
@@ -281,14 +288,14 @@ async fn build_info_is_1_with_the_crate_version() {
     assert_eq!(
         series,
         [format!(
-            "iamproxy_build_info{{version={:?}}}",
+            "iamproxy_build_info{{commit={commit:?},version={:?}}}",
             env!("CARGO_PKG_VERSION")
         )]
     );
     assert_eq!(
         scraped.value(
             "iamproxy_build_info",
-            &[("version", env!("CARGO_PKG_VERSION"))]
+            &[("commit", &commit), ("version", env!("CARGO_PKG_VERSION"))]
         ),
         1.0
     );
@@ -776,6 +783,7 @@ fn assert_labels_come_from_closed_sets(scraped: &Scrape) {
             "state" => &["closed", "open", "half_open"],
             "upstream" => &["iam", "rails", "preauthorize"],
             "version" => &[env!("CARGO_PKG_VERSION")],
+            "result" => &["success", "failure"],
             _ => &[],
         }
     };
@@ -800,6 +808,7 @@ fn assert_labels_come_from_closed_sets(scraped: &Scrape) {
         "breaker_open",
         "saturated",
     ];
+    let commit = support::process::git_commit();
     for series in scraped.samples.keys() {
         if !series.name.starts_with("iamproxy_") {
             continue;
@@ -809,6 +818,7 @@ fn assert_labels_come_from_closed_sets(scraped: &Scrape) {
                 "le" => value == "+Inf" || value.parse::<f64>().is_ok(),
                 "reason" if series.name == DECISIONS => decision_reasons.contains(&value.as_str()),
                 "reason" if series.name == FALLBACKS => fallback_reasons.contains(&value.as_str()),
+                "commit" => *value == commit,
                 other => allowed(other).contains(&value.as_str()),
             };
             assert!(ok, "{series}: {label}={value:?} is outside the contract");

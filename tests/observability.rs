@@ -649,6 +649,17 @@ async fn drive_traffic(gw: &TestGateway, traffic: &Traffic, stale_down: &AtomicB
     gw.rails
         .always(Reply::text(200, r#"{"served_by":"rails"}"#));
 
+    // A reload of a file that does not parse: the running configuration stays, and the
+    // gateway says its last reload failed.
+    let broken = std::env::temp_dir().join(format!(
+        "iamproxy-observability-{}.toml",
+        std::process::id()
+    ));
+    std::fs::write(&broken, "[server\n").unwrap();
+    let reloaded = gw.reloader.reload(&broken);
+    let _ = std::fs::remove_file(&broken);
+    assert_eq!(reloaded, iamproxy::observe::metrics::ReloadResult::Failure);
+
     // IAM slow (below iam.timeout): the OAuth p99 regresses.
     gw.iam.always(iam_ok().after(Duration::from_millis(400)));
     traffic
@@ -772,7 +783,7 @@ async fn assert_every_rule_is_healthy_and_held(prometheus: &Prometheus, rules: &
             (kind, rule["name"].as_str().unwrap_or("").to_owned())
         })
         .collect();
-    // tests/dashboards.rs pins the seven alert names; here all of alerts.yml must load.
+    // tests/dashboards.rs pins the alert names; here all of alerts.yml must load.
     let mut expected = expected;
     names.sort();
     expected.sort();

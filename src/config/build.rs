@@ -178,13 +178,16 @@ fn server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
         "server.graceful_shutdown_delay",
         raw.graceful_shutdown_delay,
     )?;
-    let trusted_cidrs = raw
-        .trusted_cidrs
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-        .map(|(i, s)| Cidr::parse(s).map_err(|r| invalid(format!("server.trusted_cidrs[{i}]"), r)))
-        .collect::<Result<_, _>>()?;
+    let trusted_cidrs = cidrs(
+        "server.trusted_cidrs",
+        raw.trusted_cidrs.unwrap_or_default(),
+    )?;
+    // Absent: the correlation id is kept from the peers X-Forwarded-* is kept from, as
+    // before the key existed.
+    let trusted_cidrs_for_propagation = match raw.trusted_cidrs_for_propagation {
+        Some(list) => cidrs("server.trusted_cidrs_for_propagation", list)?,
+        None => trusted_cidrs.clone(),
+    };
     let tls = raw.tls.map(server_tls).transpose()?;
     Ok(ServerConfig {
         listen,
@@ -204,8 +207,16 @@ fn server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
         shutdown_timeout,
         graceful_shutdown_delay,
         trusted_cidrs,
+        trusted_cidrs_for_propagation,
         tls,
     })
+}
+
+fn cidrs(key: &str, list: Vec<String>) -> Result<Vec<Cidr>, ConfigError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, s)| Cidr::parse(s).map_err(|r| invalid(format!("{key}[{i}]"), r)))
+        .collect()
 }
 
 fn server_tls(raw: RawServerTls) -> Result<ServerTls, ConfigError> {
@@ -484,7 +495,32 @@ fn log(raw: RawLog) -> Result<LogConfig, ConfigError> {
             return Err(invalid("log.level", reason));
         }
     };
-    Ok(LogConfig { format, level })
+    let fields = raw
+        .fields
+        .unwrap_or_default()
+        .into_iter()
+        .collect::<Vec<_>>();
+    for (name, _) in &fields {
+        let key = format!("log.fields.{name}");
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            return Err(invalid(
+                key,
+                "a field name is letters, digits, '_', '-' or '.'",
+            ));
+        }
+        if crate::observe::logging::RESERVED_FIELDS.contains(&name.as_str()) {
+            return Err(invalid(key, "the gateway's own lines use this field"));
+        }
+    }
+    Ok(LogConfig {
+        format,
+        level,
+        fields,
+    })
 }
 
 pub(super) fn required(key: &str, value: Option<String>) -> Result<String, ConfigError> {

@@ -141,8 +141,11 @@ pub struct ServerConfig {
     pub max_uri_bytes: usize,
     pub shutdown_timeout: Duration,
     pub graceful_shutdown_delay: Duration,
-    /// Peers whose X-Forwarded-For / X-Request-Id are kept rather than replaced.
+    /// Peers whose X-Forwarded-* headers are kept rather than replaced.
     pub trusted_cidrs: Vec<Cidr>,
+    /// Peers whose X-Request-Id (correlation id) is kept: `trusted_cidrs_for_propagation`
+    /// as written, or `trusted_cidrs` when that key is absent.
+    pub trusted_cidrs_for_propagation: Vec<Cidr>,
     /// Present: the main listener speaks only HTTPS (never on a Unix socket).
     pub tls: Option<ServerTls>,
 }
@@ -203,6 +206,8 @@ pub struct CacheConfig {
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: tracing::Level,
+    /// Static `name = value` fields on every JSON line (`log.fields`), sorted by name.
+    pub fields: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -50,6 +50,7 @@ pub(super) struct RawServer {
     pub(super) shutdown_timeout: Option<String>,
     pub(super) graceful_shutdown_delay: Option<String>,
     pub(super) trusted_cidrs: Option<Vec<String>>,
+    pub(super) trusted_cidrs_for_propagation: Option<Vec<String>>,
     pub(super) tls: Option<RawServerTls>,
 }
 
@@ -157,4 +158,5 @@ pub(super) struct RawPercentage {
 pub(super) struct RawLog {
     pub(super) format: Option<String>,
     pub(super) level: Option<String>,
+    pub(super) fields: Option<std::collections::BTreeMap<String, String>>,
 }

@@ -58,6 +58,8 @@ pub struct Downstream<'a> {
     pub https: bool,
     /// In `server.trusted_cidrs`: its forwarding headers are kept.
     pub trusted: bool,
+    /// In `server.trusted_cidrs_for_propagation`: its `X-Request-Id` is kept.
+    pub propagate_id: bool,
 }
 
 impl Head {
@@ -101,7 +103,7 @@ impl Head {
         let trusted = client.trusted;
         headers::set_forwarded_for(&mut headers, client.ip, trusted && names.forwarded_for);
         headers::set_forwarded_proto(&mut headers, client.https, trusted && names.forwarded_proto);
-        let request_id = (trusted && names.request_id)
+        let request_id = (client.propagate_id && names.request_id)
             .then(|| headers.get(&X_REQUEST_ID))
             .flatten()
             .filter(|id| headers::is_acceptable_request_id(id))
@@ -310,6 +312,7 @@ mod tests {
             ip: &ip,
             https: false,
             trusted: false,
+            propagate_id: false,
         };
         let names = Names::of(&parts.headers);
         Head::prepare(parts, None, names, client, || {
@@ -364,6 +367,7 @@ mod tests {
                 ip: &ip,
                 https: false,
                 trusted,
+                propagate_id: trusted,
             };
             let names = Names::of(&parts.headers);
             let head = Head::prepare(parts, None, names, client, || {
@@ -406,6 +410,7 @@ mod tests {
             ip: &ip,
             https: false,
             trusted: false,
+            propagate_id: false,
         };
         let names = Names::of(&parts.headers);
         let head = Head::prepare(parts, None, names, client, || {
@@ -428,6 +433,7 @@ mod tests {
             ip: &ip,
             https: true,
             trusted: false,
+            propagate_id: false,
         };
         let names = Names::of(&parts.headers);
         let head = Head::prepare(parts, None, names, client, || {

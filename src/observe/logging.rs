@@ -1,8 +1,12 @@
 //! Structured logs through `tracing`: JSON lines (`{"time", "level", "msg", fields…}`,
 //! the shape Workhorse's logs have) or plain text.
 //!
-//! Secrets stay out by construction: the request path logs the path (never the query),
-//! the validated client id and the gateway's own fields, never headers or bodies.
+//! `log.fields` (static `name = value` pairs, e.g. `subcomponent = "workhorse"`) are
+//! rendered once per subscriber and copied into every JSON line.
+//!
+//! Secrets stay out by construction: the request path logs the path and the query with
+//! every value replaced ([`crate::proxy::access`]), the validated client id and the
+//! gateway's own fields, never bodies, cookies or `Authorization`.
 
 use std::fmt::{self, Write as _};
 use std::io;
@@ -46,7 +50,8 @@ where
         .with_ansi(false);
     let subscriber: Box<dyn Subscriber + Send + Sync> = match config.format {
         LogFormat::Json => {
-            Box::new(Registry::default().with(layer.event_format(JsonLines).with_filter(filter)))
+            let format = JsonLines::new(&config.fields);
+            Box::new(Registry::default().with(layer.event_format(format).with_filter(filter)))
         }
         LogFormat::Text => {
             Box::new(Registry::default().with(layer.with_target(false).with_filter(filter)))
@@ -128,8 +133,54 @@ fn rank(level: Level) -> u8 {
     }
 }
 
-/// One JSON object per line.
-struct JsonLines;
+/// Field names the gateway's own lines use, which `log.fields` may not take: a line would
+/// otherwise hold the name twice.
+pub const RESERVED_FIELDS: &[&str] = &[
+    "time",
+    "level",
+    "msg",
+    "correlation_id",
+    "method",
+    "path",
+    "uri",
+    "route",
+    "status",
+    "duration_ms",
+    "ttfb_ms",
+    "destination",
+    "reason",
+    "fallback_reason",
+    "client_id",
+    "identification",
+    "remote_ip",
+    "host",
+    "proto",
+    "user_agent",
+    "referrer",
+    "written_bytes",
+    "content_type",
+    "error",
+    "outcome",
+];
+
+/// One JSON object per line, with the configured static fields after `msg`.
+struct JsonLines {
+    /// `,"name":"value"` for each of `log.fields`, encoded once.
+    fields: String,
+}
+
+impl JsonLines {
+    fn new(fields: &[(String, String)]) -> JsonLines {
+        let mut encoded = String::new();
+        for (name, value) in fields {
+            encoded.push(',');
+            write_json_str(&mut encoded, name);
+            encoded.push(':');
+            write_json_str(&mut encoded, value);
+        }
+        JsonLines { fields: encoded }
+    }
+}
 
 impl<S, N> FormatEvent<S, N> for JsonLines
 where
@@ -145,15 +196,22 @@ where
         // The fields' buffers are the thread's own, reused line after line: a line costs no
         // allocation once they have grown to fit. (An event logged while one is formatted,
         // from inside a field's `Debug`, gets buffers of its own.)
+        let fixed = &self.fields;
         FIELDS.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut fields) => json_line(&mut fields, event, &mut writer),
-            Err(_) => json_line(&mut JsonFields::default(), event, &mut writer),
+            Ok(mut fields) => json_line(&mut fields, fixed, event, &mut writer),
+            Err(_) => json_line(&mut JsonFields::default(), fixed, event, &mut writer),
         })
     }
 }
 
-/// Formats `event` as one JSON line into `writer`, through `fields`' buffers.
-fn json_line(fields: &mut JsonFields, event: &Event<'_>, writer: &mut Writer<'_>) -> fmt::Result {
+/// Formats `event` as one JSON line into `writer`, through `fields`' buffers; `fixed` is
+/// the encoded `log.fields`.
+fn json_line(
+    fields: &mut JsonFields,
+    fixed: &str,
+    event: &Event<'_>,
+    writer: &mut Writer<'_>,
+) -> fmt::Result {
     fields.msg.clear();
     fields.has_msg = false;
     fields.rest.clear();
@@ -175,6 +233,7 @@ fn json_line(fields: &mut JsonFields, event: &Event<'_>, writer: &mut Writer<'_>
         line.push_str(",\"msg\":");
         write_json_str(line, &fields.msg);
     }
+    line.push_str(fixed);
     line.push_str(&fields.rest);
     line.push_str("}\n");
     writer.write_str(line)
@@ -220,17 +279,21 @@ impl Visit for JsonFields {
         }
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.number(field, value);
+        write_u64(self.key(field), value);
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.number(field, value);
+        let rest = self.key(field);
+        if value < 0 {
+            rest.push('-');
+        }
+        write_u64(rest, value.unsigned_abs());
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
         // JSON has no NaN or infinity; Rust prints finite floats without exponents.
-        if value.is_finite() {
-            self.number(field, value);
-        } else {
+        if !value.is_finite() {
             self.key(field).push_str("null");
+        } else if !write_thousandths(self.key(field), value) {
+            let _ = write!(self.rest, "{value}");
         }
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
@@ -242,9 +305,72 @@ impl Visit for JsonFields {
             let _ = write!(self.msg, "{value:?}");
             self.has_msg = true;
         } else {
-            self.record_str(field, &format!("{value:?}"));
+            // Straight into the line, escaped on the way: no string per field.
+            let rest = self.key(field);
+            rest.push('"');
+            let _ = write!(Escaping(rest), "{value:?}");
+            rest.push('"');
         }
     }
+}
+
+/// Formatted text written into a JSON string literal, escaped as it arrives.
+struct Escaping<'a>(&'a mut String);
+
+impl fmt::Write for Escaping<'_> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        write_json_chars(self.0, text);
+        Ok(())
+    }
+}
+
+/// `value` in decimal, without going through `fmt` (a status, a byte count: every access
+/// line has some).
+fn write_u64(out: &mut String, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    // ASCII digits only.
+    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or("0"));
+}
+
+/// `value` as `Display` writes it, when it is a whole number of thousandths (the
+/// millisecond durations, µs resolution, that access lines carry): integer arithmetic
+/// instead of the shortest-float search. False, writing nothing, for any other value.
+fn write_thousandths(out: &mut String, value: f64) -> bool {
+    let scaled = (value * 1000.0).round();
+    // Exactly m / 1000 as f64, with m small enough that no shorter decimal is that f64.
+    if scaled.abs() >= 1e15 // NaN fails the next test
+        || scaled / 1000.0 != value
+        || value == 0.0 && value.is_sign_negative()
+    {
+        return false;
+    }
+    if scaled < 0.0 {
+        out.push('-');
+    }
+    let thousandths = scaled.abs() as u64;
+    write_u64(out, thousandths / 1000);
+    let mut fraction = thousandths % 1000;
+    if fraction != 0 {
+        let mut digits = 3;
+        while fraction % 10 == 0 {
+            fraction /= 10;
+            digits -= 1;
+        }
+        out.push('.');
+        for place in (0..digits).rev() {
+            out.push(char::from(b'0' + (fraction / 10u64.pow(place) % 10) as u8));
+        }
+    }
+    true
 }
 
 /// `text` as a JSON string literal (RFC 8259 §7), appended to `out`.
@@ -378,199 +504,4 @@ fn date_time(secs: u64) -> [u8; 19] {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone, Default)]
-    struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Buffer {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    fn capture(format: LogFormat, emit: impl FnOnce()) -> String {
-        let buffer = Buffer::default();
-        let sink = buffer.clone();
-        let config = LogConfig {
-            format,
-            level: tracing::Level::INFO,
-        };
-        let subscriber = subscriber(&config, move || sink.clone());
-        tracing::subscriber::with_default(subscriber, emit);
-        let bytes = buffer.0.lock().unwrap().clone();
-        String::from_utf8(bytes).unwrap()
-    }
-
-    #[test]
-    fn a_level_change_takes_effect_on_the_running_subscriber() {
-        let buffer = Buffer::default();
-        let sink = buffer.clone();
-        let config = LogConfig {
-            format: LogFormat::Json,
-            level: tracing::Level::INFO,
-        };
-        let (subscriber, level) = subscriber_with_level(&config, move || sink.clone());
-        tracing::subscriber::with_default(subscriber, || {
-            for _ in 0..2 {
-                tracing::debug!("debug before");
-                level.set(tracing::Level::DEBUG);
-                tracing::debug!("debug after");
-                level.set(tracing::Level::WARN);
-                tracing::info!("info at warn");
-                tracing::warn!("warn at warn");
-                level.set(tracing::Level::INFO);
-            }
-        });
-        let out = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        let messages: Vec<&str> = out
-            .lines()
-            .map(|line| {
-                line.split("\"msg\":\"")
-                    .nth(1)
-                    .unwrap()
-                    .split('"')
-                    .next()
-                    .unwrap()
-            })
-            .collect();
-        assert_eq!(
-            messages,
-            ["debug after", "warn at warn", "debug after", "warn at warn"]
-        );
-    }
-
-    #[test]
-    fn json_lines_have_time_level_msg_and_typed_fields() {
-        let out = capture(LogFormat::Json, || {
-            tracing::info!(
-                status = 200u16,
-                path = "/oauth/token",
-                ok = true,
-                duration_ms = 1.5,
-                "access"
-            );
-            tracing::debug!("filtered out by level");
-        });
-        let lines: Vec<&str> = out.lines().collect();
-        assert_eq!(lines.len(), 1, "{out}");
-        let line: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
-        assert_eq!(line["msg"], "access");
-        assert_eq!(line["level"], "info");
-        assert_eq!(line["status"], 200);
-        assert_eq!(line["path"], "/oauth/token");
-        assert_eq!(line["ok"], true);
-        assert_eq!(line["duration_ms"], 1.5);
-        assert!(line["time"].as_str().unwrap().starts_with("20"));
-    }
-
-    #[test]
-    fn every_character_that_needs_escaping_is_found_at_every_place_in_a_word() {
-        for special in [b'"', b'\\', b'\n', 0x00, 0x1f, 0x7f, 0x80, 0xff] {
-            for len in 1..20 {
-                for at in 0..len {
-                    let mut bytes = vec![b'a'; len];
-                    bytes[at] = special;
-                    let expected = special < 0x20 || special == b'"' || special == b'\\';
-                    assert_eq!(
-                        needs_escape(&bytes),
-                        expected,
-                        "{special:#x} at {at} of {len}"
-                    );
-                }
-            }
-        }
-        // Bytes just around the special ones.
-        assert!(!needs_escape(b" !#[]^~\x7f aaaaaaaaaaaaaaaa"));
-    }
-
-    #[test]
-    fn times_are_rfc3339_utc_with_microseconds() {
-        for (secs, text) in [
-            (0, "1970-01-01T00:00:00"),
-            (951_782_400, "2000-02-29T00:00:00"),
-            (1_796_309_049, "2026-12-03T14:44:09"),
-            (4_102_444_799, "2099-12-31T23:59:59"),
-            (253_402_300_799, "9999-12-31T23:59:59"),
-        ] {
-            assert_eq!(
-                std::str::from_utf8(&date_time(secs)).unwrap(),
-                text,
-                "{secs}"
-            );
-        }
-        let at = std::time::UNIX_EPOCH + std::time::Duration::new(1_796_309_049, 7_000);
-        let mut out = String::new();
-        write_time(&mut out, at);
-        // The second cached by the call before must not leak into the next one.
-        write_time(&mut out, at + std::time::Duration::from_millis(1_500));
-        assert_eq!(
-            out,
-            "2026-12-03T14:44:09.000007Z2026-12-03T14:44:10.500007Z"
-        );
-    }
-
-    #[test]
-    fn times_are_written_as_tracing_subscriber_writes_them() {
-        use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
-        let mut theirs = String::new();
-        SystemTime
-            .format_time(&mut Writer::new(&mut theirs))
-            .unwrap();
-        let mut ours = String::new();
-        write_time(&mut ours, std::time::SystemTime::now());
-        assert_eq!(ours.len(), theirs.len(), "{ours} / {theirs}");
-        // Up to the minute: the two clocks were read a moment apart.
-        assert_eq!(ours[..16], theirs[..16], "{ours} / {theirs}");
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn every_second_formats_as_the_date_it_is(secs in 0u64..253_402_300_800) {
-            let text = date_time(secs);
-            let text = std::str::from_utf8(&text).unwrap();
-            let number = |range: std::ops::Range<usize>| text[range].parse::<i64>().unwrap();
-            let (year, month, day) = (number(0..4), number(5..7), number(8..10));
-            // Days from the civil date, the inverse of the conversion under test.
-            let y = if month <= 2 { year - 1 } else { year };
-            let era = y.div_euclid(400);
-            let yoe = y - era * 400;
-            let doy = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + day - 1;
-            let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-            let days = era * 146_097 + doe - 719_468;
-            let back = days * 86_400 + number(11..13) * 3600 + number(14..16) * 60 + number(17..19);
-            proptest::prop_assert_eq!(back, secs as i64, "{}", text);
-        }
-
-        #[test]
-        fn json_strings_read_back_as_written(text in ".*") {
-            let literal = json(&text);
-            let back: String = serde_json::from_str(&literal).unwrap();
-            proptest::prop_assert_eq!(back, text);
-        }
-    }
-
-    #[test]
-    fn json_escapes_quotes_and_control_characters() {
-        let out = capture(LogFormat::Json, || {
-            tracing::warn!(error = "a \"b\"\n", "x");
-        });
-        let line: serde_json::Value = serde_json::from_str(out.trim_end()).unwrap();
-        assert_eq!(line["error"], "a \"b\"\n");
-    }
-
-    #[test]
-    fn text_format_is_plain() {
-        let out = capture(LogFormat::Text, || {
-            tracing::info!(status = 502u16, "access")
-        });
-        assert!(out.contains("access status=502"), "{out}");
-        assert!(!out.contains('\u{1b}'), "no ANSI colours");
-    }
-}
+mod tests;

@@ -10,11 +10,11 @@
 //! Gauges describing state that lives elsewhere (cache entries, breaker state, process
 //! memory) are read at scrape time, not maintained on the request path.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use hyper::{Method, StatusCode};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -81,6 +81,80 @@ pub struct Metrics {
     connection_errors: [IntCounter; 3],
     saturated: [IntCounter; 3],
     process: Option<ProcessGauges>,
+    reloads: ReloadGauges,
+}
+
+/// How the last configuration reloads went (SIGHUP): Prometheus' own
+/// `prometheus_config_last_reload_*` trio, so the same alert shape applies.
+struct ReloadGauges {
+    last_successful: IntGauge,
+    last_success_time: Gauge,
+    total: [IntCounter; 2],
+}
+
+/// How a configuration reload ended: the `result` label of `iamproxy_config_reloads_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadResult {
+    /// The file was valid and is now the running configuration.
+    Success,
+    /// The file could not be read or was invalid: the running configuration stays.
+    Failure,
+}
+
+impl ReloadResult {
+    /// In declaration order: the counters are indexed by `result as usize`.
+    pub const ALL: [ReloadResult; 2] = [ReloadResult::Success, ReloadResult::Failure];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadResult::Success => "success",
+            ReloadResult::Failure => "failure",
+        }
+    }
+}
+
+impl ReloadGauges {
+    /// The configuration the process started with counts as the first successful load.
+    fn register(registry: &Registry) -> ReloadGauges {
+        let total = register(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "iamproxy_config_reloads_total",
+                    "Configuration reloads (SIGHUP), by result: success or failure.",
+                ),
+                &["result"],
+            ),
+        );
+        let gauges = ReloadGauges {
+            last_successful: register(
+                registry,
+                IntGauge::new(
+                    "iamproxy_config_last_reload_successful",
+                    "1 when the last configuration reload (or the start) succeeded, 0 when it \
+                     failed and the running configuration is not the file on disk.",
+                ),
+            ),
+            last_success_time: register(
+                registry,
+                Gauge::new(
+                    "iamproxy_config_last_reload_success_timestamp_seconds",
+                    "When the running configuration was loaded (start or reload), in seconds \
+                     since the Unix epoch.",
+                ),
+            ),
+            total: ReloadResult::ALL.map(|result| total.with_label_values(&[result.as_str()])),
+        };
+        gauges.last_successful.set(1);
+        gauges.last_success_time.set(unix_now());
+        gauges
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64())
 }
 
 impl std::fmt::Debug for Metrics {
@@ -101,11 +175,16 @@ impl Metrics {
         let build_info = register(
             &registry,
             IntGaugeVec::new(
-                Opts::new("iamproxy_build_info", "Always 1; the version as a label."),
-                &["version"],
+                Opts::new(
+                    "iamproxy_build_info",
+                    "Always 1; the version and the git commit as labels.",
+                ),
+                &["version", "commit"],
             ),
         );
-        build_info.with_label_values(&[crate::VERSION]).set(1);
+        build_info
+            .with_label_values(&[crate::VERSION, crate::COMMIT])
+            .set(1);
 
         let requests = register(
             &registry,
@@ -272,6 +351,7 @@ impl Metrics {
             saturated: Upstream::ALL
                 .map(|upstream| saturated.with_label_values(&[upstream.as_str()])),
             process: ProcessGauges::register(&registry),
+            reloads: ReloadGauges::register(&registry),
             registry,
         }
     }
@@ -360,6 +440,18 @@ impl Metrics {
     /// The counter `upstream`'s pool increments when it gives up waiting for a connection.
     pub fn saturated(&self, upstream: Upstream) -> IntCounter {
         self.saturated[upstream as usize].clone()
+    }
+
+    /// One configuration reload, and how it ended.
+    pub fn config_reload(&self, result: ReloadResult) {
+        let reloads = &self.reloads;
+        reloads.total[result as usize].inc();
+        reloads
+            .last_successful
+            .set(i64::from(result == ReloadResult::Success));
+        if result == ReloadResult::Success {
+            reloads.last_success_time.set(unix_now());
+        }
     }
 
     /// The text exposition, after reading the state-describing gauges. `breaker` is

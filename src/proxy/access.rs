@@ -1,15 +1,21 @@
-//! The access line: what a request's phases found out, gathered in its exchange and
-//! written once when the response headers go out.
+//! The access line: what a request's phases found out, gathered in its exchange, completed
+//! when the response headers go out, and written once the response body has been sent (or
+//! dropped), with labkit's fields (Workhorse's access logger) so the dashboards built on
+//! Workhorse's logs read it as they read Workhorse's.
 
-use std::time::Duration;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hyper::header::HeaderValue;
-use hyper::{Method, StatusCode, Uri};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, StatusCode, Uri, Version};
 
 use crate::classify::Endpoint;
+use crate::config::Cidr;
 use crate::decision::{Destination, FallbackReason, Reason};
-use crate::forward::Head;
+use crate::forward::headers::X_FORWARDED_FOR;
+use crate::forward::{Downstream, Head};
+use crate::server::connection::OnSent;
 
 /// Keeps the client id for the access line without copying it when it points into the
 /// buffered body (the common form-body case).
@@ -24,13 +30,18 @@ pub(super) fn retain(body: &Bytes, client_id: &str) -> Bytes {
     }
 }
 
-/// Header values we log are either generated or checked to be plain ASCII.
+/// Header values we log are either generated or checked to be plain ASCII; anything else
+/// (obs-text) is logged empty.
 pub(super) fn log_str(value: &HeaderValue) -> &str {
     value.to_str().unwrap_or("")
 }
 
+fn log_opt(value: &Option<HeaderValue>) -> &str {
+    value.as_ref().map_or("", log_str)
+}
+
 /// What the access line reports, gathered as the request goes through the phases.
-pub(super) struct AccessLog {
+pub struct AccessLog {
     pub(super) method: Method,
     uri: Uri,
     pub(super) request_id: HeaderValue,
@@ -40,10 +51,31 @@ pub(super) struct AccessLog {
     pub(super) reason: Option<Reason>,
     pub(super) fallback: Option<FallbackReason>,
     pub(super) client_id: Option<Bytes>,
+    /// The client's address: the peer, or for a trusted peer the first untrusted address
+    /// of its `X-Forwarded-For` chain ([`remote_ip`]).
+    remote_ip: HeaderValue,
+    proto: &'static str,
+    host: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
+    referrer: Option<HeaderValue>,
+    started: Instant,
+    /// Known once the response headers go out ([`AccessLog::responded`]).
+    status: StatusCode,
+    ttfb: Duration,
+    content_type: Option<HeaderValue>,
 }
 
 impl AccessLog {
-    pub(super) fn new(head: &Head, endpoint: Option<Endpoint>) -> AccessLog {
+    pub(super) fn new(
+        head: &Head,
+        endpoint: Option<Endpoint>,
+        version: Version,
+        remote_ip: HeaderValue,
+        started: Instant,
+    ) -> AccessLog {
+        // Only the line reads these: a gateway logging at `warn` skips the lookups.
+        let logged = is_logged();
+        let header = |name| logged.then(|| head.headers.get(name).cloned()).flatten();
         AccessLog {
             method: head.method.clone(),
             uri: head.uri.clone(),
@@ -53,12 +85,59 @@ impl AccessLog {
             reason: None,
             fallback: None,
             client_id: None,
+            remote_ip,
+            proto: proto(version),
+            host: logged.then(|| head.host.clone()).flatten(),
+            user_agent: header(header::USER_AGENT),
+            referrer: header(header::REFERER),
+            started,
+            status: StatusCode::OK,
+            ttfb: Duration::ZERO,
+            content_type: None,
         }
     }
 
-    /// One line per request. Only the path is logged: query strings and bodies carry
-    /// codes, secrets and tokens.
-    pub(super) fn emit(&self, status: StatusCode, elapsed: Duration) {
+    /// The response headers are going out: what the line says about them, and when.
+    pub(super) fn responded(&mut self, status: StatusCode, headers: &HeaderMap, ttfb: Duration) {
+        self.status = status;
+        self.ttfb = ttfb;
+        self.content_type = headers.get(header::CONTENT_TYPE).cloned();
+    }
+
+    /// One line per request. The query string shows its parameter names only, the
+    /// referrer likewise: values carry codes, secrets and tokens.
+    fn emit(&self, written: u64) {
+        let referrer = log_opt(&self.referrer);
+        if self.uri.query().is_none() && referrer.is_empty() {
+            // The common case: nothing to redact, nothing to write out first.
+            return self.emit_with(self.uri.path(), "", written);
+        }
+        thread_local! {
+            static TARGETS: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        let redacted = |targets: &mut String| {
+            targets.clear();
+            Target::of(&self.uri).write_to(targets);
+            let split = targets.len();
+            Target::url(referrer).write_to(targets);
+            split
+        };
+        TARGETS.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut targets) => {
+                let split = redacted(&mut targets);
+                let (uri, referrer) = targets.split_at(split);
+                self.emit_with(uri, referrer, written);
+            }
+            Err(_) => {
+                let mut targets = String::new();
+                let split = redacted(&mut targets);
+                let (uri, referrer) = targets.split_at(split);
+                self.emit_with(uri, referrer, written);
+            }
+        });
+    }
+
+    fn emit_with(&self, uri: &str, referrer: &str, written: u64) {
         let client_id = self
             .client_id
             .as_deref()
@@ -69,15 +148,165 @@ impl AccessLog {
             method = self.method.as_str(),
             path = self.uri.path(),
             route = self.route,
-            status = status.as_u16(),
-            // Microsecond resolution: float noise past that helps nobody reading logs.
-            duration_ms = elapsed.as_micros() as f64 / 1000.0,
+            status = self.status.as_u16(),
+            duration_ms = millis(self.started.elapsed()),
             destination = self.destination.as_str(),
             reason = self.reason.map_or("", Reason::as_str),
             fallback_reason = self.fallback.map_or("", FallbackReason::as_str),
             client_id,
+            remote_ip = log_str(&self.remote_ip),
+            host = log_opt(&self.host),
+            uri,
+            proto = self.proto,
+            user_agent = log_opt(&self.user_agent),
+            referrer,
+            written_bytes = written,
+            ttfb_ms = millis(self.ttfb),
+            content_type = log_opt(&self.content_type),
             "access"
         );
+    }
+}
+
+/// The body is done (sent, or dropped when the client went away): the line is complete.
+/// Boxed, so the response body that carries it to the end stays small as hyper moves it.
+impl OnSent for Box<AccessLog> {
+    fn sent(self, written: u64) {
+        self.emit(written);
+    }
+}
+
+/// Whether access lines are written now: `info` is enabled (tracing's global level, one
+/// atomic load).
+fn is_logged() -> bool {
+    tracing::level_filters::LevelFilter::current() >= tracing::Level::INFO
+}
+
+/// Microsecond resolution: float noise past that helps nobody reading logs.
+fn millis(elapsed: Duration) -> f64 {
+    elapsed.as_micros() as f64 / 1000.0
+}
+
+/// `r.Proto` as Go spells it, which labkit logs.
+fn proto(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "",
+    }
+}
+
+/// The client's address for the access line. From an untrusted peer, the peer (`client.ip`,
+/// made once per connection). From a trusted one (a load balancer), the rightmost address
+/// of the `X-Forwarded-For` chain that is not itself in `trusted_cidrs`: the one the
+/// trusted hops vouch for; a forged entry left of it is never reached.
+pub(super) fn remote_ip(
+    headers: &HeaderMap,
+    client: &Downstream<'_>,
+    trusted_cidrs: &[Cidr],
+) -> HeaderValue {
+    if !client.trusted || !is_logged() {
+        return client.ip.clone();
+    }
+    vouched_for(headers, client, trusted_cidrs)
+}
+
+/// [`remote_ip`] for a trusted peer.
+fn vouched_for(
+    headers: &HeaderMap,
+    client: &Downstream<'_>,
+    trusted_cidrs: &[Cidr],
+) -> HeaderValue {
+    let Some(chain) = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) else {
+        return client.ip.clone();
+    };
+    let mut found = None;
+    for entry in chain.rsplit(',').map(str::trim) {
+        let Ok(ip) = entry.parse::<IpAddr>() else {
+            break;
+        };
+        found = Some(entry);
+        if !trusted_cidrs.iter().any(|cidr| cidr.contains(ip)) {
+            break;
+        }
+    }
+    found
+        .and_then(|entry| HeaderValue::from_str(entry).ok())
+        .unwrap_or_else(|| client.ip.clone())
+}
+
+/// A request target or a URL as the access line writes it: the query keeps its parameter
+/// names and loses every value (`?code=[FILTERED]&state=[FILTERED]`; a part without `=`
+/// becomes `[FILTERED]` whole); a URL also loses its user info and fragment.
+struct Target<'a> {
+    /// `scheme://host[:port]`, user info removed; empty for a request target.
+    origin: (&'a str, &'a str),
+    path: &'a str,
+    query: Option<&'a str>,
+}
+
+const FILTERED: &str = "[FILTERED]";
+
+impl<'a> Target<'a> {
+    fn of(uri: &'a Uri) -> Target<'a> {
+        Target {
+            origin: ("", ""),
+            path: uri.path(),
+            query: uri.query(),
+        }
+    }
+
+    /// A URL as a `Referer` header carries it (absolute, or anything else a client sent).
+    fn url(text: &'a str) -> Target<'a> {
+        let text = text.split('#').next().unwrap_or("");
+        let (origin, rest) = match text.find("://") {
+            Some(at) => {
+                let after = &text[at + 3..];
+                let end = after.find(['/', '?']).unwrap_or(after.len());
+                let authority = &after[..end];
+                let host = authority.rsplit('@').next().unwrap_or(authority);
+                ((&text[..at + 3], host), &after[end..])
+            }
+            None => (("", ""), text),
+        };
+        let (path, query) = match rest.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (rest, None),
+        };
+        Target {
+            origin,
+            path,
+            query,
+        }
+    }
+}
+
+impl Target<'_> {
+    fn write_to(&self, out: &mut String) {
+        out.push_str(self.origin.0);
+        out.push_str(self.origin.1);
+        out.push_str(self.path);
+        let Some(query) = self.query else {
+            return;
+        };
+        out.push('?');
+        for (i, part) in query.split('&').enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            match part.split_once('=') {
+                Some((name, _)) => {
+                    out.push_str(name);
+                    out.push('=');
+                    out.push_str(FILTERED);
+                }
+                None if part.is_empty() => {}
+                None => out.push_str(FILTERED),
+            }
+        }
     }
 }
 
@@ -95,5 +324,82 @@ mod tests {
         let copied = retain(&body, &elsewhere);
         assert_eq!(copied, "app-1");
         assert_ne!(copied.as_ptr(), body[23..].as_ptr());
+    }
+
+    fn target(uri: &str) -> String {
+        let mut out = String::new();
+        Target::of(&uri.parse().unwrap()).write_to(&mut out);
+        out
+    }
+
+    #[test]
+    fn a_query_keeps_its_names_and_loses_every_value() {
+        assert_eq!(target("/oauth/token"), "/oauth/token");
+        assert_eq!(
+            target("/oauth/authorize?client_id=app&code=c0de&state=xyz"),
+            "/oauth/authorize?client_id=[FILTERED]&code=[FILTERED]&state=[FILTERED]"
+        );
+        assert_eq!(
+            target("/a?giat_token&x=1=2&&y="),
+            "/a?[FILTERED]&x=[FILTERED]&&y=[FILTERED]"
+        );
+        assert_eq!(target("/a?"), "/a?");
+    }
+
+    #[test]
+    fn a_referrer_loses_user_info_values_and_fragment() {
+        let url = |text: &str| {
+            let mut out = String::new();
+            Target::url(text).write_to(&mut out);
+            out
+        };
+        assert_eq!(
+            url("https://user:pass@gitlab.example.com:8443/oauth/authorize?code=secret#access_token=t"),
+            "https://gitlab.example.com:8443/oauth/authorize?code=[FILTERED]"
+        );
+        assert_eq!(
+            url("https://gitlab.example.com"),
+            "https://gitlab.example.com"
+        );
+        assert_eq!(
+            url("https://gitlab.example.com?refresh_token=r"),
+            "https://gitlab.example.com?refresh_token=[FILTERED]"
+        );
+        assert_eq!(
+            url("/relative/path?token=t"),
+            "/relative/path?token=[FILTERED]"
+        );
+        assert_eq!(url(""), "");
+    }
+
+    #[test]
+    fn remote_ip_is_the_peer_or_the_first_address_a_trusted_chain_vouches_for() {
+        let peer = HeaderValue::from_static("10.0.0.2");
+        let trusted = [Cidr::parse("10.0.0.0/8").unwrap()];
+        let client = |trusted| Downstream {
+            ip: &peer,
+            https: false,
+            trusted,
+            propagate_id: false,
+        };
+        let chain = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(X_FORWARDED_FOR.clone(), HeaderValue::from_static(value));
+            headers
+        };
+        let forged = chain("198.51.100.1, 203.0.113.7, 10.0.0.9, 10.0.0.2");
+        assert_eq!(remote_ip(&forged, &client(false), &trusted), "10.0.0.2");
+        assert_eq!(vouched_for(&forged, &client(true), &trusted), "203.0.113.7");
+        let all_trusted = chain("10.1.1.1, 10.0.0.2");
+        assert_eq!(
+            vouched_for(&all_trusted, &client(true), &trusted),
+            "10.1.1.1"
+        );
+        let garbage = chain("unknown, 10.0.0.2");
+        assert_eq!(vouched_for(&garbage, &client(true), &trusted), "10.0.0.2");
+        assert_eq!(
+            vouched_for(&HeaderMap::new(), &client(true), &trusted),
+            "10.0.0.2"
+        );
     }
 }

@@ -15,7 +15,8 @@
 //!    their issuer, identify the client, apply the rules before the cache, then the
 //!    decision cache and the pre-authorize backend ([`decide`]).
 //! 6. **forward** — to Rails, or to IAM with fail-open replay to Rails ([`replay`]).
-//! 7. **record** — one access line and the request metrics ([`access`]).
+//! 7. **record** — the request metrics when the response headers go out, and the access
+//!    line ([`access`]) once its body has been sent.
 //!
 //! Nothing here panics or hands a hyper error to the client: every outcome is a response,
 //! and [`ProxyError`] maps failures to statuses in one place.
@@ -43,7 +44,7 @@ use crate::forward::{
     Progress, RequestBody, ResponseBody, Streamed, UpstreamError,
 };
 use crate::respond::ProxyError;
-use crate::server::connection::Conn;
+use crate::server::connection::{Conn, Sending};
 use crate::state::AppState;
 use access::{log_str, AccessLog};
 
@@ -53,11 +54,13 @@ struct Exchange<'a> {
     state: &'a AppState,
     /// `None`: not an OAuth endpoint.
     endpoint: Option<Endpoint>,
-    access: AccessLog,
+    access: Box<AccessLog>,
 }
 
 /// Serves one client request. The phases that never wait (screen, classify, prepare,
-/// admit) run when this is called; the returned future runs the rest.
+/// admit) run when this is called; the returned future runs the rest. The request is in
+/// flight on its connection (see [`Conn::request_started`]) until the response body has
+/// been sent or dropped; then the access line is written.
 ///
 /// Every request's future is moved a few times on its way through hyper and the runtime,
 /// so the phases keep it small: they borrow the head rather than take it, and none is an
@@ -67,7 +70,8 @@ pub fn handle<'a>(
     state: &'a AppState,
     conn: &'a Conn,
     mut request: Request<Incoming>,
-) -> impl Future<Output = Response<ResponseBody>> + Send + 'a {
+) -> impl Future<Output = Response<Sending<ResponseBody, Box<AccessLog>>>> + Send + 'a {
+    let busy = conn.request_started();
     let started = Instant::now();
     let in_flight = state.metrics.in_flight();
     let mut names = Names::of(request.headers());
@@ -82,20 +86,24 @@ pub fn handle<'a>(
         _ => None,
     };
     let (parts, body) = request.into_parts();
+    let version = parts.version;
+    let peer = conn.peer.ip();
     let client = Downstream {
         ip: &conn.peer_ip,
         https: conn.https,
-        trusted: state.is_trusted(conn.peer.ip()),
+        trusted: state.is_trusted(peer),
+        propagate_id: state.propagates_request_id(peer),
     };
     let body_length = body.size_hint().exact();
     let mut head = Head::prepare(parts, body_length, names, client, || {
         state.request_ids.next()
     });
     let admitted = admit(&head, state.config.server.max_uri_bytes);
+    let remote_ip = access::remote_ip(&head.headers, &client, &state.config.server.trusted_cidrs);
     let mut exchange = Exchange {
         state,
         endpoint,
-        access: AccessLog::new(&head, endpoint),
+        access: Box::new(AccessLog::new(&head, endpoint, version, remote_ip, started)),
     };
     async move {
         let result = match (admitted, endpoint) {
@@ -104,7 +112,7 @@ pub fn handle<'a>(
             (Ok(()), Some(endpoint)) => oauth(&mut exchange, endpoint, &mut head, body).await,
         };
         let mut response = result.unwrap_or_else(ProxyError::into_response);
-        let access = &exchange.access;
+        let mut access = exchange.access;
         response
             .headers_mut()
             .entry(X_REQUEST_ID.clone())
@@ -117,9 +125,9 @@ pub fn handle<'a>(
             response.status(),
             elapsed,
         );
-        access.emit(response.status(), elapsed);
+        access.responded(response.status(), response.headers(), elapsed);
         drop(in_flight);
-        response
+        response.map(|body| busy.until_sent(body, access))
     }
 }
 
@@ -281,6 +289,7 @@ mod tests {
             ip: &ip,
             https: false,
             trusted: false,
+            propagate_id: false,
         };
         let names = Names::of(&parts.headers);
         let head = Head::prepare(parts, None, names, client, || {

@@ -11,7 +11,8 @@
 //!   gracefully (HTTP/2 gets a GOAWAY).
 //!
 //! A request is in flight from its head until its response body has been sent (or
-//! dropped), so a long download is never idle. While one is, a single clock runs:
+//! dropped), so a long download is never idle; then whoever asked ([`OnSent`], the access
+//! line) hears how many body bytes went out. While one is, a single clock runs:
 //! - **write**: a response body that handed a frame to hyper which hyper then does not
 //!   take the next one for `server.write_timeout` (the client accepts no bytes: its socket
 //!   or its HTTP/2 window is full) closes the connection. The watchdog looks every
@@ -34,6 +35,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Buf;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::HeaderValue;
 use hyper::service::Service;
@@ -96,28 +98,46 @@ impl Conn {
 pub struct Busy(Arc<Activity>);
 
 impl Busy {
-    /// `body`, keeping the request in flight until it has been sent or dropped, and
-    /// telling the write clock when it waits for the client.
-    pub fn until_sent<B>(self, body: B) -> Sending<B> {
+    /// `body`, keeping the request in flight until it has been sent or dropped, telling
+    /// the write clock when it waits for the client, and then telling `on_sent` how many
+    /// body bytes it handed to the connection.
+    pub fn until_sent<B, S: OnSent>(self, body: B, on_sent: S) -> Sending<B, S> {
         Sending {
             inner: body,
             busy: self,
             handed: false,
+            written: 0,
+            on_sent: Some(on_sent),
         }
     }
 }
 
+/// Told when hyper is done with a response body — sent in full, or dropped because the
+/// client went away — and how many body bytes it took: the access line is written then.
+pub trait OnSent {
+    fn sent(self, written: u64);
+}
+
+/// Nobody to tell.
+impl OnSent for () {
+    fn sent(self, _: u64) {}
+}
+
 /// A response body on its way to the client; see [`Busy::until_sent`].
 #[derive(Debug)]
-pub struct Sending<B> {
+pub struct Sending<B, S: OnSent = ()> {
     inner: B,
     busy: Busy,
     /// The last poll handed hyper a frame and no poll has come since: the body waits for
     /// the client to take it.
     handed: bool,
+    /// Body bytes handed to hyper so far.
+    written: u64,
+    /// Taken when the body is dropped.
+    on_sent: Option<S>,
 }
 
-impl<B: Body + Unpin> Body for Sending<B> {
+impl<B: Body + Unpin, S: OnSent + Unpin> Body for Sending<B, S> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -134,9 +154,14 @@ impl<B: Body + Unpin> Body for Sending<B> {
             activity.taken.fetch_add(1, Ordering::AcqRel);
         }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(Some(Ok(_)))) && !this.inner.is_end_stream() {
-            this.handed = true;
-            activity.waiting_on_client.fetch_add(1, Ordering::AcqRel);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.written += data.remaining() as u64;
+            }
+            if !this.inner.is_end_stream() {
+                this.handed = true;
+                activity.waiting_on_client.fetch_add(1, Ordering::AcqRel);
+            }
         }
         polled
     }
@@ -150,10 +175,13 @@ impl<B: Body + Unpin> Body for Sending<B> {
     }
 }
 
-impl<B> Drop for Sending<B> {
+impl<B, S: OnSent> Drop for Sending<B, S> {
     fn drop(&mut self) {
         if self.handed {
             self.busy.0.waiting_on_client.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some(on_sent) = self.on_sent.take() {
+            on_sent.sent(self.written);
         }
     }
 }

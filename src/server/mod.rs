@@ -6,6 +6,7 @@ pub mod accept;
 pub mod admin;
 pub mod connection;
 pub mod listener;
+pub mod systemd;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -134,11 +135,7 @@ impl Gateway {
                 service_fn(move |request| {
                     let state = live.current();
                     let conn = conn.clone();
-                    async move {
-                        let busy = conn.request_started();
-                        let response = proxy::handle(&state, &conn, request).await;
-                        Ok::<_, Infallible>(response.map(|body| busy.until_sent(body)))
-                    }
+                    async move { Ok::<_, Infallible>(proxy::handle(&state, &conn, request).await) }
                 })
             }
         };

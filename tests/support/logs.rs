@@ -3,8 +3,12 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use iamproxy::config::{LogConfig, LogFormat};
+use iamproxy::config::LogFormat;
 use serde_json::Value;
+
+/// The `log.fields` every captured line carries: what GitLab's dashboards filter
+/// Workhorse's lines by.
+pub const LOG_FIELDS: &str = r#"fields = { subcomponent = "workhorse" }"#;
 
 /// Every line logged while capturing.
 #[derive(Clone, Default)]
@@ -21,14 +25,16 @@ impl std::io::Write for Captured {
 }
 
 impl Captured {
-    /// The production subscriber (JSON, down to debug so debug lines are checked too)
-    /// writing here.
+    /// The production subscriber (JSON, down to debug so debug lines are checked too, with
+    /// the static fields of [`LOG_FIELDS`]) writing here.
     fn subscriber(&self) -> Box<dyn tracing::Subscriber + Send + Sync> {
         let sink = self.clone();
-        let config = LogConfig {
-            format: LogFormat::Json,
-            level: tracing::Level::DEBUG,
-        };
+        let config = iamproxy::Config::from_toml(&format!(
+            "[rails]\nurl = \"http://127.0.0.1:1\"\n[log]\nlevel = \"debug\"\n{LOG_FIELDS}\n"
+        ))
+        .expect("the capture's [log] table is valid")
+        .log;
+        assert_eq!(config.format, LogFormat::Json);
         iamproxy::observe::logging::subscriber(&config, move || sink.clone())
     }
 
@@ -72,7 +78,24 @@ impl Captured {
             .collect()
     }
 
-    /// The lines of one request.
+    /// The lines of one request, once its access line is in. That line is written when the
+    /// response body has been sent, which can be a moment after the client has read it.
+    pub async fn request_lines(&self, correlation_id: &str) -> Vec<Value> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let lines = self.lines_of(correlation_id);
+            if lines.iter().any(|line| line["msg"] == "access") {
+                return lines;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no access line for {correlation_id} within 5 s: {lines:#?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The lines of one request logged so far.
     pub fn lines_of(&self, correlation_id: &str) -> Vec<Value> {
         self.lines()
             .into_iter()

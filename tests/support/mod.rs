@@ -691,6 +691,12 @@ impl TestClient {
         Answer::read(response).await
     }
 
+    /// [`TestClient::send`], or `None` when there is no answer (nothing listens yet).
+    pub async fn try_send(&self, request: Request<Full<Bytes>>) -> Option<Answer> {
+        let response = self.client.request(request).await.ok()?;
+        Some(Answer::read(response).await)
+    }
+
     pub async fn get(&self, url: &str) -> Answer {
         self.send(Request::get(url).body(Full::default()).unwrap())
             .await

@@ -284,3 +284,25 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The commit the binary under test was built from, found independently of its build
+/// script: `IAMPROXY_GIT_COMMIT` when the build was given one, else `git rev-parse --short
+/// HEAD` in the crate, else `unknown` (no git).
+pub fn git_commit() -> String {
+    if let Some(commit) = std::env::var("IAMPROXY_GIT_COMMIT")
+        .ok()
+        .filter(|commit| !commit.trim().is_empty())
+    {
+        return commit.trim().to_owned();
+    }
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .and_then(|output| String::from_utf8(output.stdout).ok())
+        .map(|commit| commit.trim().to_owned())
+        .filter(|commit| !commit.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}

@@ -1,8 +1,9 @@
 //! The configuration's tests: defaults, every key read, and every error naming its key
 //! (upstream URLs, TLS files and secrets in `upstreams.rs`, `[routing]` in `routing.rs`,
 //! the file's text, its errors' keys and the environment in `reading.rs`, Unix sockets in
-//! `sockets.rs`).
+//! `sockets.rs`, `log.fields` and the correlation id's trusted peers in `logs.rs`).
 
+mod logs;
 mod reading;
 mod routing;
 mod sockets;

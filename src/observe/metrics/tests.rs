@@ -144,7 +144,11 @@ fn every_possible_decision_fallback_outcome_and_upstream_is_exported_from_the_st
             format!(r#"iamproxy_upstream_connection_errors_total{{upstream="{upstream}"}}"#);
         assert_eq!(value(&text, &series), Some(0.0), "{series}");
     }
-    let version = format!(r#"iamproxy_build_info{{version="{}"}}"#, crate::VERSION);
+    let version = format!(
+        r#"iamproxy_build_info{{commit="{}",version="{}"}}"#,
+        crate::COMMIT,
+        crate::VERSION
+    );
     assert_eq!(value(&text, &version), Some(1.0));
 }
 
@@ -284,4 +288,63 @@ fn process_gauges_read_this_process() {
     } else {
         assert!(!text.contains("process_resident_memory_bytes"));
     }
+}
+
+#[test]
+fn reloads_count_by_result_and_the_last_one_sets_the_success_gauge_and_time() {
+    let metrics = Metrics::new();
+    let text = scrape(&metrics, None);
+    let started = value(
+        &text,
+        "iamproxy_config_last_reload_success_timestamp_seconds",
+    )
+    .unwrap();
+    assert!(started > 1.6e9, "the start is the first successful load");
+    assert_eq!(
+        value(&text, "iamproxy_config_last_reload_successful"),
+        Some(1.0)
+    );
+    for result in ReloadResult::ALL.map(ReloadResult::as_str) {
+        let series = format!(r#"iamproxy_config_reloads_total{{result="{result}"}}"#);
+        assert_eq!(value(&text, &series), Some(0.0), "{series}");
+    }
+
+    metrics.config_reload(ReloadResult::Failure);
+    metrics.config_reload(ReloadResult::Failure);
+    let text = scrape(&metrics, None);
+    let reloads = |text: &str, result: &str| {
+        value(
+            text,
+            &format!(r#"iamproxy_config_reloads_total{{result="{result}"}}"#),
+        )
+    };
+    assert_eq!(reloads(&text, "failure"), Some(2.0));
+    assert_eq!(reloads(&text, "success"), Some(0.0));
+    assert_eq!(
+        value(&text, "iamproxy_config_last_reload_successful"),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(
+            &text,
+            "iamproxy_config_last_reload_success_timestamp_seconds"
+        ),
+        Some(started),
+        "a failure leaves the time of the last success"
+    );
+
+    std::thread::sleep(Duration::from_millis(5));
+    metrics.config_reload(ReloadResult::Success);
+    let text = scrape(&metrics, None);
+    assert_eq!(reloads(&text, "success"), Some(1.0));
+    assert_eq!(
+        value(&text, "iamproxy_config_last_reload_successful"),
+        Some(1.0)
+    );
+    let reloaded = value(
+        &text,
+        "iamproxy_config_last_reload_success_timestamp_seconds",
+    )
+    .unwrap();
+    assert!(reloaded > started, "{reloaded} after {started}");
 }

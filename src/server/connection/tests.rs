@@ -154,7 +154,7 @@ where
     let make = move |conn: Arc<Conn>| {
         hyper::service::service_fn(move |_request| {
             let busy = conn.request_started();
-            async move { Ok::<_, std::convert::Infallible>(Response::new(busy.until_sent(body()))) }
+            async move { Ok::<_, std::convert::Infallible>(Response::new(busy.until_sent(body(), ()))) }
         })
     };
     let draining = Draining::default();
