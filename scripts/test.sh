@@ -9,11 +9,14 @@ log() { printf '\n== %s\n' "$*"; }
 
 # Debian packages the tests need: `kill` (procps) to signal the gateway process,
 # `prometheus` for `promtool` (rule and metric checks) and the real server the
-# observability test scrapes the gateway with, and `redis-server` for fleet invalidation.
+# observability test scrapes the gateway with, `redis-server` for fleet invalidation and the
+# shared decision cache (TLS included: Debian's is built with it), and `redis-sentinel` for
+# the Sentinel failover test.
 need_apt=()
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || need_apt+=(procps)
 { command -v promtool && command -v prometheus; } >/dev/null || need_apt+=(prometheus)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
+command -v redis-sentinel >/dev/null || need_apt+=(redis-sentinel)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   apt-get update -qq

@@ -23,6 +23,8 @@ const METRICS: &[&str] = &[
     "iamproxy_iam_breaker_opens_total",
     "iamproxy_upstream_connection_errors_total",
     "iamproxy_upstream_saturated_total",
+    "iamproxy_shared_cache_lookups_total",
+    "iamproxy_shared_cache_fills_total",
     "process_resident_memory_bytes",
     "process_open_fds",
     "process_cpu_seconds_total",
@@ -48,6 +50,7 @@ const ALERTS: &[&str] = &[
     "IamproxyPreauthorizeLatencyHigh",
     "IamproxyOauthErrorRatioHigh",
     "IamproxyOauthLatencyRegression",
+    "IamproxySharedCacheErrors",
 ];
 
 const RUNBOOK: &str = "https://gitlab.com/gitlab-org/iamproxy/-/blob/main/README.md#";

@@ -1,6 +1,7 @@
 //! The configuration's tests: defaults, every key read, and every error naming its key
 //! (upstream URLs, TLS files and secrets in `upstreams.rs`, `[routing]` in `routing.rs`).
 
+mod redis;
 mod routing;
 mod upstreams;
 
