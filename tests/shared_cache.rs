@@ -146,16 +146,27 @@ async fn one_preauthorize_call_per_client_across_the_fleet_at_any_concurrency() 
     let served = burst(&fleet, &clients, 4).await;
     assert!(served.iter().all(|by| by == "iam"), "{served:?}");
     assert_eq!(fleet.preauth.count(), clients.len(), "one call per client");
+    until(Duration::from_secs(2), "every answer written", || async {
+        redis.keys("iamproxy:decision:*").await.len() >= clients.len()
+    })
+    .await;
     let keys = redis.keys("iamproxy:decision:*").await;
     assert_eq!(keys.len(), clients.len(), "{keys:?}");
     assert!(keys.contains(&"iamproxy:decision:0:app-0".to_string()));
-    let mut fills = 0.0;
-    for member in &fleet.members {
-        fills += scrape(member.admin)
-            .await
-            .value("iamproxy_shared_cache_fills_total", &[]);
-    }
-    assert_eq!(fills, clients.len() as f64);
+    let fills = || async {
+        let mut fills = 0.0;
+        for member in &fleet.members {
+            fills += scrape(member.admin)
+                .await
+                .value("iamproxy_shared_cache_fills_total", &[]);
+        }
+        fills
+    };
+    until(Duration::from_secs(2), "every fill counted", || async {
+        fills().await >= clients.len() as f64
+    })
+    .await;
+    assert_eq!(fills().await, clients.len() as f64);
 
     // A member that has not seen a client reads it from Redis: a hit, no call.
     let late = ids("late", 1);
@@ -177,6 +188,11 @@ async fn a_redis_hit_lives_for_what_is_left_of_the_answers_lifetime() {
 
     let fetched = Instant::now();
     assert_eq!(authorize(one, "app").await, "iam");
+    // Written after the answer went out: the request does not wait for it.
+    until(Duration::from_secs(1), "written", || async {
+        redis.keys("iamproxy:decision:*").await.len() == 1
+    })
+    .await;
     let pttl: i64 = redis.cmd(&["PTTL", "iamproxy:decision:0:app"]).await;
     assert!(
         (2000..=3000).contains(&pttl),
@@ -293,7 +309,12 @@ async fn invalidations_reach_redis_from_the_admin_api_and_from_bare_messages() {
     assert_eq!(authorize(two, "app").await, "iam");
     assert_eq!(fleet.preauth.count(), 3);
     let both = ["iamproxy:decision:0:app", "iamproxy:decision:1:app"].map(String::from);
-    assert_eq!(redis.keys("iamproxy:decision:*").await, both);
+    until(
+        Duration::from_secs(2),
+        "the old generation's key and the new",
+        || async { redis.keys("iamproxy:decision:*").await == both },
+    )
+    .await;
 
     // A bare message, as Rails would publish after a flag change: the members forget the
     // shared answer too, or they would read it back.
@@ -452,7 +473,10 @@ async fn tls_with_a_private_ca_and_acl_users_from_the_url_or_a_password_file() {
         clients.len(),
         "shared over TLS with AUTH"
     );
-    assert_eq!(redis.keys("iamproxy:decision:*").await.len(), clients.len());
+    until(Duration::from_secs(2), "every answer written", || async {
+        redis.keys("iamproxy:decision:*").await.len() == clients.len()
+    })
+    .await;
 
     // Refused AUTH: Redis is bypassed, the requests are served as without it.
     let token = TempFile::new(&format!("{TOKEN}\n"));
