@@ -9,14 +9,16 @@ log() { printf '\n== %s\n' "$*"; }
 
 # Debian packages the tests need: `kill` (procps) to signal the gateway process,
 # `prometheus` for `promtool` (rule and metric checks) and the real server the
-# observability test scrapes the gateway with, `redis-server` for fleet invalidation, and
-# `systemd` for systemd-analyze.
+# observability test scrapes the gateway with, `redis-server` for fleet invalidation and the
+# shared decision cache (TLS included: Debian's is built with it), `redis-sentinel` for
+# the Sentinel failover test, and `systemd` for systemd-analyze.
 need_apt=()
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || need_apt+=(procps)
 { command -v promtool && command -v prometheus; } >/dev/null || need_apt+=(prometheus)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 # `systemd-analyze verify` checks the unit file in packaging/ (tests/systemd.rs).
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+command -v redis-sentinel >/dev/null || need_apt+=(redis-sentinel)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   apt-get update -qq

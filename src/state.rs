@@ -13,7 +13,7 @@ use hyper::StatusCode;
 
 use crate::classify::Endpoints;
 use crate::config::{Config, LogConfig, RedisConfig, ServerConfig, UpstreamUrl};
-use crate::decision::cache::DecisionCache;
+use crate::decision::cache::{DecisionCache, SharedCache};
 use crate::decision::preauth::PreauthClient;
 use crate::forward::breaker::Breaker;
 use crate::forward::client::{Pool, PoolLimits, Upstream};
@@ -127,10 +127,11 @@ impl AppState {
                     ),
                 }
             });
+        let shared = shared_cache(&config, previous, &metrics);
         let cache = previous
             .filter(|previous| previous.config.cache == config.cache)
             .map_or_else(
-                || DecisionCache::new(&config.cache),
+                || DecisionCache::new(&config.cache).with_shared(shared),
                 |previous| previous.cache.clone(),
             );
         AppState {
@@ -170,6 +171,34 @@ impl AppState {
             .iter()
             .any(|cidr| cidr.contains(ip))
     }
+}
+
+/// The fleet's decision cache in Redis: started with the gateway when `redis.shared_cache`
+/// is on (and IAM, without which nothing is decided), then kept, connection and all, as
+/// `[redis]` needs a restart; a reload only passes on `preauthorize.timeout`, how long a
+/// waiter waits for another instance's call.
+fn shared_cache(
+    config: &Config,
+    previous: Option<&AppState>,
+    metrics: &Metrics,
+) -> Option<Arc<SharedCache>> {
+    let lock_wait = config.preauthorize.as_ref()?.timeout;
+    let shared = match previous {
+        Some(previous) => previous.cache.shared().cloned()?,
+        None => {
+            let redis = config.redis.as_ref().filter(|redis| redis.shared_cache)?;
+            config.iam.as_ref()?;
+            match SharedCache::start(redis, lock_wait, metrics.shared_cache()) {
+                Ok(shared) => shared,
+                Err(error) => {
+                    tracing::warn!(%error, "redis: shared decision cache not started");
+                    return None;
+                }
+            }
+        }
+    };
+    shared.set_lock_wait(lock_wait);
+    Some(shared)
 }
 
 /// What every request reads first: the current state, swapped whole by a reload, so a

@@ -161,8 +161,8 @@ async fn invalidating_one_client_or_all_makes_the_next_requests_ask_again() {
     assert_eq!(answer.status, 200);
     assert_eq!(
         json(&answer),
-        serde_json::json!({"client_id": "a", "invalidated": true, "published": null}),
-        "no [redis]: nothing to publish"
+        serde_json::json!({"client_id": "a", "invalidated": true, "published": null, "shared": null}),
+        "no [redis]: nothing to publish, no shared cache"
     );
     gw.preauth.always(Reply::destination("rails"));
     assert_eq!(authorize(&gw, "a").await, "rails", "asked again");
@@ -172,7 +172,7 @@ async fn invalidating_one_client_or_all_makes_the_next_requests_ask_again() {
     let answer = call(&gw, Method::DELETE, "/-/admin/decisions", Some(&token)).await;
     assert_eq!(
         json(&answer),
-        serde_json::json!({"invalidated": 3, "published": null})
+        serde_json::json!({"invalidated": 3, "published": null, "shared": null})
     );
     assert_eq!(authorize(&gw, "b").await, "rails");
     assert_eq!(authorize(&gw, "c").await, "rails");

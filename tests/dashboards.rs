@@ -26,6 +26,8 @@ const METRICS: &[&str] = &[
     "iamproxy_config_last_reload_successful",
     "iamproxy_config_last_reload_success_timestamp_seconds",
     "iamproxy_config_reloads_total",
+    "iamproxy_shared_cache_lookups_total",
+    "iamproxy_shared_cache_fills_total",
     "process_resident_memory_bytes",
     "process_open_fds",
     "process_cpu_seconds_total",
@@ -52,6 +54,7 @@ const ALERTS: &[&str] = &[
     "IamproxyOauthErrorRatioHigh",
     "IamproxyOauthLatencyRegression",
     "IamproxyConfigReloadFailed",
+    "IamproxySharedCacheErrors",
 ];
 
 const RUNBOOK: &str = "https://gitlab.com/gitlab-org/iamproxy/-/blob/main/README.md#";

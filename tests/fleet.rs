@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,92 +13,31 @@ use http_body_util::Full;
 use hyper::{Method, Request};
 use serde_json::Value;
 use support::process::{free_addr, TempFile};
+use support::redis::RedisServer;
 use support::{gateway, Reply, TestClient, TestGateway};
 
 const CHANNEL: &str = "iamproxy:test-decisions";
 const TOKEN: &str = "fleet-test-token-0123456789";
 
-/// A `redis-server` on a loopback port, killed on drop.
-struct Redis {
-    port: u16,
-    child: Option<Child>,
+/// Gateways subscribed to the channel.
+async fn subscribers(redis: &RedisServer) -> i64 {
+    let (_, count): (String, i64) = redis.cmd(&["PUBSUB", "NUMSUB", CHANNEL]).await;
+    count
 }
 
-impl Redis {
-    async fn start(port: u16) -> Redis {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/test.sh installs it)");
-        let redis = Redis {
-            port,
-            child: Some(child),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while redis.connection().await.is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        redis::Client::open(self.url())?
-            .get_multiplexed_async_connection()
-            .await
-    }
-
-    /// Gateways subscribed to the channel.
-    async fn subscribers(&self) -> i64 {
-        let mut connection = self.connection().await.unwrap();
-        let (_, count): (String, i64) = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(CHANNEL)
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-        count
-    }
-
-    async fn wait_for_subscribers(&self, n: i64) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while self.subscribers().await != n {
-            assert!(Instant::now() < deadline, "{n} gateways never subscribed");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn publish(&self, message: &str) {
-        let mut connection = self.connection().await.unwrap();
-        let _: i64 = redis::cmd("PUBLISH")
-            .arg(CHANNEL)
-            .arg(message)
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+async fn wait_for_subscribers(redis: &RedisServer, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while subscribers(redis).await != n {
+        assert!(Instant::now() < deadline, "{n} gateways never subscribed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
+async fn publish(redis: &RedisServer, message: &str) {
+    let _: i64 = redis.cmd(&["PUBLISH", CHANNEL, message]).await;
 }
 
-async fn fleet_member(redis: &Redis, token_file: &TempFile) -> TestGateway {
+async fn fleet_member(redis: &RedisServer, token_file: &TempFile) -> TestGateway {
     let gw = gateway()
         .set(
             "redis",
@@ -159,10 +97,10 @@ async fn forgotten_everywhere(gateways: &[&TestGateway], client_id: &str) -> Dur
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidations_reach_every_instance_and_redis_going_away_costs_no_request() {
     let token_file = TempFile::new(&format!("{TOKEN}\n"));
-    let mut redis = Redis::start(free_addr().port()).await;
+    let mut redis = RedisServer::start(free_addr().port()).await;
     let one = fleet_member(&redis, &token_file).await;
     let two = fleet_member(&redis, &token_file).await;
-    redis.wait_for_subscribers(2).await;
+    wait_for_subscribers(&redis, 2).await;
 
     // One instance's admin API invalidates the decision on both.
     for gw in [&one, &two] {
@@ -194,13 +132,13 @@ async fn invalidations_reach_every_instance_and_redis_going_away_costs_no_reques
     );
 
     // Redis is back: both resubscribe, drop what they may have missed, and listen again.
-    let redis = Redis::start(redis.port).await;
-    redis.wait_for_subscribers(2).await;
+    redis.restart().await;
+    wait_for_subscribers(&redis, 2).await;
     forgotten_everywhere(&[&one, &two], "app-2").await;
     for gw in [&one, &two] {
         assert_eq!(authorize(gw, "after").await, "iam");
     }
-    redis.publish(r#"{"all": true}"#).await;
+    publish(&redis, r#"{"all": true}"#).await;
     let took = forgotten_everywhere(&[&one, &two], "after").await;
     assert!(took < Duration::from_secs(1), "took {took:?}");
     one.stop().await;

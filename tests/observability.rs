@@ -21,7 +21,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
-use support::{gateway, Reply, TestClient, TestGateway};
+use support::{gateway, refused_addr, Reply, TestClient, TestGateway};
 
 const INSTALL_HINT: &str =
     "run scripts/test.sh, which installs Debian's prometheus package (prometheus, promtool)";
@@ -994,7 +994,14 @@ async fn assert_counters_match_traffic(prometheus: &Prometheus, gw: &TestGateway
 #[tokio::test(flavor = "multi_thread")]
 async fn dashboard_and_alert_rules_return_data_from_a_real_prometheus_and_counters_match_traffic() {
     let rules = dashboards().join("alerts.yml");
+    // A shared cache whose Redis refuses every connection: each lookup is an error (what
+    // IamproxySharedCacheErrors watches), and the requests go on without it.
+    let redis = refused_addr().await;
     let gw = gateway()
+        .set(
+            "redis",
+            &format!("url = \"redis://{redis}/\"\nshared_cache = true"),
+        )
         .set("iam", "timeout = \"1s\"")
         .set("iam.circuit_breaker", "consecutive_failures = 3")
         .set("iam.circuit_breaker", "open_for = \"1s\"")

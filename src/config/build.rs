@@ -14,12 +14,14 @@ use super::raw::*;
 use super::values::{parse_duration, AdminToken, Cidr, ListenAddr, Secret};
 use super::{
     invalid, BreakerConfig, CacheConfig, Config, ConfigError, IamConfig, LogConfig, LogFormat,
-    OauthConfig, PreauthorizeConfig, RailsConfig, RedisConfig, ServerConfig,
+    OauthConfig, PreauthorizeConfig, RailsConfig, ServerConfig,
 };
 use crate::classify::Endpoint;
 use crate::decision::rules::{Mode, PercentageOfActors, RailsIssued, RoutingConfig};
 use crate::server::tls::ServerTls;
 use addresses::{listen_addr, socket_mode, static_headers, upstream, upstream_with_path};
+
+mod redis_table;
 
 /// Every key's default, as the TOML would spell it (lists comma-separated): the one table
 /// the builders below read, and the README's configuration table shows. Keys without a
@@ -62,6 +64,9 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     // GitLab's own limit on an allowlist of actors: long lists belong in Flipper, not here.
     ("routing.max_forced_clients", "200"),
     ("redis.channel", "iamproxy:decisions"),
+    ("redis.shared_cache", "false"),
+    ("redis.key_prefix", "iamproxy:"),
+    ("redis.timeout", "50ms"),
     ("log.format", "json"),
     ("log.level", "info"),
 ];
@@ -121,7 +126,7 @@ pub(super) fn config(raw: RawConfig) -> Result<Config, ConfigError> {
         cache,
         routing: routing(raw.routing)?,
         admin_token: raw.admin.token_file.map(admin_token).transpose()?,
-        redis: raw.redis.map(redis).transpose()?,
+        redis: raw.redis.map(redis_table::redis).transpose()?,
         log: log(raw.log)?,
     })
 }
@@ -333,18 +338,6 @@ fn preauthorize(raw: RawPreauthorize) -> Result<PreauthorizeConfig, ConfigError>
         timeout: positive_duration("preauthorize.timeout", raw.timeout)?,
         max_connections: positive_int("preauthorize.max_connections", raw.max_connections)?,
     })
-}
-
-fn redis(raw: RawRedis) -> Result<RedisConfig, ConfigError> {
-    let url = required("redis.url", raw.url)?;
-    redis::Client::open(url.as_str()).map_err(|e| invalid("redis.url", e.to_string()))?;
-    let channel = raw
-        .channel
-        .unwrap_or_else(|| default("redis.channel").to_owned());
-    if channel.is_empty() {
-        return Err(invalid("redis.channel", "must not be empty"));
-    }
-    Ok(RedisConfig { url, channel })
 }
 
 /// Shortest admin token accepted: a guessable token would open cache invalidation to anyone

@@ -106,9 +106,35 @@ pub struct Config {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
-    /// `redis://host:port/db`; may hold a password, so it is never logged.
+    /// `redis://host:port/db` or `rediss://…`; may hold a password, so it is never logged.
+    /// With `sentinels`, its host and port are not used: the sentinels name the master.
     pub url: String,
     pub channel: String,
+    /// The fleet's decision cache in Redis, behind each instance's own.
+    pub shared_cache: bool,
+    /// Every key the gateway writes starts with this.
+    pub key_prefix: String,
+    /// Every Redis command on the request path gets this long.
+    pub timeout: Duration,
+    /// PEM CA certificates a `rediss://` server's certificate must chain to; `None`: the
+    /// system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// From `password_file`, in place of a password in the URL.
+    pub password: Option<RedisPassword>,
+    /// `redis://host:port` of each sentinel (`host:port` is read so); empty: no Sentinel.
+    pub sentinels: Vec<String>,
+    /// The master the sentinels are asked for.
+    pub sentinel_master: String,
+}
+
+/// Redis' password from `redis.password_file`. Redacted in `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisPassword(pub String);
+
+impl std::fmt::Debug for RedisPassword {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RedisPassword(<redacted>)")
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -126,6 +126,13 @@ pub(super) struct RawCache {
 pub(super) struct RawRedis {
     pub(super) url: Option<String>,
     pub(super) channel: Option<String>,
+    pub(super) shared_cache: Option<bool>,
+    pub(super) key_prefix: Option<String>,
+    pub(super) timeout: Option<String>,
+    pub(super) ca_file: Option<String>,
+    pub(super) password_file: Option<String>,
+    pub(super) sentinels: Option<Vec<String>>,
+    pub(super) sentinel_master: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

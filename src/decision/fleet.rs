@@ -3,6 +3,11 @@
 //! `{"all": true}` every one. Redis is never on the request path: while it is down the
 //! gateway serves as usual, logs, and reconnects with backoff; on reconnecting it drops its
 //! whole cache, since it may have missed messages.
+//!
+//! With the shared cache in Redis, the admin API forgets there itself and says so in its
+//! message (`"redis_done": true`); a message without it, e.g. Rails' after a flag change,
+//! is applied to Redis by each instance that gets it (a `DEL`, or an `INCR` of the
+//! generation for `{"all": true}`), so the fleet does not read the old answer back.
 
 use std::time::Duration;
 
@@ -10,13 +15,23 @@ use serde::Deserialize;
 
 use crate::config::RedisConfig;
 use crate::decision::cache::DecisionCache;
+use crate::decision::connect::{ConnectError, Connector};
 
 /// A message on the channel.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
 pub enum Invalidation {
-    One { client_id: String },
-    All { all: bool },
+    One {
+        client_id: String,
+        /// The sender forgot it in the shared cache already.
+        #[serde(default)]
+        redis_done: bool,
+    },
+    All {
+        all: bool,
+        #[serde(default)]
+        redis_done: bool,
+    },
 }
 
 impl Invalidation {
@@ -24,23 +39,31 @@ impl Invalidation {
     /// else is not an invalidation.
     pub fn parse(payload: &[u8]) -> Option<Invalidation> {
         match serde_json::from_slice(payload).ok()? {
-            Invalidation::All { all: false } => None,
+            Invalidation::All { all: false, .. } => None,
             invalidation => Some(invalidation),
         }
     }
 
     pub fn to_json(&self) -> String {
-        match self {
-            Invalidation::One { client_id } => serde_json::json!({ "client_id": client_id }),
-            Invalidation::All { .. } => serde_json::json!({ "all": true }),
+        let (mut json, redis_done) = match self {
+            Invalidation::One {
+                client_id,
+                redis_done,
+            } => (serde_json::json!({ "client_id": client_id }), *redis_done),
+            Invalidation::All { redis_done, .. } => {
+                (serde_json::json!({ "all": true }), *redis_done)
+            }
+        };
+        if redis_done {
+            json["redis_done"] = serde_json::Value::Bool(true);
         }
-        .to_string()
+        json.to_string()
     }
 }
 
 /// Backoff between reconnects: doubling from the first to the last.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
-/// Connecting, subscribing and publishing each get this long.
+/// Subscribing and publishing each get this long (connecting: its own as long).
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why talking to Redis failed.
@@ -48,6 +71,8 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum FleetError {
     #[error("{0}")]
     Redis(#[from] redis::RedisError),
+    #[error("{0}")]
+    Connect(#[from] ConnectError),
     #[error("no answer within {REDIS_TIMEOUT:?}")]
     Timeout,
 }
@@ -61,8 +86,23 @@ where
     tokio::spawn(async move {
         let mut backoff = BACKOFF.0;
         let mut connected_before = false;
+        let connector = match Connector::new(&config) {
+            Ok(connector) => connector,
+            Err(error) => {
+                tracing::warn!(%error, "redis: fleet invalidation not started");
+                return;
+            }
+        };
         loop {
-            match listen(&current, &config, &mut connected_before, &mut backoff).await {
+            match listen(
+                &current,
+                &config,
+                &connector,
+                &mut connected_before,
+                &mut backoff,
+            )
+            .await
+            {
                 Ok(()) => tracing::warn!("redis closed the subscription, reconnecting"),
                 Err(error) => tracing::warn!(
                     error = %error,
@@ -80,17 +120,14 @@ where
 async fn listen(
     current: &impl Fn() -> DecisionCache,
     config: &RedisConfig,
+    connector: &Connector,
     connected_before: &mut bool,
     backoff: &mut Duration,
 ) -> Result<(), FleetError> {
-    let client = redis::Client::open(config.url.as_str())?;
-    let mut pubsub = tokio::time::timeout(REDIS_TIMEOUT, async {
-        let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.subscribe(&config.channel).await?;
-        Ok::<_, redis::RedisError>(pubsub)
-    })
-    .await
-    .map_err(|_| FleetError::Timeout)??;
+    let mut pubsub = connector.pubsub().await?;
+    tokio::time::timeout(REDIS_TIMEOUT, pubsub.subscribe(&config.channel))
+        .await
+        .map_err(|_| FleetError::Timeout)??;
     *backoff = BACKOFF.0;
     if std::mem::replace(connected_before, true) {
         let dropped = current().invalidate_all().await;
@@ -109,8 +146,18 @@ async fn listen(
 }
 
 async fn apply(cache: &DecisionCache, payload: &[u8]) {
+    let shared = cache.shared();
     match Invalidation::parse(payload) {
-        Some(Invalidation::One { client_id }) => {
+        Some(Invalidation::One {
+            client_id,
+            redis_done,
+        }) => {
+            // Redis first: a miss in between would read the old answer back.
+            if let (Some(shared), false) = (shared, redis_done) {
+                if let Err(error) = shared.forget(&client_id).await {
+                    tracing::warn!(%error, "redis: could not forget the shared decision");
+                }
+            }
             let invalidated = cache.invalidate(&client_id).await;
             tracing::info!(
                 client_id = client_id.as_str(),
@@ -118,7 +165,14 @@ async fn apply(cache: &DecisionCache, payload: &[u8]) {
                 "redis: decision invalidated"
             );
         }
-        Some(Invalidation::All { .. }) => {
+        Some(Invalidation::All { redis_done, .. }) => {
+            // Each instance that gets a bare message bumps the generation once: a few
+            // bumps in a row forget nothing more than one.
+            if let (Some(shared), false) = (shared, redis_done) {
+                if let Err(error) = shared.forget_all().await {
+                    tracing::warn!(%error, "redis: could not forget the shared decisions");
+                }
+            }
             let invalidated = cache.invalidate_all().await;
             tracing::info!(invalidated, "redis: every decision invalidated");
         }
@@ -131,15 +185,15 @@ async fn apply(cache: &DecisionCache, payload: &[u8]) {
 
 /// Publishes `invalidation` to the fleet; whether Redis took it.
 pub async fn publish(config: &RedisConfig, invalidation: &Invalidation) -> Result<(), FleetError> {
-    let client = redis::Client::open(config.url.as_str())?;
-    tokio::time::timeout(REDIS_TIMEOUT, async {
-        let mut connection = client.get_multiplexed_async_connection().await?;
+    let connector = Connector::new(config)?;
+    let mut connection = connector.multiplexed().await?;
+    tokio::time::timeout(
+        REDIS_TIMEOUT,
         redis::cmd("PUBLISH")
             .arg(&config.channel)
             .arg(invalidation.to_json())
-            .query_async::<i64>(&mut connection)
-            .await
-    })
+            .query_async::<i64>(&mut connection),
+    )
     .await
     .map_err(|_| FleetError::Timeout)??;
     Ok(())
@@ -155,12 +209,35 @@ mod tests {
         assert_eq!(
             one,
             Invalidation::One {
-                client_id: "app".into()
+                client_id: "app".into(),
+                redis_done: false,
             }
         );
         let all = Invalidation::parse(br#"{"all": true}"#).unwrap();
-        assert_eq!(all, Invalidation::All { all: true });
-        for message in [one, all] {
+        assert_eq!(
+            all,
+            Invalidation::All {
+                all: true,
+                redis_done: false
+            }
+        );
+        let done = Invalidation::parse(br#"{"all": true, "redis_done": true}"#).unwrap();
+        assert_eq!(
+            done,
+            Invalidation::All {
+                all: true,
+                redis_done: true
+            }
+        );
+        let one_done = Invalidation::One {
+            client_id: "app".into(),
+            redis_done: true,
+        };
+        assert_eq!(
+            one_done.to_json(),
+            r#"{"client_id":"app","redis_done":true}"#
+        );
+        for message in [one, all, done, one_done] {
             let back = Invalidation::parse(message.to_json().as_bytes()).unwrap();
             assert_eq!(back, message);
         }

@@ -3,6 +3,7 @@
 //! values; `ALL` lists every value in declaration order.
 
 pub mod cache;
+pub mod connect;
 pub mod fleet;
 pub mod preauth;
 pub mod rules;

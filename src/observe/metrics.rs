@@ -21,6 +21,7 @@ use prometheus::{
 use super::family::{register, Family};
 use super::process::ProcessGauges;
 use crate::classify::{route_label, Endpoint};
+use crate::decision::cache::{SharedCounters, SharedOutcome};
 use crate::decision::preauth::{Outcome, PreauthError};
 use crate::decision::{Decision, Destination, FallbackReason, Reason};
 use crate::forward::breaker::BreakerState;
@@ -80,6 +81,7 @@ pub struct Metrics {
     breaker_opens: IntCounter,
     connection_errors: [IntCounter; 3],
     saturated: [IntCounter; 3],
+    shared_cache: SharedCounters,
     process: Option<ProcessGauges>,
     reloads: ReloadGauges,
 }
@@ -292,6 +294,29 @@ impl Metrics {
             ),
         );
 
+        let shared_lookups = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "iamproxy_shared_cache_lookups_total",
+                    "Local decision cache misses looked up in the shared cache in Redis, by \
+                     outcome (error includes lookups skipped while Redis recovers from one).",
+                ),
+                &["outcome"],
+            ),
+        );
+        let shared_cache = SharedCounters {
+            lookups: SharedOutcome::ALL
+                .map(|outcome| shared_lookups.with_label_values(&[outcome.as_str()])),
+            fills: register(
+                &registry,
+                IntCounter::new(
+                    "iamproxy_shared_cache_fills_total",
+                    "Pre-authorize answers this instance wrote to the shared cache in Redis.",
+                ),
+            ),
+        };
+
         Metrics {
             requests: Family::new(
                 requests,
@@ -350,6 +375,7 @@ impl Metrics {
                 .map(|upstream| connection_errors.with_label_values(&[upstream.as_str()])),
             saturated: Upstream::ALL
                 .map(|upstream| saturated.with_label_values(&[upstream.as_str()])),
+            shared_cache,
             process: ProcessGauges::register(&registry),
             reloads: ReloadGauges::register(&registry),
             registry,
@@ -452,6 +478,11 @@ impl Metrics {
         if result == ReloadResult::Success {
             reloads.last_success_time.set(unix_now());
         }
+    }
+
+    /// The counters the shared decision cache increments.
+    pub fn shared_cache(&self) -> SharedCounters {
+        self.shared_cache.clone()
     }
 
     /// The text exposition, after reading the state-describing gauges. `breaker` is

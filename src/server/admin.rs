@@ -122,6 +122,11 @@ async fn respond(
     match (method, client_id) {
         (&Method::GET, Some(id)) => json_response(StatusCode::OK, &inspect(state, &id).await),
         (&Method::DELETE, Some(id)) => {
+            // The shared cache first: a miss in between would read the old answer back.
+            let shared = match state.cache.shared() {
+                Some(shared) => Some(shared.forget(&id).await.map(|_| true)),
+                None => None,
+            };
             let invalidated = state.cache.invalidate(&id).await;
             tracing::info!(
                 client_id = id.as_str(),
@@ -130,20 +135,38 @@ async fn respond(
             );
             let fleet = Invalidation::One {
                 client_id: id.clone(),
+                redis_done: shared.as_ref().is_some_and(Result::is_ok),
             };
             let published = publish(state, &fleet).await;
             json_response(
                 StatusCode::OK,
-                &json!({"client_id": id, "invalidated": invalidated, "published": published}),
+                &json!({
+                    "client_id": id,
+                    "invalidated": invalidated,
+                    "published": published,
+                    "shared": shared_outcome(shared),
+                }),
             )
         }
         (&Method::DELETE, None) => {
+            let shared = match state.cache.shared() {
+                Some(shared) => Some(shared.forget_all().await.map(|_| true)),
+                None => None,
+            };
             let invalidated = state.cache.invalidate_all().await;
             tracing::info!(invalidated, "admin: every decision invalidated");
-            let published = publish(state, &Invalidation::All { all: true }).await;
+            let fleet = Invalidation::All {
+                all: true,
+                redis_done: shared.as_ref().is_some_and(Result::is_ok),
+            };
+            let published = publish(state, &fleet).await;
             json_response(
                 StatusCode::OK,
-                &json!({"invalidated": invalidated, "published": published}),
+                &json!({
+                    "invalidated": invalidated,
+                    "published": published,
+                    "shared": shared_outcome(shared),
+                }),
             )
         }
         (_, id) => {
@@ -174,6 +197,20 @@ async fn publish(state: &AppState, invalidation: &Invalidation) -> Value {
         Ok(()) => Value::Bool(true),
         Err(error) => {
             tracing::warn!(error = %error, "admin: could not publish the invalidation to redis");
+            Value::Bool(false)
+        }
+    }
+}
+
+/// Whether the shared cache in Redis took an invalidation: `null` without one, `false`
+/// when Redis could not be reached (subscribers that get the message then forget it
+/// there, as for a bare message).
+fn shared_outcome(outcome: Option<Result<bool, String>>) -> Value {
+    match outcome {
+        None => Value::Null,
+        Some(Ok(taken)) => Value::Bool(taken),
+        Some(Err(error)) => {
+            tracing::warn!(%error, "admin: could not forget the decision in redis");
             Value::Bool(false)
         }
     }

@@ -7,6 +7,7 @@ pub mod logs;
 pub mod metrics;
 pub mod process;
 pub mod raw;
+pub mod redis;
 pub mod tls;
 pub mod unix;
 

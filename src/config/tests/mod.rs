@@ -5,6 +5,7 @@
 
 mod logs;
 mod reading;
+mod redis;
 mod routing;
 mod sockets;
 mod upstreams;

@@ -13,6 +13,9 @@
 //! cache: after a burst of new client ids that is ~100k removals and a table rehash, a
 //! stall of hundreds of milliseconds for every request on that worker.
 //!
+//! With `redis.shared_cache`, a miss asks the fleet's cache in Redis ([`shared`]) before
+//! the backend; a hit there fills this cache. A local hit never reaches it.
+//!
 //! Time is tokio's clock, so tests can pause it.
 
 use std::future::Future;
@@ -28,8 +31,11 @@ use crate::config::CacheConfig;
 use crate::decision::preauth::{Answer, PreauthError};
 use crate::decision::Destination;
 use flights::Flights;
+use shared::Through;
+pub use shared::{SharedCache, SharedCounters, SharedOutcome};
 
 mod flights;
+mod shared;
 
 /// The result of a lookup.
 #[derive(Debug, Clone)]
@@ -88,6 +94,10 @@ pub struct DecisionCache {
     /// the answer the invalidation meant to drop: it serves the requests waiting for it but
     /// is not kept, and no stale answer is served in its place.
     invalidations: Arc<AtomicU64>,
+    /// The fleet's cache in Redis, asked on a miss before the backend.
+    shared: Option<Arc<SharedCache>>,
+    /// `cache.ttl` and `cache.stale_if_error`, which cap what the shared cache hands over.
+    limits: (Duration, Duration),
 }
 
 impl std::fmt::Debug for DecisionCache {
@@ -117,7 +127,20 @@ impl DecisionCache {
             cache,
             flights: Arc::default(),
             invalidations: Arc::default(),
+            shared: None,
+            limits: (config.ttl, config.stale_if_error),
         }
+    }
+
+    /// Asks `shared` on a miss before the backend.
+    pub fn with_shared(mut self, shared: Option<Arc<SharedCache>>) -> DecisionCache {
+        self.shared = shared;
+        self
+    }
+
+    /// The fleet's cache in Redis, when `redis.shared_cache` is on.
+    pub fn shared(&self) -> Option<&Arc<SharedCache>> {
+        self.shared.as_ref()
     }
 
     /// Looks `client_id` up, calling `fetch` when there is no fresh answer. Concurrent
@@ -144,8 +167,24 @@ impl DecisionCache {
                     return Ok(entry.answer);
                 }
             }
-            fetched = true;
-            let answer = fetch.await?;
+            let answer = match &self.shared {
+                None => {
+                    fetched = true;
+                    fetch.await?
+                }
+                Some(shared) => match shared.through(client_id, fetch).await {
+                    // Another instance's answer: kept for what Redis has left of it.
+                    Through::Shared(answer) => Answer {
+                        lifetime: answer.lifetime.min(self.limits.0),
+                        stale_if_error: answer.stale_if_error.min(self.limits.1),
+                        ..answer
+                    },
+                    Through::Fetched(answer) => {
+                        fetched = true;
+                        answer?
+                    }
+                },
+            };
             self.keep(client_id, answer, invalidations).await;
             Ok(answer)
         };

@@ -48,8 +48,12 @@ fn label_tables_follow_the_enum_order_used_as_indexes() {
             .iter()
             .enumerate()
             .all(|(i, b)| *b as usize == i),
+        SharedOutcome::ALL
+            .iter()
+            .enumerate()
+            .all(|(i, o)| *o as usize == i),
     ];
-    assert_eq!(positions, [true; 6]);
+    assert_eq!(positions, [true; 7]);
 }
 
 #[test]
@@ -144,6 +148,11 @@ fn every_possible_decision_fallback_outcome_and_upstream_is_exported_from_the_st
             format!(r#"iamproxy_upstream_connection_errors_total{{upstream="{upstream}"}}"#);
         assert_eq!(value(&text, &series), Some(0.0), "{series}");
     }
+    for outcome in SharedOutcome::ALL.map(SharedOutcome::as_str) {
+        let series = format!(r#"iamproxy_shared_cache_lookups_total{{outcome="{outcome}"}}"#);
+        assert_eq!(value(&text, &series), Some(0.0), "{series}");
+    }
+    assert_eq!(value(&text, "iamproxy_shared_cache_fills_total"), Some(0.0));
     let version = format!(
         r#"iamproxy_build_info{{commit="{}",version="{}"}}"#,
         crate::COMMIT,
