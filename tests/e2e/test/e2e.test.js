@@ -269,7 +269,7 @@ describe('mid-flow flip (DESIGN §3 continuity)', () => {
 
     // 2. The application is switched to Rails, and the gateway's cached decision dropped.
     env.preauthorize.set(app.client_id, 'rails');
-    assert.deepEqual(await env.gateway.invalidate(app.client_id), { client_id: app.client_id, invalidated: true, published: null });
+    assert.deepEqual(await env.gateway.invalidate(app.client_id), { client_id: app.client_id, invalidated: true, published: null, shared: null });
     //    A new flow for it now starts at Rails: the switch is in force.
     const probe = await beginCodeFlow(config);
     const probed = await new Browser().request('GET', probe.url.href);
