@@ -306,7 +306,12 @@ mod tests {
         if let Some(host) = host {
             builder = builder.header("host", host);
         }
-        let (parts, ()) = builder.body(()).unwrap().into_parts();
+        prepared(builder, "generated")
+    }
+
+    /// `request` prepared as from an untrusted peer, its id (if it needs one) `id`.
+    fn prepared(request: hyper::http::request::Builder, id: &'static str) -> Head {
+        let (parts, ()) = request.body(()).unwrap().into_parts();
         let ip = HeaderValue::from_static("192.0.2.7");
         let client = Downstream {
             ip: &ip,
@@ -315,9 +320,7 @@ mod tests {
             propagate_id: false,
         };
         let names = Names::of(&parts.headers);
-        Head::prepare(parts, None, names, client, || {
-            HeaderValue::from_static("generated")
-        })
+        Head::prepare(parts, None, names, client, || HeaderValue::from_static(id))
     }
 
     fn empty() -> RequestBody {
@@ -399,23 +402,10 @@ mod tests {
 
     #[test]
     fn a_second_host_header_is_dropped_and_the_first_goes_upstream() {
-        let (parts, ()) = Request::get("/")
+        let request = Request::get("/")
             .header("host", "first.example")
-            .header("host", "second.example")
-            .body(())
-            .unwrap()
-            .into_parts();
-        let ip = HeaderValue::from_static("192.0.2.7");
-        let client = Downstream {
-            ip: &ip,
-            https: false,
-            trusted: false,
-            propagate_id: false,
-        };
-        let names = Names::of(&parts.headers);
-        let head = Head::prepare(parts, None, names, client, || {
-            HeaderValue::from_static("id")
-        });
+            .header("host", "second.example");
+        let head = prepared(request, "id");
         let up = upstream("http://127.0.0.1:8080");
         let req = upstream_request(&head, head.headers.clone(), &up, HostRule::Keep, empty());
         let sent: Vec<_> = req.headers().get_all("host").iter().collect();
@@ -424,21 +414,7 @@ mod tests {
 
     #[test]
     fn an_http2_authority_becomes_rails_host() {
-        let (parts, ()) = Request::get("https://gitlab.example.com/api")
-            .body(())
-            .unwrap()
-            .into_parts();
-        let ip = HeaderValue::from_static("192.0.2.7");
-        let client = Downstream {
-            ip: &ip,
-            https: true,
-            trusted: false,
-            propagate_id: false,
-        };
-        let names = Names::of(&parts.headers);
-        let head = Head::prepare(parts, None, names, client, || {
-            HeaderValue::from_static("id")
-        });
+        let head = prepared(Request::get("https://gitlab.example.com/api"), "id");
         let up = upstream("http://127.0.0.1:8080");
         let req = upstream_request(&head, head.headers.clone(), &up, HostRule::Keep, empty());
         assert_eq!(req.headers()["host"], "gitlab.example.com");

@@ -430,52 +430,30 @@ pub async fn serve<I, M, S, B>(
         // Boxed: a TLS connection's state is twice a cleartext one's, and a cleartext
         // connection's task, copied whole when spawned, should not carry it.
         Some(acceptor) => {
-            Box::pin(serve_tls(
-                stream, peer, acceptor, builder, timeouts, drain, make,
-            ))
+            Box::pin(async move {
+                let handshake = acceptor.accept(stream);
+                let clock = timeouts.handshake_and_header_read;
+                let stream = match tokio::time::timeout(clock, handshake).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        tracing::debug!(peer = %peer, error = %error, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(peer = %peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let peer = Peer {
+                    addr: peer,
+                    https: true,
+                    http2: stream.get_ref().1.alpn_protocol() == Some(b"h2"),
+                };
+                run(stream, peer, builder, timeouts, drain, make).await;
+            })
             .await;
         }
     }
-}
-
-/// [`serve`]'s TLS half: the handshake within the header-read clock, then the connection.
-async fn serve_tls<I, M, S, B>(
-    stream: I,
-    peer: SocketAddr,
-    acceptor: TlsAcceptor,
-    builder: auto::Builder<TokioExecutor>,
-    timeouts: Timeouts,
-    drain: Drain,
-    make: M,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    M: FnOnce(Arc<Conn>) -> S,
-    S: Service<Request<Incoming>, Response = Response<B>, Error = std::convert::Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let handshake = acceptor.accept(stream);
-    let stream = match tokio::time::timeout(timeouts.handshake_and_header_read, handshake).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => {
-            tracing::debug!(peer = %peer, error = %error, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(peer = %peer, "TLS handshake timed out");
-            return;
-        }
-    };
-    let peer = Peer {
-        addr: peer,
-        https: true,
-        http2: stream.get_ref().1.alpn_protocol() == Some(b"h2"),
-    };
-    run(stream, peer, builder, timeouts, drain, make).await;
 }
 
 /// The other end of a connection, as the handshake left it.
