@@ -16,7 +16,7 @@ use hyper::{Method, Request};
 use serde_json::Value;
 use support::logs::Captured;
 use support::metrics::scrape;
-use support::process::{free_addr, TempFile};
+use support::process::{free_addr, TempFile, PATIENCE};
 use support::redis::{RedisOptions, RedisServer, SentinelSetup};
 use support::tls::Ca;
 use support::{gateway, FakeUpstream, GatewayFakes, Reply, TestClient, TestGateway};
@@ -25,7 +25,12 @@ const TOKEN: &str = "shared-cache-test-token-0123456789";
 /// `preauthorize.timeout`, and so how long members wait for another's call.
 const PREAUTH_TIMEOUT: Duration = Duration::from_secs(4);
 /// How long the backend takes where a test needs calls in flight together.
-const SLOW: Duration = Duration::from_millis(1500);
+const SLOW: Duration = Duration::from_millis(2000);
+
+/// Each test starts gateways, Redis servers and sentinels of its own: run one at a time,
+/// so that eight of them on a loaded two-CPU machine do not stretch a burst past the
+/// backend's answer, which the lock tests need every member to wait for.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Gateways sharing one Redis and one set of fakes, so the pre-authorize fake counts the
 /// fleet's calls.
@@ -42,7 +47,9 @@ impl Fleet {
         let fakes = GatewayFakes::start().await;
         let mut members = Vec::new();
         for _ in 0..size {
-            members.push(member(&fakes, redis, &token).await);
+            let member = member(&fakes, redis, &token).await;
+            connected(&member).await;
+            members.push(member);
         }
         Fleet {
             members,
@@ -74,6 +81,18 @@ async fn member(fakes: &GatewayFakes, redis: &str, token: &TempFile) -> TestGate
             preauth: fakes.preauth.clone(),
         })
         .await
+}
+
+/// Waits until `member`'s shared cache has its Redis connection, which it makes in the
+/// background: until then its lookups go straight to the backend, which would add calls
+/// the lock tests count. An admin invalidation of an id no test asks for says whether
+/// Redis took it.
+async fn connected(member: &TestGateway) {
+    until(PATIENCE, "the member's shared cache connected", || async {
+        let answer = admin(member, Method::DELETE, "/-/admin/decisions/fleet-warm-up").await;
+        answer["shared"] == Value::Bool(true)
+    })
+    .await;
 }
 
 /// `[redis]` for a plain server; a generous timeout, as a loaded machine running debug
@@ -145,6 +164,7 @@ fn ids(prefix: &str, n: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_preauthorize_call_per_client_across_the_fleet_at_any_concurrency() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let redis = RedisServer::start(free_addr().port()).await;
     let fleet = Fleet::start(3, &plain(&redis)).await;
     // Slow enough that every member misses while the first call is in flight.
@@ -187,6 +207,7 @@ async fn one_preauthorize_call_per_client_across_the_fleet_at_any_concurrency() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_hit_lives_for_what_is_left_of_the_answers_lifetime() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let redis = RedisServer::start(free_addr().port()).await;
     let fleet = Fleet::start(2, &plain(&redis)).await;
     fleet
@@ -230,6 +251,7 @@ async fn a_redis_hit_lives_for_what_is_left_of_the_answers_lifetime() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_store_answers_are_handed_to_the_waiters_but_never_written() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let redis = RedisServer::start(free_addr().port()).await;
     let fleet = Fleet::start(3, &plain(&redis)).await;
     fleet.preauth.always(
@@ -258,6 +280,7 @@ async fn no_store_answers_are_handed_to_the_waiters_but_never_written() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preauthorize_errors_are_never_written_and_each_member_fails_open_as_alone() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let redis = RedisServer::start(free_addr().port()).await;
     let fleet = Fleet::start(3, &plain(&redis)).await;
     fleet.preauth.always(Reply::status(500).after(SLOW));
@@ -273,6 +296,7 @@ async fn preauthorize_errors_are_never_written_and_each_member_fails_open_as_alo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidations_reach_redis_from_the_admin_api_and_from_bare_messages() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let redis = RedisServer::start(free_addr().port()).await;
     let fleet = Fleet::start(2, &plain(&redis)).await;
     fleet.preauth.always(Reply::destination("iam"));
@@ -344,6 +368,7 @@ async fn invalidations_reach_redis_from_the_admin_api_and_from_bare_messages() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_or_hung_redis_costs_no_request_and_at_most_its_timeout() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let logs = Captured::global();
     let mut redis = RedisServer::start(free_addr().port()).await;
     let fleet = Fleet::start(2, &format!("url = \"{}\"\ntimeout = \"50ms\"", redis.url())).await;
@@ -417,6 +442,7 @@ async fn a_dead_or_hung_redis_costs_no_request_and_at_most_its_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_a_private_ca_and_acl_users_from_the_url_or_a_password_file() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let ca = Ca::new("redis test CA");
     let admin_password = format!("admin-{}", std::process::id());
     let password = format!(
@@ -494,6 +520,7 @@ async fn tls_with_a_private_ca_and_acl_users_from_the_url_or_a_password_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_sentinel_the_fleet_follows_the_master_through_a_failover() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let mut setup = SentinelSetup::start().await;
     let dead_sentinel = free_addr();
     let redis = format!(
