@@ -505,7 +505,7 @@ fn log(raw: RawLog) -> Result<LogConfig, ConfigError> {
                 "a field name is letters, digits, '_', '-' or '.'",
             ));
         }
-        if crate::observe::logging::RESERVED_FIELDS.contains(&name.as_str()) {
+        if super::RESERVED_LOG_FIELDS.contains(&name.as_str()) {
             return Err(invalid(key, "the gateway's own lines use this field"));
         }
     }

@@ -228,6 +228,36 @@ pub struct CacheConfig {
     pub stale_if_error: Duration,
 }
 
+/// Field names the gateway's own lines use, which `log.fields` may not take: a line would
+/// otherwise hold the name twice.
+pub const RESERVED_LOG_FIELDS: &[&str] = &[
+    "time",
+    "level",
+    "msg",
+    "correlation_id",
+    "method",
+    "path",
+    "uri",
+    "route",
+    "status",
+    "duration_ms",
+    "ttfb_ms",
+    "destination",
+    "reason",
+    "fallback_reason",
+    "client_id",
+    "identification",
+    "remote_ip",
+    "host",
+    "proto",
+    "user_agent",
+    "referrer",
+    "written_bytes",
+    "content_type",
+    "error",
+    "outcome",
+];
+
 #[derive(Debug, Clone)]
 pub struct LogConfig {
     pub format: LogFormat,

@@ -133,36 +133,6 @@ fn rank(level: Level) -> u8 {
     }
 }
 
-/// Field names the gateway's own lines use, which `log.fields` may not take: a line would
-/// otherwise hold the name twice.
-pub const RESERVED_FIELDS: &[&str] = &[
-    "time",
-    "level",
-    "msg",
-    "correlation_id",
-    "method",
-    "path",
-    "uri",
-    "route",
-    "status",
-    "duration_ms",
-    "ttfb_ms",
-    "destination",
-    "reason",
-    "fallback_reason",
-    "client_id",
-    "identification",
-    "remote_ip",
-    "host",
-    "proto",
-    "user_agent",
-    "referrer",
-    "written_bytes",
-    "content_type",
-    "error",
-    "outcome",
-];
-
 /// One JSON object per line, with the configured static fields after `msg`.
 struct JsonLines {
     /// `,"name":"value"` for each of `log.fields`, encoded once.
