@@ -12,6 +12,7 @@ use std::fmt::{self, Write as _};
 use std::io;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tracing::field::{Field, Visit};
 use tracing::level_filters::LevelFilter;
@@ -270,7 +271,10 @@ impl Visit for JsonFields {
         self.number(field, value);
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if field.name() == "message" {
+        if field.name() == ENCODED {
+            // `,"name":value` pairs already: spliced in as they are ([`Encoded`]).
+            let _ = write!(self.rest, "{value:#?}");
+        } else if field.name() == "message" {
             // The message's format arguments, written straight into its buffer.
             let _ = write!(self.msg, "{value:?}");
             self.has_msg = true;
@@ -280,6 +284,115 @@ impl Visit for JsonFields {
             rest.push('"');
             let _ = write!(Escaping(rest), "{value:?}");
             rest.push('"');
+        }
+    }
+}
+
+/// `,"name":`, the key of one of [`Encoded`]'s pairs, spelled when the program is built.
+macro_rules! json_key {
+    ($name:literal) => {
+        concat!(",\"", $name, "\":")
+    };
+}
+pub(crate) use json_key;
+
+/// The name of the field that carries an [`Encoded`] line's pairs.
+pub const ENCODED: &str = "fields";
+
+/// A line's fields encoded as JSON by the code that logs them, for the lines written once
+/// per request (the access and decision lines): each key is a literal and each value is
+/// written by its type, where tracing's visitor would look at every field of every line
+/// anew. The pairs travel as the one field [`ENCODED`]
+/// (`tracing::info!(fields = encoded.pairs(), "access")`): the JSON format splices them in
+/// where the fields go, so the line reads exactly as if each had been a field of its own;
+/// the text format writes them as a JSON object.
+pub struct Encoded {
+    /// `,"name":value` for each field so far.
+    pairs: String,
+}
+
+impl Encoded {
+    /// Runs `log` with the thread's buffer, emptied (reused line after line, so a line
+    /// costs no allocation once it has grown to fit).
+    pub fn with<R>(log: impl FnOnce(&mut Encoded) -> R) -> R {
+        thread_local! {
+            static ENCODED: std::cell::RefCell<Encoded> =
+                const { std::cell::RefCell::new(Encoded { pairs: String::new() }) };
+        }
+        ENCODED.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut encoded) => {
+                encoded.pairs.clear();
+                log(&mut encoded)
+            }
+            // A line logged while another is encoded on this thread.
+            Err(_) => log(&mut Encoded {
+                pairs: String::new(),
+            }),
+        })
+    }
+
+    /// `value` as a JSON string, after `key` (`,"name":`, from [`json_key!`]).
+    pub fn str(&mut self, key: &'static str, value: &str) -> &mut Encoded {
+        self.key(key);
+        write_json_str(&mut self.pairs, value);
+        self
+    }
+
+    /// A value that has no character to escape: one of the gateway's own identifiers (a
+    /// route, a reason) or an HTTP token (a method). Written without looking.
+    pub fn name(&mut self, key: &'static str, value: &str) -> &mut Encoded {
+        debug_assert!(!needs_escape(value.as_bytes()), "{value:?} needs escaping");
+        self.key(key);
+        self.pairs.push('"');
+        self.pairs.push_str(value);
+        self.pairs.push('"');
+        self
+    }
+
+    pub fn u64(&mut self, key: &'static str, value: u64) -> &mut Encoded {
+        self.key(key);
+        write_u64(&mut self.pairs, value);
+        self
+    }
+
+    /// A duration in milliseconds with microsecond resolution (`12.5`), written as the
+    /// `f64` `micros / 1000.0` displays.
+    pub fn millis(&mut self, key: &'static str, elapsed: Duration) -> &mut Encoded {
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.key(key);
+        write_in_thousandths(&mut self.pairs, micros);
+        self
+    }
+
+    /// One copy of the whole `,"name":`: no escaping, the key is spelled by [`json_key!`].
+    fn key(&mut self, key: &'static str) {
+        debug_assert!(
+            key.starts_with(",\"")
+                && key.ends_with("\":")
+                && !needs_escape(&key.as_bytes()[2..key.len() - 2]),
+            "{key:?} is not a key from json_key!"
+        );
+        self.pairs.push_str(key);
+    }
+
+    /// The value to log as the field [`ENCODED`].
+    pub fn pairs(&self) -> EncodedPairs<'_> {
+        EncodedPairs(&self.pairs)
+    }
+}
+
+/// [`Encoded`]'s pairs as a field value: `{:#?}` writes them as they are (the JSON format),
+/// `{:?}` as a JSON object (the text format).
+pub struct EncodedPairs<'a>(&'a str);
+
+impl fmt::Debug for EncodedPairs<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if f.alternate() {
+            f.write_str(self.0)
+        } else {
+            f.write_char('{')?;
+            f.write_str(self.0.strip_prefix(',').unwrap_or(self.0))?;
+            f.write_char('}')
         }
     }
 }
@@ -307,8 +420,8 @@ fn write_u64(out: &mut String, mut value: u64) {
             break;
         }
     }
-    // ASCII digits only.
-    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or("0"));
+    // A few digits: pushed one by one, cheaper than checking them as UTF-8 first.
+    out.extend(digits[at..].iter().map(|&digit| char::from(digit)));
 }
 
 /// `value` as `Display` writes it, when it is a whole number of thousandths (the
@@ -326,7 +439,12 @@ fn write_thousandths(out: &mut String, value: f64) -> bool {
     if scaled < 0.0 {
         out.push('-');
     }
-    let thousandths = scaled.abs() as u64;
+    write_in_thousandths(out, scaled.abs() as u64);
+    true
+}
+
+/// `thousandths / 1000` in decimal, without trailing zeros (`12500` is `12.5`).
+fn write_in_thousandths(out: &mut String, thousandths: u64) {
     write_u64(out, thousandths / 1000);
     let mut fraction = thousandths % 1000;
     if fraction != 0 {
@@ -340,7 +458,6 @@ fn write_thousandths(out: &mut String, value: f64) -> bool {
             out.push(char::from(b'0' + (fraction / 10u64.pow(place) % 10) as u8));
         }
     }
-    true
 }
 
 /// `text` as a JSON string literal (RFC 8259 §7), appended to `out`.
@@ -413,17 +530,18 @@ fn json(text: &str) -> String {
 /// per second per thread; within the second only the microseconds are new.
 fn write_time(out: &mut String, at: std::time::SystemTime) {
     thread_local! {
-        static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
+        static SECOND: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
     }
     let since_epoch = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = since_epoch.as_secs();
-    let (cached, mut text) = SECOND.get();
-    if cached != secs {
-        text = date_time(secs);
-        SECOND.set((secs, text));
-    }
-    // ASCII digits and separators only.
-    out.push_str(std::str::from_utf8(&text).unwrap_or("1970-01-01T00:00:00"));
+    SECOND.with_borrow_mut(|(cached, text)| {
+        if *cached != secs {
+            text.clear();
+            text.extend(date_time(secs).iter().map(|&byte| char::from(byte)));
+            *cached = secs;
+        }
+        out.push_str(text);
+    });
     out.push('.');
     let mut micros = [0u8; 6];
     let mut value = since_epoch.subsec_micros();
@@ -431,7 +549,7 @@ fn write_time(out: &mut String, at: std::time::SystemTime) {
         *digit = b'0' + (value % 10) as u8;
         value /= 10;
     }
-    out.push_str(std::str::from_utf8(&micros).unwrap_or("000000"));
+    out.extend(micros.iter().map(|&digit| char::from(digit)));
     out.push('Z');
 }
 

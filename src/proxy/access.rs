@@ -15,6 +15,7 @@ use crate::config::Cidr;
 use crate::decision::{Destination, FallbackReason, Reason};
 use crate::forward::headers::X_FORWARDED_FOR;
 use crate::forward::{Downstream, Head};
+use crate::observe::logging::{json_key, Encoded};
 use crate::server::connection::OnSent;
 
 /// Keeps the client id for the access line without copying it when it points into the
@@ -101,12 +102,17 @@ impl AccessLog {
     pub(super) fn responded(&mut self, status: StatusCode, headers: &HeaderMap, ttfb: Duration) {
         self.status = status;
         self.ttfb = ttfb;
-        self.content_type = headers.get(header::CONTENT_TYPE).cloned();
+        if is_logged() {
+            self.content_type = headers.get(header::CONTENT_TYPE).cloned();
+        }
     }
 
     /// One line per request. The query string shows its parameter names only, the
     /// referrer likewise: values carry codes, secrets and tokens.
     fn emit(&self, written: u64) {
+        if !is_logged() {
+            return;
+        }
         let referrer = log_opt(&self.referrer);
         if self.uri.query().is_none() && referrer.is_empty() {
             // The common case: nothing to redact, nothing to write out first.
@@ -143,28 +149,31 @@ impl AccessLog {
             .as_deref()
             .and_then(|id| std::str::from_utf8(id).ok())
             .unwrap_or("");
-        tracing::info!(
-            correlation_id = log_str(&self.request_id),
-            method = self.method.as_str(),
-            path = self.uri.path(),
-            route = self.route,
-            status = self.status.as_u16(),
-            duration_ms = millis(self.started.elapsed()),
-            destination = self.destination.as_str(),
-            reason = self.reason.map_or("", Reason::as_str),
-            fallback_reason = self.fallback.map_or("", FallbackReason::as_str),
-            client_id,
-            remote_ip = log_str(&self.remote_ip),
-            host = log_opt(&self.host),
-            uri,
-            proto = self.proto,
-            user_agent = log_opt(&self.user_agent),
-            referrer,
-            written_bytes = written,
-            ttfb_ms = millis(self.ttfb),
-            content_type = log_opt(&self.content_type),
-            "access"
-        );
+        Encoded::with(|line| {
+            line.str(json_key!("correlation_id"), log_str(&self.request_id))
+                .name(json_key!("method"), self.method.as_str())
+                .str(json_key!("path"), self.uri.path())
+                .name(json_key!("route"), self.route)
+                .u64(json_key!("status"), self.status.as_u16().into())
+                .millis(json_key!("duration_ms"), self.started.elapsed())
+                .name(json_key!("destination"), self.destination.as_str())
+                .name(json_key!("reason"), self.reason.map_or("", Reason::as_str))
+                .name(
+                    json_key!("fallback_reason"),
+                    self.fallback.map_or("", FallbackReason::as_str),
+                )
+                .str(json_key!("client_id"), client_id)
+                .str(json_key!("remote_ip"), log_str(&self.remote_ip))
+                .str(json_key!("host"), log_opt(&self.host))
+                .str(json_key!("uri"), uri)
+                .name(json_key!("proto"), self.proto)
+                .str(json_key!("user_agent"), log_opt(&self.user_agent))
+                .str(json_key!("referrer"), referrer)
+                .u64(json_key!("written_bytes"), written)
+                .millis(json_key!("ttfb_ms"), self.ttfb)
+                .str(json_key!("content_type"), log_opt(&self.content_type));
+            tracing::info!(fields = ?line.pairs(), "access");
+        });
     }
 }
 
@@ -178,13 +187,8 @@ impl OnSent for Box<AccessLog> {
 
 /// Whether access lines are written now: `info` is enabled (tracing's global level, one
 /// atomic load).
-fn is_logged() -> bool {
+pub(super) fn is_logged() -> bool {
     tracing::level_filters::LevelFilter::current() >= tracing::Level::INFO
-}
-
-/// Microsecond resolution: float noise past that helps nobody reading logs.
-fn millis(elapsed: Duration) -> f64 {
-    elapsed.as_micros() as f64 / 1000.0
 }
 
 /// `r.Proto` as Go spells it, which labkit logs.

@@ -7,7 +7,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use hyper::header::HeaderValue;
 
-use super::access::{log_str, retain};
+use super::access::{is_logged, log_str, retain};
 use super::Exchange;
 use crate::classify::identify::identify;
 use crate::classify::issuer::{continuity, Continuity};
@@ -18,6 +18,7 @@ use crate::decision::preauth::PreauthError;
 use crate::decision::rules::{Mode, RailsIssued, RoutingConfig};
 use crate::decision::{Decision, Destination, Reason};
 use crate::forward::Head;
+use crate::observe::logging::{json_key, Encoded};
 use crate::state::{AppState, IamUpstream};
 
 /// What the rules before the cache make of a request.
@@ -129,15 +130,17 @@ pub(super) async fn decide(
         (Rule::AskCache(_), None) => Decision::rails(Reason::IamDisabled),
     };
     state.metrics.decision(decision);
-    tracing::info!(
-        correlation_id = log_str(&head.request_id),
-        client_id = client_id.unwrap_or(""),
-        identification = identity.label(),
-        route = endpoint.as_str(),
-        destination = decision.destination.as_str(),
-        reason = decision.reason.as_str(),
-        "iamproxy: routing decision"
-    );
+    if is_logged() {
+        Encoded::with(|line| {
+            line.str(json_key!("correlation_id"), log_str(&head.request_id))
+                .str(json_key!("client_id"), client_id.unwrap_or(""))
+                .name(json_key!("identification"), identity.label())
+                .name(json_key!("route"), endpoint.as_str())
+                .name(json_key!("destination"), decision.destination.as_str())
+                .name(json_key!("reason"), decision.reason.as_str());
+            tracing::info!(fields = ?line.pairs(), "iamproxy: routing decision");
+        });
+    }
     exchange.access.client_id = client_id.map(|id| retain(body, id));
     exchange.access.reason = Some(decision.reason);
     decision

@@ -295,3 +295,85 @@ fn float_fields_read_back_whatever_their_form() {
     }
     assert!(out.contains(r#""a":1.5,"b":2,"c":0.001,"#), "{out}");
 }
+
+/// The time is the one part two lines may not share: everything after it.
+fn after_time(line: &str) -> &str {
+    let at = line.find("\",\"level\"").expect("a JSON line with a level");
+    &line[at..]
+}
+
+#[test]
+fn an_encoded_line_reads_as_the_same_fields_logged_one_by_one() {
+    let (value, host, elapsed) = ("quote \" back \\ tab \t é", "gitlab.example", 12_345);
+    let one_by_one = capture(LogFormat::Json, || {
+        tracing::info!(
+            correlation_id = value,
+            route = "token",
+            status = 502u16,
+            duration_ms = elapsed as f64 / 1000.0,
+            host,
+            "access"
+        )
+    });
+    let encoded = capture(LogFormat::Json, || {
+        Encoded::with(|line| {
+            line.str(json_key!("correlation_id"), value)
+                .name(json_key!("route"), "token")
+                .u64(json_key!("status"), 502)
+                .millis(json_key!("duration_ms"), Duration::from_micros(elapsed))
+                .str(json_key!("host"), host);
+            tracing::info!(fields = ?line.pairs(), "access");
+        })
+    });
+    assert_eq!(after_time(&encoded), after_time(&one_by_one));
+    let line: serde_json::Value = serde_json::from_str(encoded.trim_end()).unwrap();
+    assert_eq!(line["correlation_id"], value);
+    assert_eq!(line["duration_ms"], 12.345);
+}
+
+#[test]
+fn a_line_encoded_while_another_is_keeps_both_apart() {
+    let out = capture(LogFormat::Json, || {
+        Encoded::with(|outer| {
+            outer.name(json_key!("a"), "outer");
+            Encoded::with(|inner| {
+                inner.name(json_key!("b"), "inner");
+                tracing::info!(fields = ?inner.pairs(), "inner");
+            });
+            tracing::info!(fields = ?outer.pairs(), "outer");
+        })
+    });
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert_eq!((&lines[0]["b"], lines[0].get("a")), (&"inner".into(), None));
+    assert_eq!((&lines[1]["a"], lines[1].get("b")), (&"outer".into(), None));
+}
+
+#[test]
+fn the_text_format_writes_encoded_fields_as_a_json_object() {
+    let out = capture(LogFormat::Text, || {
+        Encoded::with(|line| {
+            line.u64(json_key!("status"), 502)
+                .str(json_key!("path"), "/a");
+            tracing::info!(fields = ?line.pairs(), "access");
+        })
+    });
+    assert!(
+        out.contains(r#"access fields={"status":502,"path":"/a"}"#),
+        "{out}"
+    );
+}
+
+proptest::proptest! {
+    #[test]
+    fn encoded_milliseconds_are_written_as_display_writes_the_float(
+        micros in 0u64..10_000_000_000_000,
+    ) {
+        let mut ours = String::new();
+        write_in_thousandths(&mut ours, micros);
+        proptest::prop_assert_eq!(ours, format!("{}", micros as f64 / 1000.0));
+    }
+}
