@@ -1,7 +1,8 @@
 //! Upstream connections on real sockets: each upstream's `max_connections` caps what the
 //! gateway opens, a request past it waits for a free one within the connect timeout and
 //! then fails as documented (Rails: 503 with `Retry-After`; IAM: replay to Rails), and a
-//! client that resets its HTTP/2 streams does not cost a new Rails connection each time.
+//! client that resets its HTTP/2 streams does not cost a new Rails connection each time, and
+//! a connect a request did not need in the end is kept.
 
 mod support;
 
@@ -12,7 +13,8 @@ use http_body_util::Full;
 use hyper::Request;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use support::metrics::scrape;
-use support::{gateway, send, Reply, TestClient};
+use support::tls::{Ca, TlsFront};
+use support::{gateway, send, GatewayFakes, Reply, TestClient};
 
 /// How long the fake upstreams below keep a request.
 const HELD: Duration = Duration::from_millis(1500);
@@ -149,4 +151,85 @@ async fn http2_streams_reset_before_rails_answers_do_not_cost_a_connection_each(
         "{} Rails connections for {RESETS} resets",
         gw.rails.connections()
     );
+}
+
+/// A request that finds no idle connection opens one, and takes a connection returned
+/// meanwhile if that comes first; the connect it started still joins the pool. Abandoned,
+/// a pool one connection short of its load stays short, and requests open connections
+/// only to close them.
+#[tokio::test]
+async fn a_connect_that_loses_to_a_returned_connection_joins_the_pool() {
+    const HANDSHAKE: Duration = Duration::from_millis(1000);
+    const SLOW: Duration = Duration::from_millis(300);
+    let ca = Ca::new("upstream CA");
+    let leaf = ca.leaf(&["127.0.0.1"]);
+    let fakes = GatewayFakes::start().await;
+    fakes.rails.respond(|request| {
+        let reply = Reply::text(200, "rails");
+        if request.uri.starts_with("/slow") {
+            reply.after(SLOW)
+        } else {
+            reply
+        }
+    });
+    // Every connect to Rails takes a second: longer than a slow request.
+    let front = TlsFront::start_slow(&leaf, fakes.rails.addr, HANDSHAKE).await;
+    let gw = gateway()
+        .set(
+            "rails",
+            &format!(
+                "url = \"{}\"\nca_file = \"{}\"",
+                front.url(),
+                ca.file.toml()
+            ),
+        )
+        .start_with(fakes)
+        .await;
+    let client = TestClient::new();
+    assert_eq!(client.get(&gw.url("/warm")).await.status, 200);
+    assert_eq!(gw.rails.connections(), 1);
+
+    // The slow request holds the one connection; the next finds none idle, starts a
+    // connect, and is served on the slow one's connection when it comes back.
+    let slow = tokio::spawn({
+        let (client, url) = (client.clone(), gw.url("/slow/a"));
+        async move { client.get(&url).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    assert_eq!(client.get(&gw.url("/next")).await.status, 200);
+    let waited = started.elapsed();
+    assert!(
+        waited < HANDSHAKE - Duration::from_millis(100),
+        "waited {waited:?}"
+    );
+    assert_eq!(slow.await.unwrap().status, 200);
+
+    // Its connect finishes anyway, and the connection is kept.
+    let deadline = Instant::now() + 3 * HANDSHAKE;
+    while gw.rails.connections() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        gw.rails.connections(),
+        2,
+        "the connect nobody needed was kept"
+    );
+    assert!(
+        front.refused().is_empty(),
+        "abandoned handshakes: {:?}",
+        front.refused()
+    );
+
+    // So two overlapping requests find two idle connections and open none.
+    let (b, c) = (gw.url("/slow/b"), gw.url("/slow/c"));
+    let started = Instant::now();
+    let (a, b) = tokio::join!(client.get(&b), client.get(&c));
+    assert_eq!([a.status, b.status], [200, 200]);
+    let waited = started.elapsed();
+    assert!(
+        waited < HANDSHAKE - Duration::from_millis(100),
+        "waited {waited:?}"
+    );
+    assert_eq!(gw.rails.connections(), 2);
 }

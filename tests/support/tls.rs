@@ -152,6 +152,16 @@ pub struct TlsFront {
 
 impl TlsFront {
     pub async fn start(leaf: &Leaf, target: SocketAddr) -> TlsFront {
+        TlsFront::start_slow(leaf, target, std::time::Duration::ZERO).await
+    }
+
+    /// A front whose every handshake starts `delay` after the connection was accepted: a
+    /// connect that takes that long.
+    pub async fn start_slow(
+        leaf: &Leaf,
+        target: SocketAddr,
+        delay: std::time::Duration,
+    ) -> TlsFront {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = leaf.acceptor();
@@ -166,6 +176,7 @@ impl TlsFront {
                 };
                 let (acceptor, failures) = (acceptor.clone(), failures.clone());
                 tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
                     let mut tls = match acceptor.accept(stream).await {
                         Ok(tls) => tls,
                         Err(error) => return failures.lock().unwrap().push(error.to_string()),
