@@ -303,7 +303,7 @@ pub const ENCODED: &str = "fields";
 /// per request (the access and decision lines): each key is a literal and each value is
 /// written by its type, where tracing's visitor would look at every field of every line
 /// anew. The pairs travel as the one field [`ENCODED`]
-/// (`tracing::info!(fields = encoded.pairs(), "access")`): the JSON format splices them in
+/// (`tracing::info!(fields = ?encoded.pairs(), "access")`): the JSON format splices them in
 /// where the fields go, so the line reads exactly as if each had been a field of its own;
 /// the text format writes them as a JSON object.
 pub struct Encoded {

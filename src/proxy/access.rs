@@ -185,8 +185,8 @@ impl OnSent for Box<AccessLog> {
     }
 }
 
-/// Whether access lines are written now: `info` is enabled (tracing's global level, one
-/// atomic load).
+/// Whether the access and decision lines are written now: `info` is enabled (tracing's
+/// global level, one atomic load).
 pub(super) fn is_logged() -> bool {
     tracing::level_filters::LevelFilter::current() >= tracing::Level::INFO
 }
