@@ -104,7 +104,8 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `Debug` shows the URL without its user info (see [`RedisConfig::url`]).
+#[derive(Clone, PartialEq, Eq)]
 pub struct RedisConfig {
     /// `redis://host:port/db` or `rediss://…`; may hold a password, so it is never logged.
     /// With `sentinels`, its host and port are not used: the sentinels name the master.
@@ -125,6 +126,34 @@ pub struct RedisConfig {
     pub sentinels: Vec<String>,
     /// The master the sentinels are asked for.
     pub sentinel_master: String,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `scheme://user:password@host…`: everything between `://` and the last `@` of the
+        // authority goes.
+        let url = match self.url.split_once("://") {
+            Some((scheme, rest)) => {
+                let authority = rest.find(['/', '?', '#']).map_or(rest, |end| &rest[..end]);
+                match authority.rfind('@') {
+                    Some(at) => format!("{scheme}://<redacted>@{}", &rest[at + 1..]),
+                    None => self.url.clone(),
+                }
+            }
+            None => self.url.clone(),
+        };
+        f.debug_struct("RedisConfig")
+            .field("url", &url)
+            .field("channel", &self.channel)
+            .field("shared_cache", &self.shared_cache)
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .field("ca_pem", &self.ca_pem.as_ref().map(Vec::len))
+            .field("password", &self.password)
+            .field("sentinels", &self.sentinels)
+            .field("sentinel_master", &self.sentinel_master)
+            .finish()
+    }
 }
 
 /// Redis' password from `redis.password_file`. Redacted in `Debug`.

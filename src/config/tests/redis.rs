@@ -113,3 +113,19 @@ fn sentinels_name_their_master_and_make_the_url_optional() {
         "redis.url: required key is missing"
     );
 }
+
+#[test]
+fn debug_never_shows_the_password_in_the_url() {
+    for url in [
+        "redis://:s3cr3t-pw@redis.internal:6379/0",
+        "rediss://gitlab:s3cr3t-pw@redis.internal/",
+        "redis://gitlab:s3cr3t-pw@redis.internal?db=1",
+    ] {
+        let config = redis(&format!("url = \"{url}\"")).unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("<redacted>@redis.internal"), "{shown}");
+    }
+    let plain = redis("url = \"redis://redis.internal:6379/0\"").unwrap();
+    assert!(format!("{plain:?}").contains("\"redis://redis.internal:6379/0\""));
+}
