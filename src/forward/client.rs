@@ -416,12 +416,6 @@ fn tcp_target(url: &Uri, tls: &Arc<ClientConfig>) -> Target {
 /// Starts an HTTP/1.1 connection on `io`; it runs in a task of its own, holding its place
 /// among the pool's connections (`permit`), until the upstream or the pool closes it. Its
 /// errors reach the request in flight, if any.
-///
-/// Writes are flattened: a head and a small body are copied into one buffer, instead of
-/// hyper queueing each piece for `writev`. The queue's bookkeeping cost about 500
-/// instructions per request on each side of the gateway, more than copying the few hundred
-/// bytes of a typical OAuth or API exchange; a large body costs a user-space copy (8
-/// downloads of 256 MiB: 3 to 7 ticks of user CPU became 11 or 12, of about 55 in all).
 async fn handshake<I>(
     io: I,
     permit: OwnedSemaphorePermit,
@@ -429,10 +423,7 @@ async fn handshake<I>(
 where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (sender, connection) = http1::Builder::new()
-        .writev(false)
-        .handshake(TokioIo::new(io))
-        .await?;
+    let (sender, connection) = http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
         let _ = connection.with_upgrades().await;
         drop(permit);

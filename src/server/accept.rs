@@ -270,13 +270,11 @@ pub fn timeouts(server: &ServerConfig) -> Timeouts {
 /// `h2_max_concurrent_streams` streams at once (nginx's default is 128). The header read and idle
 /// timeouts are [`connection`]'s, not hyper's: hyper's header timer also runs while a
 /// keep-alive connection waits for its next request, which would make the two one.
-/// HTTP/1 writes go out flattened (see [`crate::forward::client`]'s handshake).
 pub(super) fn connection_builder(limits: Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .header_read_timeout(None)
-        .writev(false)
         .max_buf_size(limits.max_header_bytes);
     builder
         .http2()
