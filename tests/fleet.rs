@@ -8,10 +8,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Request};
-use serde_json::Value;
+use hyper::Method;
 use support::process::{free_addr, TempFile};
 use support::redis::RedisServer;
 use support::{gateway, Reply, TestClient, TestGateway};
@@ -58,20 +55,14 @@ async fn authorize(gw: &TestGateway, client_id: &str) -> String {
     answer.served_by()
 }
 
-async fn admin(gw: &TestGateway, method: Method, path: &str) -> Value {
-    let request = Request::builder()
-        .method(method)
-        .uri(format!("http://{}{path}", gw.admin))
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .body(Full::<Bytes>::default())
-        .unwrap();
-    let answer = TestClient::new().send(request).await;
-    assert_eq!(answer.status, 200, "{}", answer.text());
-    serde_json::from_slice(&answer.body).unwrap()
-}
-
 async fn is_cached(gw: &TestGateway, client_id: &str) -> bool {
-    let body = admin(gw, Method::GET, &format!("/-/admin/decisions/{client_id}")).await;
+    let body = gw
+        .admin_json(
+            Method::GET,
+            &format!("/-/admin/decisions/{client_id}"),
+            TOKEN,
+        )
+        .await;
     !body["cached"].is_null()
 }
 
@@ -107,7 +98,9 @@ async fn invalidations_reach_every_instance_and_redis_going_away_costs_no_reques
         assert_eq!(authorize(gw, "app").await, "iam");
         assert!(is_cached(gw, "app").await);
     }
-    let answer = admin(&one, Method::DELETE, "/-/admin/decisions/app").await;
+    let answer = one
+        .admin_json(Method::DELETE, "/-/admin/decisions/app", TOKEN)
+        .await;
     assert_eq!(answer["published"], true);
     let took = forgotten_everywhere(&[&one, &two], "app").await;
     assert!(took < Duration::from_secs(1), "took {took:?}");
@@ -120,7 +113,9 @@ async fn invalidations_reach_every_instance_and_redis_going_away_costs_no_reques
         let gw = if n % 2 == 0 { &one } else { &two };
         assert_eq!(authorize(gw, &format!("app-{}", n % 5)).await, "iam");
     }
-    let answer = admin(&one, Method::DELETE, "/-/admin/decisions/app-1").await;
+    let answer = one
+        .admin_json(Method::DELETE, "/-/admin/decisions/app-1", TOKEN)
+        .await;
     assert_eq!(answer["invalidated"], true, "the local cache still works");
     assert_eq!(
         answer["published"], false,

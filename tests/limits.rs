@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 use iamproxy::server::admin::ADMIN_CONNECTIONS;
 use support::raw::RawConnection;
-use support::{gateway, Reply, TestClient};
+use support::{gateway, until, Reply, TestClient};
 
 /// Sends `request` on `connection` and reads its response (within
 /// [`support::raw::PATIENCE`], 5 s); returns the status.
@@ -214,29 +214,18 @@ async fn a_client_that_disconnects_mid_request_cancels_the_upstream_exchange() {
     connection.write(request.as_bytes()).await;
     let in_flight =
         |scrape: &support::metrics::Scrape| scrape.value("iamproxy_requests_in_flight", &[]);
-    poll_until("IAM holds the request", || async { gw.iam.count() == 1 }).await;
+    until(Duration::from_secs(2), "IAM holds the request", || async {
+        gw.iam.count() == 1
+    })
+    .await;
     assert_eq!(in_flight(&support::metrics::scrape(gw.admin).await), 1.0);
 
     drop(connection);
-    poll_until("the request is dropped", || async {
+    until(Duration::from_secs(2), "the request is dropped", || async {
         in_flight(&support::metrics::scrape(gw.admin).await) == 0.0
     })
     .await;
     assert_eq!(gw.rails.count(), 0, "a cancelled request is not replayed");
-}
-
-async fn poll_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..100 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting until {what}");
 }
 
 #[tokio::test]

@@ -10,16 +10,14 @@ mod support;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Request};
+use hyper::Method;
 use serde_json::Value;
 use support::logs::Captured;
 use support::metrics::scrape;
 use support::process::{free_addr, TempFile, PATIENCE};
 use support::redis::{RedisOptions, RedisServer, SentinelSetup};
 use support::tls::Ca;
-use support::{gateway, FakeUpstream, GatewayFakes, Reply, TestClient, TestGateway};
+use support::{gateway, until, FakeUpstream, GatewayFakes, Reply, TestClient, TestGateway};
 
 const TOKEN: &str = "shared-cache-test-token-0123456789";
 /// `preauthorize.timeout`, and so how long members wait for another's call.
@@ -89,7 +87,9 @@ async fn member(fakes: &GatewayFakes, redis: &str, token: &TempFile) -> TestGate
 /// Redis took it.
 async fn connected(member: &TestGateway) {
     until(PATIENCE, "the member's shared cache connected", || async {
-        let answer = admin(member, Method::DELETE, "/-/admin/decisions/fleet-warm-up").await;
+        let answer = member
+            .admin_json(Method::DELETE, "/-/admin/decisions/fleet-warm-up", TOKEN)
+            .await;
         answer["shared"] == Value::Bool(true)
     })
     .await;
@@ -127,35 +127,11 @@ async fn burst(fleet: &Fleet, clients: &[String], per_member: usize) -> Vec<Stri
     requests.join_all().await
 }
 
-async fn admin(gw: &TestGateway, method: Method, path: &str) -> Value {
-    let request = Request::builder()
-        .method(method)
-        .uri(format!("http://{}{path}", gw.admin))
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .body(Full::<Bytes>::default())
-        .unwrap();
-    let answer = TestClient::new().send(request).await;
-    assert_eq!(answer.status, 200, "{}", answer.text());
-    serde_json::from_slice(&answer.body).unwrap()
-}
-
 async fn lookups(gw: &TestGateway, outcome: &str) -> f64 {
     scrape(gw.admin).await.value(
         "iamproxy_shared_cache_lookups_total",
         &[("outcome", outcome)],
     )
-}
-
-async fn until<F, Fut>(within: Duration, what: &str, check: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn ids(prefix: &str, n: usize) -> Vec<String> {
@@ -231,7 +207,9 @@ async fn a_redis_hit_lives_for_what_is_left_of_the_answers_lifetime() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(authorize(two, "app").await, "iam");
     assert_eq!(fleet.preauth.count(), 1, "a Redis hit");
-    let cached = admin(two, Method::GET, "/-/admin/decisions/app").await;
+    let cached = two
+        .admin_json(Method::GET, "/-/admin/decisions/app", TOKEN)
+        .await;
     let left = cached["cached"]["expires_in_seconds"].as_f64().unwrap();
     let should = 3.0 - fetched.elapsed().as_secs_f64();
     assert!(
@@ -312,26 +290,38 @@ async fn invalidations_reach_redis_from_the_admin_api_and_from_bare_messages() {
     assert_eq!(fleet.preauth.count(), 1);
 
     // One client, from the admin API: gone from Redis, and asked again anywhere.
-    let answer = admin(two, Method::DELETE, "/-/admin/decisions/app").await;
+    let answer = two
+        .admin_json(Method::DELETE, "/-/admin/decisions/app", TOKEN)
+        .await;
     assert_eq!(answer["shared"], true);
     assert_eq!(answer["published"], true);
     assert!(redis.keys("iamproxy:decision:*").await.is_empty());
     until(
         Duration::from_secs(5),
         "forgotten on the other member",
-        || async { admin(one, Method::GET, "/-/admin/decisions/app").await["cached"].is_null() },
+        || async {
+            one.admin_json(Method::GET, "/-/admin/decisions/app", TOKEN)
+                .await["cached"]
+                .is_null()
+        },
     )
     .await;
     assert_eq!(authorize(one, "app").await, "iam");
     assert_eq!(fleet.preauth.count(), 2);
 
     // Everything: one INCR of the generation, no key scan; the old keys expire by themselves.
-    let answer = admin(one, Method::DELETE, "/-/admin/decisions").await;
+    let answer = one
+        .admin_json(Method::DELETE, "/-/admin/decisions", TOKEN)
+        .await;
     assert_eq!(answer["shared"], true);
     until(
         Duration::from_secs(5),
         "forgotten on the other member",
-        || async { admin(two, Method::GET, "/-/admin/decisions/app").await["cached"].is_null() },
+        || async {
+            two.admin_json(Method::GET, "/-/admin/decisions/app", TOKEN)
+                .await["cached"]
+                .is_null()
+        },
     )
     .await;
     let generation: String = redis.cmd(&["GET", "iamproxy:generation"]).await;

@@ -523,9 +523,39 @@ impl GatewayBuilder {
     }
 }
 
+/// Checks `check` every 20 ms until it holds, failing the test after `within`.
+pub async fn until<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 impl TestGateway {
     pub fn url(&self, path_and_query: &str) -> String {
         format!("http://{}{}", self.addr, path_and_query)
+    }
+
+    /// The admin API's JSON answer to `method path`, sent with `token`; anything but 200
+    /// fails the test.
+    pub async fn admin_json(&self, method: Method, path: &str, token: &str) -> serde_json::Value {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.admin))
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let answer = TestClient::new().send(request).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        serde_json::from_slice(&answer.body).unwrap()
     }
 
     /// Asks the gateway to shut down and waits until it has.

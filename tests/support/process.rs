@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -273,16 +273,12 @@ pub async fn probe(addr: SocketAddr, path: &str) -> Option<StatusCode> {
     answer.ok().flatten().map(|answer| answer.status)
 }
 
-/// Checks `condition` every 20 ms until it holds, failing the test after `PATIENCE`.
-pub async fn poll_until<F>(what: &str, mut condition: impl FnMut() -> F)
+/// [`super::until`] with the patience a process test allows itself.
+pub async fn poll_until<F>(what: &str, condition: impl FnMut() -> F)
 where
     F: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + PATIENCE;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    super::until(PATIENCE, what, condition).await;
 }
 
 /// The commit the binary under test was built from, found independently of its build

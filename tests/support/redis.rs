@@ -295,18 +295,17 @@ impl SentinelSetup {
             name,
         };
         // The sentinel learns of the replica from the master's INFO: failing over needs it.
-        setup
-            .until(
-                Duration::from_secs(20),
-                "the sentinel knows the replica",
-                || async {
-                    let replicas: Vec<redis::Value> =
-                        setup.sentinel.cmd(&["SENTINEL", "REPLICAS", name]).await;
-                    let linked: String = setup.replica.cmd(&["INFO", "replication"]).await;
-                    !replicas.is_empty() && linked.contains("master_link_status:up")
-                },
-            )
-            .await;
+        super::until(
+            Duration::from_secs(20),
+            "the sentinel knows the replica",
+            || async {
+                let replicas: Vec<redis::Value> =
+                    setup.sentinel.cmd(&["SENTINEL", "REPLICAS", name]).await;
+                let linked: String = setup.replica.cmd(&["INFO", "replication"]).await;
+                !replicas.is_empty() && linked.contains("master_link_status:up")
+            },
+        )
+        .await;
         setup
     }
 
@@ -317,19 +316,6 @@ impl SentinelSetup {
             .cmd(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name])
             .await;
         port
-    }
-
-    /// Polls `check` every 50 ms until it holds, failing the test after `within`.
-    pub async fn until<F, Fut>(&self, within: Duration, what: &str, check: F)
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = bool>,
-    {
-        let deadline = Instant::now() + within;
-        while !check().await {
-            assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 }
 
