@@ -46,20 +46,7 @@ async fn demo_routes_through_its_stand_ins_and_exits_on_sigterm() {
         )
         .await;
     assert_eq!(token.served_by(), "rails");
-    let broken = client
-        .send(
-            Request::post(url("/oauth/token"))
-                .header(
-                    "authorization",
-                    format!("Basic {}", STANDARD.encode("demo-iam-broken:secret")),
-                )
-                .header("content-type", "application/x-www-form-urlencoded")
-                .body(Full::new(Bytes::from_static(
-                    b"grant_type=client_credentials",
-                )))
-                .unwrap(),
-        )
-        .await;
+    let broken = client.send(broken_iam_token(url("/oauth/token"))).await;
     assert_eq!(broken.served_by(), "rails", "IAM's 503 replayed to Rails");
     assert_eq!(probe(admin, "/-/readiness").await, Some(StatusCode::OK));
     let metrics = client.get(&format!("http://{admin}/metrics")).await.text();
@@ -100,16 +87,7 @@ async fn demo_routes_through_its_stand_ins_and_exits_on_sigterm() {
     );
     assert!(banner.contains(&breaker), "{banner}");
     for _ in 0..5 {
-        let failure = Request::post(url("/oauth/token"))
-            .header(
-                "authorization",
-                format!("Basic {}", STANDARD.encode("demo-iam-broken:secret")),
-            )
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(Full::new(Bytes::from_static(
-                b"grant_type=client_credentials",
-            )))
-            .unwrap();
+        let failure = broken_iam_token(url("/oauth/token"));
         assert_eq!(client.send(failure).await.served_by(), "rails");
     }
     let metrics = client.get(&format!("http://{admin}/metrics")).await.text();
@@ -124,4 +102,18 @@ async fn demo_routes_through_its_stand_ins_and_exits_on_sigterm() {
 
     demo.sigterm();
     demo.assert_exits_cleanly().await;
+}
+
+/// A token request from the demo's application whose IAM answers 503 (Basic auth).
+fn broken_iam_token(url: String) -> Request<Full<Bytes>> {
+    Request::post(url)
+        .header(
+            "authorization",
+            format!("Basic {}", STANDARD.encode("demo-iam-broken:secret")),
+        )
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from_static(
+            b"grant_type=client_credentials",
+        )))
+        .unwrap()
 }
