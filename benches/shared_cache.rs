@@ -230,7 +230,9 @@ fn levels(c: &mut Criterion) {
         b.iter_custom(|n| {
             timed(&runtime, n, |_| async {
                 alone.invalidate("hot").await;
-                let found = alone.lookup("hot", preauth.ask("hot", &request_id)).await;
+                let found = alone
+                    .lookup("hot", preauth.ask("hot", &request_id, None))
+                    .await;
                 assert!(matches!(found, Lookup::Fetched(_)));
             })
         })

@@ -20,6 +20,7 @@ use crate::forward::client::{Pool, PoolLimits, Upstream};
 use crate::forward::headers::RequestIds;
 use crate::observe::logging::LogLevel;
 use crate::observe::metrics::{Metrics, ReloadResult};
+use crate::observe::trace::Tracer;
 use crate::proxy::buffer::Budget;
 
 #[derive(Debug)]
@@ -36,6 +37,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// OAuth bodies buffered now; outlives reloads, as the bodies do.
     pub buffered: Arc<Budget>,
+    /// `[tracing]`: trace contexts and spans; its exporter outlives reloads.
+    pub tracer: Tracer,
 }
 
 /// Rails and how to reach it.
@@ -134,6 +137,11 @@ impl AppState {
                 || DecisionCache::new(&config.cache).with_shared(shared),
                 |previous| previous.cache.clone(),
             );
+        let tracer = Tracer::new(
+            config.tracing.as_ref(),
+            previous.map(|previous| &previous.tracer),
+            || metrics.tracing(),
+        );
         AppState {
             endpoints: Endpoints::new(&config.oauth.paths),
             rails,
@@ -142,6 +150,7 @@ impl AppState {
             request_ids: RequestIds::new(),
             metrics,
             buffered: previous.map_or_else(Arc::default, |previous| previous.buffered.clone()),
+            tracer,
             config,
         }
     }

@@ -28,6 +28,8 @@ const METRICS: &[&str] = &[
     "iamproxy_config_reloads_total",
     "iamproxy_shared_cache_lookups_total",
     "iamproxy_shared_cache_fills_total",
+    "iamproxy_tracing_spans_exported_total",
+    "iamproxy_tracing_spans_dropped_total",
     "process_resident_memory_bytes",
     "process_open_fds",
     "process_cpu_seconds_total",

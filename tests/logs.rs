@@ -9,7 +9,10 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Request;
 use serde_json::Value;
+use std::time::Duration;
+
 use support::logs::Captured;
+use support::otlp::{Collector, ReceivedSpan};
 use support::{gateway, Reply, TestClient, TestGateway};
 
 /// The one line with this `msg`.
@@ -562,4 +565,133 @@ async fn the_binary_writes_log_fields_on_its_start_access_and_shutdown_lines() {
     for line in &lines {
         assert_eq!(line["subcomponent"], "workhorse", "{line}");
     }
+}
+
+// ---- Tracing ----------------------------------------------------------------------------
+
+/// A gateway recording every request to `collector`, keeping the test's X-Request-Id.
+async fn traced_gateway(collector: &Collector) -> TestGateway {
+    Captured::global();
+    let tracing = format!(
+        "otlp_endpoint = \"{}\"\nsample_ratio = 1.0",
+        collector.endpoint()
+    );
+    gateway()
+        .set("server", r#"trusted_cidrs = ["127.0.0.1/32"]"#)
+        .set("tracing", &tracing)
+        .start()
+        .await
+}
+
+fn token_request_as(gw: &TestGateway, correlation_id: &str) -> Request<Full<Bytes>> {
+    Request::post(gw.url("/oauth/token"))
+        .header("x-request-id", correlation_id)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from_static(
+            b"grant_type=client_credentials&client_id=app-traced",
+        )))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn traced_lines_carry_the_trace_id_and_the_span_only_the_client_id_the_line_shows() {
+    let collector = Collector::start().await;
+    let gw = traced_gateway(&collector).await;
+    gw.preauth.always(Reply::destination("iam"));
+    let correlation_id = format!("logs-{}", random_hex());
+    let answer = TestClient::new()
+        .send(token_request_as(&gw, &correlation_id))
+        .await;
+    assert_eq!(answer.served_by(), "iam");
+
+    let lines = Captured::global().request_lines(&correlation_id).await;
+    let access = only(&lines, "access");
+    let decision = only(&lines, "iamproxy: routing decision");
+    let is_ours = |span: &ReceivedSpan| {
+        span.attr("iamproxy.correlation_id").as_deref() == Some(correlation_id.as_str())
+    };
+    let spans = collector
+        .wait_for(
+            Duration::from_secs(5),
+            "the request's server span",
+            |spans| spans.iter().any(is_ours),
+        )
+        .await;
+    let server = spans.iter().find(|span| is_ours(span)).unwrap();
+    let trace_id = server.trace_id();
+    assert_eq!(access["trace_id"], trace_id.as_str(), "{access}");
+    assert_eq!(decision["trace_id"], trace_id.as_str(), "{decision}");
+    // The line shows the client id (the log is at debug here), so the span may too.
+    assert_eq!(access["client_id"], "app-traced");
+    assert_eq!(
+        server.attr("iamproxy.client_id").as_deref(),
+        Some("app-traced")
+    );
+}
+
+/// The warning lines about the collector so far.
+fn collector_lines(msg: &str) -> usize {
+    count(&Captured::global().lines(), msg)
+}
+
+#[tokio::test]
+async fn a_failing_collector_is_logged_once_per_episode_not_once_per_batch() {
+    const DOWN: &str =
+        "tracing: cannot export spans, dropping them until the collector takes them again";
+    const BACK: &str = "tracing: the collector takes spans again";
+    let collector = Collector::start().await;
+    collector.set_status(Some(503));
+    let gw = traced_gateway(&collector).await;
+    let client = TestClient::new();
+    let exports_reach = |n: usize| {
+        let collector = &collector;
+        async move {
+            support::until(Duration::from_secs(5), "an export", || async {
+                collector.requests() >= n
+            })
+            .await
+        }
+    };
+    let get = || {
+        Request::get(gw.url("/api/v4/projects"))
+            .body(Full::default())
+            .unwrap()
+    };
+    for batch in 1..=3 {
+        assert_eq!(client.send(get()).await.status, 200);
+        exports_reach(batch).await;
+    }
+    assert_eq!(
+        collector_lines(DOWN),
+        1,
+        "three failed batches, one episode"
+    );
+    assert_eq!(collector_lines(BACK), 0);
+
+    collector.set_status(None);
+    assert_eq!(client.send(get()).await.status, 200);
+    exports_reach(4).await;
+    support::until(Duration::from_secs(5), "the all-clear", || async {
+        collector_lines(BACK) == 1
+    })
+    .await;
+    let back = Captured::global()
+        .lines()
+        .into_iter()
+        .find(|line| line["msg"] == BACK)
+        .unwrap();
+    assert_eq!(
+        back["dropped_spans"], 6,
+        "two spans each of three requests: {back}"
+    );
+
+    collector.set_status(Some(503));
+    assert_eq!(client.send(get()).await.status, 200);
+    exports_reach(5).await;
+    support::until(
+        Duration::from_secs(5),
+        "the second episode's warning",
+        || async { collector_lines(DOWN) == 2 },
+    )
+    .await;
 }

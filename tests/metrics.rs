@@ -130,6 +130,8 @@ async fn exports_exactly_the_contracted_metric_families_with_their_types() {
         ("iamproxy_config_reloads_total", "counter"),
         ("iamproxy_shared_cache_lookups_total", "counter"),
         ("iamproxy_shared_cache_fills_total", "counter"),
+        ("iamproxy_tracing_spans_exported_total", "counter"),
+        ("iamproxy_tracing_spans_dropped_total", "counter"),
         ("process_resident_memory_bytes", "gauge"),
         ("process_open_fds", "gauge"),
         ("process_cpu_seconds_total", "counter"),
@@ -820,6 +822,9 @@ fn assert_labels_come_from_closed_sets(scraped: &Scrape) {
                 "le" => value == "+Inf" || value.parse::<f64>().is_ok(),
                 "reason" if series.name == DECISIONS => decision_reasons.contains(&value.as_str()),
                 "reason" if series.name == FALLBACKS => fallback_reasons.contains(&value.as_str()),
+                "reason" if series.name == "iamproxy_tracing_spans_dropped_total" => {
+                    ["queue_full", "export_failed"].contains(&value.as_str())
+                }
                 "commit" => *value == commit,
                 "outcome" if series.name == "iamproxy_shared_cache_lookups_total" => {
                     ["hit", "miss", "error", "timeout"].contains(&value.as_str())

@@ -22,6 +22,9 @@
 #   WARMUP       requests before the counters are zeroed (400)
 #   ACCESS_LOG   on: iamproxy logs at info (access and decision lines, to a file) and nginx
 #                writes its access log; off: neither does (off)
+#   TRACING      a tracing.sample_ratio (e.g. 0.01): iamproxy runs with [tracing], exporting
+#                to an nginx stand-in for the OTLP collector (outside the count); unset: no
+#                [tracing] table
 #   BIN          the iamproxy binary (default: cargo build --release, then target/release)
 #   ONLY         extended regex: run only the rows whose name matches
 #   PORT_BASE    first of the loopback ports used (29000; up to PORT_BASE+9)
@@ -37,6 +40,7 @@ CONNECTIONS=${CONNECTIONS:-16}
 WARMUP=${WARMUP:-400}
 ACCESS_LOG=${ACCESS_LOG:-off}
 BIN=${BIN:-}
+TRACING=${TRACING:-}
 ONLY=${ONLY:-}
 PORT_BASE=${PORT_BASE:-29000}
 PROFILE_DIR=${PROFILE_DIR:-}
@@ -45,6 +49,7 @@ P_UPSTREAM=$PORT_BASE           # Rails and the pre-authorize backend
 P_IAM=$((PORT_BASE + 1))
 P_PROXY=$((PORT_BASE + 2))      # the proxy under test
 P_ADMIN=$((PORT_BASE + 3))
+P_OTLP=$((PORT_BASE + 4))       # the OTLP collector's stand-in
 
 BODY='grant_type=client_credentials&client_id=bench-app&scope=api'
 MISS_BODY='grant_type=client_credentials&client_id=bench-miss-{i}&scope=api'
@@ -127,6 +132,10 @@ start_upstreams() {
         }
     }
     server {
+        listen 127.0.0.1:$P_OTLP;
+        location = /v1/traces { return 200; }
+    }
+    server {
         listen 127.0.0.1:$P_IAM;
         location / {
             default_type application/json;
@@ -189,6 +198,13 @@ ttl = "1h"
 [log]
 level = "$level"
 EOF
+    if [[ -n "$TRACING" ]]; then
+        cat >>"$WORK/iamproxy.toml" <<EOF
+[tracing]
+otlp_endpoint = "http://127.0.0.1:$P_OTLP/v1/traces"
+sample_ratio = $TRACING
+EOF
+    fi
 }
 
 # Runs `$@` (the proxy) under callgrind and prints its instructions per request for the
@@ -239,7 +255,7 @@ main() {
     start_upstreams
     write_configs
     local iamproxy=("$WORK/iamproxy" --config "$WORK/iamproxy.toml")
-    log "instructions per request: $REQUESTS requests over $CONNECTIONS connections, access logs $ACCESS_LOG"
+    log "instructions per request: $REQUESTS requests over $CONNECTIONS connections, access logs $ACCESS_LOG, tracing ${TRACING:-off}"
     printf '%-18s %10s\n' row 'Ir/request'
     row nginx /oauth/token "$BODY" "$BODY" \
         nginx -c "$WORK/nginx.conf" -g 'daemon off; master_process off;'

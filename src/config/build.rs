@@ -13,8 +13,8 @@ use hyper::StatusCode;
 use super::raw::*;
 use super::values::{parse_duration, AdminToken, Cidr, ListenAddr, Secret};
 use super::{
-    invalid, BreakerConfig, CacheConfig, Config, ConfigError, IamConfig, LogConfig, LogFormat,
-    OauthConfig, PreauthorizeConfig, RailsConfig, ServerConfig,
+    invalid, BreakerConfig, CacheConfig, Collector, Config, ConfigError, IamConfig, LogConfig,
+    LogFormat, OauthConfig, PreauthorizeConfig, RailsConfig, ServerConfig, TracingConfig,
 };
 use crate::classify::Endpoint;
 use crate::decision::rules::{Mode, PercentageOfActors, RailsIssued, RoutingConfig};
@@ -69,6 +69,10 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("redis.timeout", "50ms"),
     ("log.format", "json"),
     ("log.level", "info"),
+    ("tracing.service_name", "iamproxy"),
+    ("tracing.sample_ratio", "0.0"),
+    ("tracing.trust_incoming", "true"),
+    ("tracing.timeout", "5s"),
 ];
 
 /// `key`'s default from [`DEFAULTS`]; empty (and so refused by every reader) for a key
@@ -128,6 +132,7 @@ pub(super) fn config(raw: RawConfig) -> Result<Config, ConfigError> {
         admin_token: raw.admin.token_file.map(admin_token).transpose()?,
         redis: raw.redis.map(redis_table::redis).transpose()?,
         log: log(raw.log)?,
+        tracing: raw.tracing.map(tracing).transpose()?,
     })
 }
 
@@ -464,6 +469,63 @@ fn percentage(raw: RawPercentage) -> Result<PercentageOfActors, ConfigError> {
         actor_prefix: prefix.to_string(),
         actor_suffix: suffix.to_string(),
         percent,
+    })
+}
+
+/// `[tracing]`. Without `otlp_endpoint` or with `sample_ratio = 0` it is off.
+fn tracing(raw: RawTracing) -> Result<TracingConfig, ConfigError> {
+    let ratio_key = "tracing.sample_ratio";
+    let sample_ratio = match raw.sample_ratio {
+        Some(ratio) => ratio,
+        None => default(ratio_key)
+            .parse()
+            .map_err(|_| invalid(ratio_key, "has no number default"))?,
+    };
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        let reason = format!("must be between 0.0 and 1.0, found {sample_ratio}");
+        return Err(invalid(ratio_key, reason));
+    }
+    let endpoint_key = "tracing.otlp_endpoint";
+    if raw.otlp_endpoint.is_none() && sample_ratio > 0.0 {
+        return Err(invalid(
+            endpoint_key,
+            "required when sample_ratio is above 0",
+        ));
+    }
+    let collector = raw
+        .otlp_endpoint
+        .map(|url| {
+            upstream_with_path(
+                (endpoint_key, Some(url)),
+                ("tracing.ca_file", raw.ca_file),
+                Some(("tracing.host", raw.host)),
+                static_headers("tracing", raw.headers)?,
+            )
+        })
+        .transpose()?
+        .map(|(upstream, path)| Collector {
+            upstream,
+            // An origin alone means OTLP's default path.
+            path: if path == "/" {
+                "/v1/traces".to_owned()
+            } else {
+                path
+            },
+        });
+    let service_name = raw
+        .service_name
+        .unwrap_or_else(|| default("tracing.service_name").to_owned());
+    if service_name.is_empty() {
+        return Err(invalid("tracing.service_name", "must not be empty"));
+    }
+    Ok(TracingConfig {
+        collector,
+        service_name,
+        sample_ratio,
+        trust_incoming: raw
+            .trust_incoming
+            .unwrap_or(default("tracing.trust_incoming") == "true"),
+        timeout: positive_duration("tracing.timeout", raw.timeout)?,
     })
 }
 

@@ -102,6 +102,30 @@ pub struct Config {
     /// Fleet-wide invalidation; `None`: this instance's cache is its own.
     pub redis: Option<RedisConfig>,
     pub log: LogConfig,
+    /// `None`: no `[tracing]` table, so no spans and no trace context of the gateway's own.
+    pub tracing: Option<TracingConfig>,
+}
+
+/// `[tracing]`: OpenTelemetry spans, exported over OTLP/HTTP (see [`crate::observe::trace`]).
+#[derive(Debug, Clone)]
+pub struct TracingConfig {
+    /// Where spans go; `None` only with `sample_ratio = 0`.
+    pub collector: Option<Collector>,
+    pub service_name: String,
+    /// The share of new traces recorded; 0 turns tracing off.
+    pub sample_ratio: f64,
+    /// A client's `traceparent` is kept even from a peer outside
+    /// `server.trusted_cidrs_for_propagation`.
+    pub trust_incoming: bool,
+    /// Each export, connect included.
+    pub timeout: Duration,
+}
+
+/// The OTLP/HTTP collector: its address, `Host`, CA and headers, and the request path.
+#[derive(Debug, Clone)]
+pub struct Collector {
+    pub upstream: UpstreamUrl,
+    pub path: String,
 }
 
 /// `Debug` shows the URL without its user info (see [`RedisConfig::url`]).
@@ -285,6 +309,7 @@ pub const RESERVED_LOG_FIELDS: &[&str] = &[
     "content_type",
     "error",
     "outcome",
+    "trace_id",
 ];
 
 #[derive(Debug, Clone)]

@@ -28,6 +28,7 @@ pub(super) struct RawConfig {
     pub(super) redis: Option<RawRedis>,
     #[serde(default)]
     pub(super) log: RawLog,
+    pub(super) tracing: Option<RawTracing>,
 }
 
 #[derive(Deserialize, Default)]
@@ -166,4 +167,17 @@ pub(super) struct RawLog {
     pub(super) format: Option<String>,
     pub(super) level: Option<String>,
     pub(super) fields: Option<std::collections::BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTracing {
+    pub(super) otlp_endpoint: Option<String>,
+    pub(super) host: Option<String>,
+    pub(super) ca_file: Option<String>,
+    pub(super) service_name: Option<String>,
+    pub(super) sample_ratio: Option<f64>,
+    pub(super) trust_incoming: Option<bool>,
+    pub(super) timeout: Option<String>,
+    pub(super) headers: RawHeaders,
 }

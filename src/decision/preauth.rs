@@ -11,11 +11,12 @@ use jsonwebtoken::{EncodingKey, Header};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::Serialize;
 
-use crate::config::{CacheConfig, PreauthorizeConfig, StaticHeaders};
+use crate::config::{CacheConfig, PreauthorizeConfig, StaticHeaders, UpstreamAddress};
 use crate::decision::Destination;
 use crate::forward::client::{Pool, PoolLimits};
 use crate::forward::headers::X_REQUEST_ID;
 use crate::forward::RequestBody;
+use crate::observe::trace::context::TRACEPARENT;
 
 static GITLAB_WORKHORSE: HeaderName = HeaderName::from_static("gitlab-workhorse");
 static GITLAB_WORKHORSE_API_REQUEST: HeaderName =
@@ -107,8 +108,8 @@ struct Claims {
 /// the proxied traffic needs.
 pub struct PreauthClient {
     pool: Pool,
-    /// Where it is, for `Debug`.
-    url: String,
+    /// Where it is, for `Debug` and the call's span.
+    address: UpstreamAddress,
     /// The URL's path, origin-form, and the `Host` it gets (`preauthorize.host`, or the
     /// URL's authority).
     path: String,
@@ -124,7 +125,7 @@ pub struct PreauthClient {
 impl std::fmt::Debug for PreauthClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PreauthClient")
-            .field("url", &self.url)
+            .field("url", &self.address.to_string())
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
@@ -149,7 +150,7 @@ impl PreauthClient {
                     saturated,
                 },
             ),
-            url: upstream.address.to_string(),
+            address: upstream.address.clone(),
             path: config.path.clone(),
             host: upstream.host.clone(),
             headers: upstream.headers.clone(),
@@ -161,14 +162,21 @@ impl PreauthClient {
         }
     }
 
+    /// Where the backend is and the path it is called at, for the call's span.
+    pub fn address(&self) -> (&UpstreamAddress, &str) {
+        (&self.address, &self.path)
+    }
+
     /// Asks where `client_id` goes. The whole exchange, body included, is bounded by
-    /// `preauthorize.timeout`.
+    /// `preauthorize.timeout`. `traceparent` goes along when the request is traced.
     pub async fn ask(
         &self,
         client_id: &str,
         request_id: &HeaderValue,
+        traceparent: Option<&HeaderValue>,
     ) -> Result<Answer, PreauthError> {
-        match tokio::time::timeout(self.timeout, self.call(client_id, request_id)).await {
+        let call = self.call(client_id, request_id, traceparent);
+        match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => result,
             Err(_) => Err(PreauthError::Timeout(self.timeout)),
         }
@@ -178,8 +186,14 @@ impl PreauthClient {
         &self,
         client_id: &str,
         request_id: &HeaderValue,
+        traceparent: Option<&HeaderValue>,
     ) -> Result<Answer, PreauthError> {
-        let request = self.request(client_id, request_id)?;
+        let mut request = self.request(client_id, request_id)?;
+        if let Some(traceparent) = traceparent {
+            request
+                .headers_mut()
+                .insert(TRACEPARENT.clone(), traceparent.clone());
+        }
         let response = self
             .pool
             .send(request)

@@ -51,6 +51,8 @@ pub struct Names {
     pub forwarded_for: bool,
     pub forwarded_proto: bool,
     pub request_id: bool,
+    /// `traceparent` (see [`crate::observe::trace`]).
+    pub traceparent: bool,
 }
 
 impl Names {
@@ -66,6 +68,7 @@ impl Names {
                 6 => name == b"expect" && set(&mut found.expect),
                 7 => (name == b"trailer" || name == b"upgrade") && set(&mut found.hop_by_hop),
                 9 => name == b"forwarded" && set(&mut found.peer_forwarding),
+                11 => name == b"traceparent" && set(&mut found.traceparent),
                 10 => match name {
                     b"connection" => set(&mut found.connection),
                     b"keep-alive" => set(&mut found.hop_by_hop),
@@ -487,6 +490,10 @@ mod tests {
             ("X-Forwarded-For", "1.2.3.4"),
             ("X-Forwarded-Proto", "https"),
             ("X-Request-Id", "abc"),
+            (
+                "Traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
         ]);
         let all = Names {
             underscored: true,
@@ -500,6 +507,7 @@ mod tests {
             forwarded_for: true,
             forwarded_proto: true,
             request_id: true,
+            traceparent: true,
         };
         assert_eq!(Names::of(&every), all);
         for hop in [

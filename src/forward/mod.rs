@@ -22,6 +22,8 @@ use hyper::{Method, Request, Response, Uri, Version};
 use tokio::time::Sleep;
 
 use crate::config::UpstreamUrl;
+use crate::observe::trace::context::TRACEPARENT;
+use crate::observe::trace::{Hop, TraceContext};
 use client::{Pool, SendError, UpstreamBody};
 use headers::{Names, X_FORWARDED_HOST, X_REQUEST_ID};
 pub use streamed::{ClientFailure, Progress, Streamed};
@@ -47,6 +49,8 @@ pub struct Head {
     /// `host` is in `headers` already: the client sent it as a header.
     host_in_headers: bool,
     pub request_id: HeaderValue,
+    /// The request's trace, with tracing on; its `traceparent` is in `headers`.
+    pub trace: Option<TraceContext>,
 }
 
 /// The client end of the connection a request came on.
@@ -126,6 +130,7 @@ impl Head {
             host,
             host_in_headers,
             request_id,
+            trace: None,
         }
     }
 }
@@ -139,15 +144,20 @@ pub enum HostRule {
     Rewrite,
 }
 
-/// The one place an upstream request is built: the prepared head, the `Host` rule, and
-/// the upstream's static headers, which replace a client's of the same name.
+/// The one place an upstream request is built: the prepared head, the `Host` rule, the
+/// upstream's static headers, which replace a client's of the same name, and for a traced
+/// request's call (`hop`) the `traceparent` naming its span.
 pub fn upstream_request(
     head: &Head,
     mut headers: HeaderMap,
     upstream: &UpstreamUrl,
     host_rule: HostRule,
     body: RequestBody,
+    hop: Option<&Hop>,
 ) -> Request<RequestBody> {
+    if let Some(hop) = hop {
+        headers.insert(TRACEPARENT.clone(), hop.traceparent.clone());
+    }
     match (host_rule, &head.host) {
         // The client's `Host` is in its headers already.
         (HostRule::Keep, Some(_)) if head.host_in_headers => {}
@@ -331,7 +341,14 @@ mod tests {
     fn rails_keeps_the_client_host() {
         let head = head(Some("gitlab.example.com"));
         let up = upstream("http://127.0.0.1:8080");
-        let req = upstream_request(&head, head.headers.clone(), &up, HostRule::Keep, empty());
+        let req = upstream_request(
+            &head,
+            head.headers.clone(),
+            &up,
+            HostRule::Keep,
+            empty(),
+            None,
+        );
         assert_eq!(req.uri(), "/oauth/token?a=1");
         assert_eq!(req.headers()["host"], "gitlab.example.com");
         assert!(req.headers().get("x-forwarded-host").is_none());
@@ -342,7 +359,14 @@ mod tests {
     fn iam_gets_its_own_host_and_the_original_in_forwarded_host() {
         let head = head(Some("gitlab.example.com"));
         let up = upstream("http://iam.internal:9000/");
-        let req = upstream_request(&head, head.headers.clone(), &up, HostRule::Rewrite, empty());
+        let req = upstream_request(
+            &head,
+            head.headers.clone(),
+            &up,
+            HostRule::Rewrite,
+            empty(),
+            None,
+        );
         assert_eq!(req.headers()["host"], "iam.internal:9000");
         assert_eq!(req.headers()["x-forwarded-host"], "gitlab.example.com");
     }
@@ -351,7 +375,14 @@ mod tests {
     fn missing_host_falls_back_to_the_upstream_host() {
         let head = head(None);
         let up = upstream("http://127.0.0.1:8080");
-        let req = upstream_request(&head, head.headers.clone(), &up, HostRule::Keep, empty());
+        let req = upstream_request(
+            &head,
+            head.headers.clone(),
+            &up,
+            HostRule::Keep,
+            empty(),
+            None,
+        );
         assert_eq!(req.headers()["host"], "127.0.0.1:8080");
     }
 
@@ -379,8 +410,14 @@ mod tests {
             let kept = head.headers.get_all(&X_FORWARDED_HOST).iter().count();
             assert_eq!(kept, if trusted { 2 } else { 0 }, "trusted: {trusted}");
             let up = upstream("http://iam.internal:9000/");
-            let req =
-                upstream_request(&head, head.headers.clone(), &up, HostRule::Rewrite, empty());
+            let req = upstream_request(
+                &head,
+                head.headers.clone(),
+                &up,
+                HostRule::Rewrite,
+                empty(),
+                None,
+            );
             let sent: Vec<_> = req.headers().get_all(&X_FORWARDED_HOST).iter().collect();
             assert_eq!(sent, ["gitlab.example.com"], "trusted: {trusted}");
         }
@@ -407,7 +444,14 @@ mod tests {
             .header("host", "second.example");
         let head = prepared(request, "id");
         let up = upstream("http://127.0.0.1:8080");
-        let req = upstream_request(&head, head.headers.clone(), &up, HostRule::Keep, empty());
+        let req = upstream_request(
+            &head,
+            head.headers.clone(),
+            &up,
+            HostRule::Keep,
+            empty(),
+            None,
+        );
         let sent: Vec<_> = req.headers().get_all("host").iter().collect();
         assert_eq!(sent, ["first.example"]);
     }
@@ -416,7 +460,14 @@ mod tests {
     fn an_http2_authority_becomes_rails_host() {
         let head = prepared(Request::get("https://gitlab.example.com/api"), "id");
         let up = upstream("http://127.0.0.1:8080");
-        let req = upstream_request(&head, head.headers.clone(), &up, HostRule::Keep, empty());
+        let req = upstream_request(
+            &head,
+            head.headers.clone(),
+            &up,
+            HostRule::Keep,
+            empty(),
+            None,
+        );
         assert_eq!(req.headers()["host"], "gitlab.example.com");
     }
 }

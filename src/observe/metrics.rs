@@ -20,6 +20,7 @@ use prometheus::{
 
 use super::family::{register, Family};
 use super::process::ProcessGauges;
+use super::trace::ExportCounters;
 use crate::classify::{route_label, Endpoint};
 use crate::decision::cache::{SharedCounters, SharedOutcome};
 use crate::decision::preauth::{Outcome, PreauthError};
@@ -82,6 +83,7 @@ pub struct Metrics {
     connection_errors: [IntCounter; 3],
     saturated: [IntCounter; 3],
     shared_cache: SharedCounters,
+    tracing: ExportCounters,
     process: Option<ProcessGauges>,
     reloads: ReloadGauges,
 }
@@ -317,6 +319,29 @@ impl Metrics {
             ),
         };
 
+        let dropped_spans = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "iamproxy_tracing_spans_dropped_total",
+                    "Spans not exported, by reason: queue_full (the export queue was full) or \
+                     export_failed (the collector did not take their batch).",
+                ),
+                &["reason"],
+            ),
+        );
+        let tracing = ExportCounters {
+            exported: register(
+                &registry,
+                IntCounter::new(
+                    "iamproxy_tracing_spans_exported_total",
+                    "Spans the OTLP collector accepted.",
+                ),
+            ),
+            dropped_queue_full: dropped_spans.with_label_values(&["queue_full"]),
+            dropped_export_failed: dropped_spans.with_label_values(&["export_failed"]),
+        };
+
         Metrics {
             requests: Family::new(
                 requests,
@@ -376,6 +401,7 @@ impl Metrics {
             saturated: Upstream::ALL
                 .map(|upstream| saturated.with_label_values(&[upstream.as_str()])),
             shared_cache,
+            tracing,
             process: ProcessGauges::register(&registry),
             reloads: ReloadGauges::register(&registry),
             registry,
@@ -481,6 +507,11 @@ impl Metrics {
     }
 
     /// The counters the shared decision cache increments.
+    /// The span exporter's counters (see [`crate::observe::trace`]).
+    pub fn tracing(&self) -> ExportCounters {
+        self.tracing.clone()
+    }
+
     pub fn shared_cache(&self) -> SharedCounters {
         self.shared_cache.clone()
     }

@@ -4,18 +4,22 @@
 //! Workhorse's logs read it as they read Workhorse's.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, StatusCode, Uri, Version};
 
+use super::decide::trace_id;
+use super::spans;
 use crate::classify::Endpoint;
 use crate::config::Cidr;
 use crate::decision::{Destination, FallbackReason, Reason};
 use crate::forward::headers::X_FORWARDED_FOR;
 use crate::forward::{Downstream, Head};
 use crate::observe::logging::{json_key, Encoded};
+use crate::observe::trace::{Exporter, SpanBuilder, TraceContext};
 use crate::server::connection::OnSent;
 
 /// Keeps the client id for the access line without copying it when it points into the
@@ -64,6 +68,10 @@ pub struct AccessLog {
     status: StatusCode,
     ttfb: Duration,
     content_type: Option<HeaderValue>,
+    /// With tracing on: the line's `trace_id`, and the server span's ids.
+    trace: Option<TraceContext>,
+    /// Where the server span goes, for a sampled request.
+    spans: Option<Arc<Exporter>>,
 }
 
 impl AccessLog {
@@ -73,6 +81,7 @@ impl AccessLog {
         version: Version,
         remote_ip: HeaderValue,
         started: Instant,
+        spans: Option<Arc<Exporter>>,
     ) -> AccessLog {
         // Only the line reads these: a gateway logging at `warn` skips the lookups.
         let logged = is_logged();
@@ -95,6 +104,8 @@ impl AccessLog {
             status: StatusCode::OK,
             ttfb: Duration::ZERO,
             content_type: None,
+            trace: head.trace,
+            spans,
         }
     }
 
@@ -172,16 +183,59 @@ impl AccessLog {
                 .u64(json_key!("written_bytes"), written)
                 .millis(json_key!("ttfb_ms"), self.ttfb)
                 .str(json_key!("content_type"), log_opt(&self.content_type));
+            trace_id(line, self.trace.as_ref());
             tracing::info!(fields = ?line.pairs(), "access");
         });
     }
 }
 
-/// The body is done (sent, or dropped when the client went away): the line is complete.
+impl AccessLog {
+    /// The server span of a sampled request: what the line says, as OpenTelemetry's HTTP
+    /// server attributes and the gateway's own. The client id only when the line shows it.
+    fn server_span(&self, exporter: &Exporter, written: u64) {
+        let Some(trace) = &self.trace else {
+            return;
+        };
+        let name = format!("{} {}", self.method.as_str(), self.route);
+        let span = SpanBuilder::server(trace, name, self.started.elapsed())
+            .str("http.request.method", self.method.as_str())
+            .str("url.path", self.uri.path())
+            .str(
+                "network.protocol.version",
+                self.proto.trim_start_matches("HTTP/"),
+            )
+            .str("client.address", log_str(&self.remote_ip))
+            .int(
+                "http.response.body.size",
+                i64::try_from(written).unwrap_or(i64::MAX),
+            )
+            .str("iamproxy.route", self.route)
+            .str("iamproxy.correlation_id", log_str(&self.request_id))
+            .str("iamproxy.destination", self.destination.as_str());
+        let mut span = spans::status(span, self.status);
+        if let Some(reason) = self.reason {
+            span = span.str("iamproxy.reason", reason.as_str());
+        }
+        if let Some(fallback) = self.fallback {
+            span = span.str("iamproxy.fallback_reason", fallback.as_str());
+        }
+        let client_id = self.client_id.as_deref().map(std::str::from_utf8);
+        if let (Some(Ok(client_id)), true) = (client_id, is_logged()) {
+            span = span.str("iamproxy.client_id", client_id);
+        }
+        exporter.push(span.end());
+    }
+}
+
+/// The body is done (sent, or dropped when the client went away): the line is complete,
+/// and so is a sampled request's server span.
 /// Boxed, so the response body that carries it to the end stays small as hyper moves it.
 impl OnSent for Box<AccessLog> {
     fn sent(self, written: u64) {
         self.emit(written);
+        if let Some(exporter) = &self.spans {
+            self.server_span(exporter, written);
+        }
     }
 }
 

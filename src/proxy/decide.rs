@@ -5,10 +5,10 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use hyper::header::HeaderValue;
+use hyper::{Method, StatusCode};
 
 use super::access::{is_logged, log_str, retain};
-use super::Exchange;
+use super::{spans, Exchange};
 use crate::classify::identify::identify;
 use crate::classify::issuer::{continuity, Continuity};
 use crate::classify::params::{Parameters, RequestView};
@@ -17,8 +17,11 @@ use crate::decision::cache::Lookup;
 use crate::decision::preauth::PreauthError;
 use crate::decision::rules::{Mode, RailsIssued, RoutingConfig};
 use crate::decision::{Decision, Destination, Reason};
+use crate::forward::client::Upstream;
 use crate::forward::Head;
 use crate::observe::logging::{json_key, Encoded};
+use crate::observe::trace::context::{trace_id_hex, TRACEPARENT};
+use crate::observe::trace::TraceContext;
 use crate::state::{AppState, IamUpstream};
 
 /// What the rules before the cache make of a request.
@@ -123,9 +126,7 @@ pub(super) async fn decide(
     );
     let decision = match (rule, &state.iam) {
         (Rule::Decided(decision), _) => decision,
-        (Rule::AskCache(client_id), Some(iam)) => {
-            ask_cache(state, iam, client_id, &head.request_id).await
-        }
+        (Rule::AskCache(client_id), Some(iam)) => ask_cache(state, iam, client_id, head).await,
         // The rules never defer to the cache without IAM.
         (Rule::AskCache(_), None) => Decision::rails(Reason::IamDisabled),
     };
@@ -138,6 +139,7 @@ pub(super) async fn decide(
                 .name(json_key!("route"), endpoint.as_str())
                 .name(json_key!("destination"), decision.destination.as_str())
                 .name(json_key!("reason"), decision.reason.as_str());
+            trace_id(line, head.trace.as_ref());
             tracing::info!(fields = ?line.pairs(), "iamproxy: routing decision");
         });
     }
@@ -146,20 +148,49 @@ pub(super) async fn decide(
     decision
 }
 
-async fn ask_cache(
-    state: &AppState,
-    iam: &IamUpstream,
-    client_id: &str,
-    request_id: &HeaderValue,
-) -> Decision {
+/// `trace_id` on a request's log line, with tracing on.
+pub(super) fn trace_id(line: &mut Encoded, trace: Option<&TraceContext>) {
+    if let Some(trace) = trace {
+        let hex = trace_id_hex(&trace.trace_id);
+        line.name(
+            json_key!("trace_id"),
+            std::str::from_utf8(&hex).unwrap_or(""),
+        );
+    }
+}
+
+async fn ask_cache(state: &AppState, iam: &IamUpstream, client_id: &str, head: &Head) -> Decision {
+    let request_id = &head.request_id;
     // The call is made (and boxed) only on a miss: a hit should not carry its state.
     let fetch = async {
         Box::pin(async {
             let started = Instant::now();
-            let answer = iam.preauth.ask(client_id, request_id).await;
+            let hop = spans::hop(head);
+            // Unrecorded, the call gets the server span's `traceparent`, as every upstream.
+            let traceparent = match &hop {
+                Some(hop) => Some(&hop.traceparent),
+                None => head.trace.and(head.headers.get(&TRACEPARENT)),
+            };
+            let answer = iam.preauth.ask(client_id, request_id, traceparent).await;
             state
                 .metrics
                 .preauthorize(answer.as_ref().err(), started.elapsed());
+            let (address, path) = iam.preauth.address();
+            let call = Some((&Method::POST, path));
+            spans::record(
+                state,
+                head,
+                hop,
+                Upstream::Preauthorize,
+                address,
+                call,
+                |span| match &answer {
+                    Ok(answer) => span
+                        .status(StatusCode::OK)
+                        .str("iamproxy.destination", answer.destination.as_str()),
+                    Err(error) => span.error(error.outcome().as_str(), error.to_string()),
+                },
+            );
             answer
         })
         .await

@@ -25,6 +25,7 @@ pub mod access;
 pub mod buffer;
 pub mod decide;
 pub mod replay;
+mod spans;
 
 use std::future::Future;
 use std::time::Instant;
@@ -35,7 +36,7 @@ use hyper::body::{Body, Incoming};
 use hyper::{Method, Request, Response};
 
 use crate::classify::Endpoint;
-use crate::decision::Destination;
+use crate::decision::{Destination, FallbackReason};
 use crate::forward::client::{Upstream, UpstreamBody};
 use crate::forward::headers::{self, Names, X_REQUEST_ID};
 use crate::forward::upgrade::{self, Upgrade};
@@ -98,12 +99,25 @@ pub fn handle<'a>(
     let mut head = Head::prepare(parts, body_length, names, client, || {
         state.request_ids.next()
     });
+    head.trace = state
+        .tracer
+        .start(&head.headers, names.traceparent, client.propagate_id);
+    if let Some(trace) = &head.trace {
+        trace.propagate(&mut head.headers);
+    }
     let admitted = admit(&head, state.config.server.max_uri_bytes);
     let remote_ip = access::remote_ip(&head.headers, &client, &state.config.server.trusted_cidrs);
     let mut exchange = Exchange {
         state,
         endpoint,
-        access: Box::new(AccessLog::new(&head, endpoint, version, remote_ip, started)),
+        access: Box::new(AccessLog::new(
+            &head,
+            endpoint,
+            version,
+            remote_ip,
+            started,
+            state.tracer.exporter(head.trace.as_ref()),
+        )),
     };
     async move {
         let result = match (admitted, endpoint) {
@@ -171,11 +185,11 @@ fn pass_through<'a>(
     let state = exchange.state;
     async move {
         let response = if body.is_end_stream() {
-            rails_exchange(state, head, empty_body(), None).await?
+            rails_exchange(state, head, empty_body(), None, None).await?
         } else {
             let idle = state.config.server.body_idle_timeout;
             let (body, progress) = Streamed::new(body, idle);
-            rails_exchange(state, head, Either::Left(body), Some(progress)).await?
+            rails_exchange(state, head, Either::Left(body), Some(progress), None).await?
         };
         Ok(match upgrade {
             Some(upgrade) => upgrade.relay(response),
@@ -196,19 +210,21 @@ async fn oauth(
     let decision = decide::decide(exchange, endpoint, head, &body).await;
     match (decision.destination, &state.iam) {
         (Destination::Iam, Some(iam)) => replay::to_iam(exchange, iam, head, body).await,
-        _ => to_rails(state, head, body).await,
+        _ => to_rails(state, head, body, None).await,
     }
 }
 
-/// A buffered OAuth request to Rails: the head's headers go with it.
+/// A buffered OAuth request to Rails: the head's headers go with it. `replay`: why IAM
+/// did not serve it, when it is replayed.
 async fn to_rails(
     state: &AppState,
     head: &mut Head,
     body: Bytes,
+    replay: Option<FallbackReason>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let body = Either::Right(Full::new(body));
     Ok(downstream_response(
-        rails_exchange(state, head, body, None).await?,
+        rails_exchange(state, head, body, None, replay).await?,
     ))
 }
 
@@ -219,12 +235,25 @@ async fn rails_exchange(
     head: &mut Head,
     body: RequestBody,
     progress: Option<Progress>,
+    replay: Option<FallbackReason>,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     let rails = &state.rails;
     let headers = std::mem::take(&mut head.headers);
-    let request = upstream_request(head, headers, &rails.url, HostRule::Keep, body);
-    let sent = forward::send(&rails.pool, request, progress.clone(), rails.timeout);
-    let error = match sent.await {
+    let hop = spans::hop(head);
+    let request = upstream_request(
+        head,
+        headers,
+        &rails.url,
+        HostRule::Keep,
+        body,
+        hop.as_deref(),
+    );
+    let sent = forward::send(&rails.pool, request, progress.clone(), rails.timeout).await;
+    let address = &rails.url.address;
+    spans::record(state, head, hop, Upstream::Rails, address, None, |span| {
+        spans::replay(spans::exchanged(span, &sent), replay)
+    });
+    let error = match sent {
         Ok(response) => return Ok(response),
         Err(error) => error,
     };

@@ -15,7 +15,7 @@ use http_body_util::{Either, Full};
 use hyper::Response;
 
 use super::access::log_str;
-use super::{to_rails, Exchange};
+use super::{spans, to_rails, Exchange};
 use crate::decision::{Destination, FallbackReason};
 use crate::forward::client::{Upstream, UpstreamBody};
 use crate::forward::{
@@ -44,7 +44,7 @@ pub(super) async fn to_iam(
     };
     state.metrics.fallback(reason);
     exchange.access.fallback = Some(reason);
-    to_rails(state, head, body).await
+    to_rails(state, head, body, Some(reason)).await
 }
 
 async fn try_iam(
@@ -58,14 +58,26 @@ async fn try_iam(
         .try_acquire()
         .ok_or(FallbackReason::BreakerOpen)?;
     let body = Either::Right(Full::new(body.clone()));
+    let hop = spans::hop(head);
     let request = upstream_request(
         head,
         head.headers.clone(),
         &iam.url,
         HostRule::Rewrite,
         body,
+        hop.as_deref(),
     );
-    let (outcome, detail) = match forward::send(&iam.pool, request, None, iam.timeout).await {
+    let sent = forward::send(&iam.pool, request, None, iam.timeout).await;
+    spans::record(
+        state,
+        head,
+        hop,
+        Upstream::Iam,
+        &iam.url.address,
+        None,
+        |span| spans::exchanged(span, &sent),
+    );
+    let (outcome, detail) = match sent {
         Ok(response) if iam.fallback_statuses.contains(&response.status()) => {
             let status = response.status();
             (Err(FallbackReason::Status), Cow::Owned(status.to_string()))

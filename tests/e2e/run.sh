@@ -7,8 +7,9 @@
 # Installs what is missing on a fresh Debian machine that has only Rust: Node and npm (if
 # `node` is missing: Debian's nodejs + npm), the npm packages pinned by package-lock.json
 # (`npm ci`), and the Rails side's Debian packages (tests/e2e/rails/install.sh). The gateway
-# is IAMPROXY_BIN, by default the repository's target/debug/iamproxy (built here if missing).
-# Exits non-zero when any test fails.
+# is IAMPROXY_BIN, by default the repository's target/debug/iamproxy, and the tracing test's
+# OTLP receiver OTLP_RECEIVER_BIN, by default target/debug/examples/otlp_receiver (each built
+# here if missing). Exits non-zero when any test fails.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -42,6 +43,11 @@ if [ ! -x "$IAMPROXY_BIN" ]; then
   log "building the gateway (cargo build --locked --bin iamproxy)"
   (cd "$repo" && cargo build --locked --bin iamproxy)
 fi
+export OTLP_RECEIVER_BIN="${OTLP_RECEIVER_BIN:-$repo/target/debug/examples/otlp_receiver}"
+if [ ! -x "$OTLP_RECEIVER_BIN" ]; then
+  log "building the OTLP receiver (cargo build --locked --example otlp_receiver)"
+  (cd "$repo" && cargo build --locked --example otlp_receiver)
+fi
 
 E2E_TMP="$(mktemp -d "${TMPDIR:-/tmp}/iamproxy-e2e.XXXXXX")"
 export E2E_TMP E2E_PIDS_FILE="$E2E_TMP/pids"
@@ -65,7 +71,7 @@ cleanup() {
     done <"$E2E_PIDS_FILE"
   fi
   if [ "$status" -ne 0 ]; then
-    for f in "$E2E_TMP"/iamproxy.log "$E2E_TMP"/rails.log; do
+    for f in "$E2E_TMP"/iamproxy.log "$E2E_TMP"/iamproxy-tracing.log "$E2E_TMP"/otlp_receiver.log "$E2E_TMP"/rails.log; do
       [ -f "$f" ] || continue
       echo "--- last lines of $(basename "$f") ---" >&2
       tail -n 40 "$f" >&2 || true

@@ -537,3 +537,59 @@ fn readme_configuration_table_shows_every_default() {
         );
     }
 }
+
+#[test]
+fn tracing_table_is_checked_key_by_key() {
+    let endpoint = set(
+        MINIMAL,
+        "tracing",
+        "otlp_endpoint",
+        r#""http://127.0.0.1:4318""#,
+    );
+    let c = Config::from_toml(&set(&endpoint, "tracing", "sample_ratio", "0.25")).unwrap();
+    let tracing = c.tracing.unwrap();
+    assert_eq!(tracing.sample_ratio, 0.25);
+    assert_eq!(tracing.service_name, "iamproxy");
+    assert!(tracing.trust_incoming);
+    assert_eq!(tracing.timeout, Duration::from_secs(5));
+    let collector = tracing.collector.unwrap();
+    assert_eq!(
+        collector.path, "/v1/traces",
+        "an origin alone: OTLP's default path"
+    );
+    assert_eq!(collector.upstream.host, "127.0.0.1:4318");
+
+    let path = set(
+        MINIMAL,
+        "tracing",
+        "otlp_endpoint",
+        r#""https://otel.example/custom""#,
+    );
+    let c = Config::from_toml(&path).unwrap();
+    assert_eq!(c.tracing.unwrap().collector.unwrap().path, "/custom");
+    assert!(Config::from_toml(MINIMAL).unwrap().tracing.is_none());
+
+    for (ratio, reason) in [
+        ("1.5", "must be between 0.0 and 1.0, found 1.5"),
+        ("-0.1", "must be between 0.0 and 1.0, found -0.1"),
+    ] {
+        let msg = err(&set(&endpoint, "tracing", "sample_ratio", ratio));
+        assert_eq!(msg, format!("tracing.sample_ratio: {reason}"));
+    }
+    let msg = err(&set(MINIMAL, "tracing", "sample_ratio", "0.5"));
+    assert_eq!(
+        msg,
+        "tracing.otlp_endpoint: required when sample_ratio is above 0"
+    );
+    let msg = err(&set(&endpoint, "tracing", "service_name", r#""""#));
+    assert_eq!(msg, "tracing.service_name: must not be empty");
+    let msg = err(&set(&endpoint, "tracing", "timeout", r#""0s""#));
+    assert_eq!(msg, "tracing.timeout: must be greater than 0");
+    let msg = err(&set(MINIMAL, "tracing", "otlp_endpoint", r#""ftp://x""#));
+    assert!(msg.starts_with("tracing.otlp_endpoint: "), "{msg}");
+    let msg = err(&set(&endpoint, "tracing", "sample_rate", "0.5"));
+    assert!(msg.contains("tracing.sample_rate: unknown key"), "{msg}");
+    // A sampled ratio of zero needs no collector: the table is there, tracing is off.
+    let off = Config::from_toml(&set(MINIMAL, "tracing", "sample_ratio", "0.0")).unwrap();
+    assert!(off.tracing.unwrap().collector.is_none());
+}

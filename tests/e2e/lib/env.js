@@ -70,16 +70,36 @@ export async function startEnv() {
     env.rails = await startRails({ dir, clients });
     stops.push(() => env.rails.stop());
 
-    env.gateway = await startGateway({
+    const upstreams = {
       dir,
-      port: gatewayPort,
       railsUrl: env.rails.origin,
       iamUrl: env.iam.origin,
       preauthorizeUrl: env.preauthorize.url,
       secretFile,
+    };
+    env.gateway = await startGateway({
+      ...upstreams,
+      port: gatewayPort,
       adminToken: randomBytes(24).toString('base64url'),
     });
     stops.push(() => env.gateway.stop());
+
+    /**
+     * A second gateway in front of the same servers, on its own ports and files (`name`),
+     * with other options (e.g. `tracing`); stopped with the rest unless stopped before.
+     * IAM's issuer stays the first gateway's URL.
+     */
+    env.startOtherGateway = async ({ name, ...options }) => {
+      const gateway = await startGateway({
+        ...upstreams,
+        port: await freePort(),
+        adminToken: randomBytes(24).toString('base64url'),
+        name,
+        ...options,
+      });
+      stops.push(() => gateway.stop());
+      return gateway;
+    };
   } catch (err) {
     await env.stop();
     throw err;

@@ -36,12 +36,19 @@ export async function freePort() {
  * @param {string} o.preauthorizeUrl
  * @param {string} o.secretFile base64 of the 32-byte Workhorse secret
  * @param {string} o.adminToken
+ * @param {string} [o.name] names its files (`<name>.toml`, `<name>.log`, `<name>_admin_token`)
+ *   and its process, so a second gateway can run beside the first
+ * @param {{endpoint: string, serviceName?: string, sampleRatio?: number, trustIncoming?: boolean}} [o.tracing]
+ *   adds a `[tracing]` table exporting every request's spans to this OTLP/HTTP endpoint
+ *   (`http://127.0.0.1:PORT/v1/traces`); off by default
  */
-export async function startGateway({ dir, port, railsUrl, iamUrl, preauthorizeUrl, secretFile, adminToken }) {
+export async function startGateway({
+  dir, port, railsUrl, iamUrl, preauthorizeUrl, secretFile, adminToken, name = 'iamproxy', tracing,
+}) {
   const adminPort = await freePort();
-  const tokenFile = path.join(dir, 'admin_token');
+  const tokenFile = path.join(dir, name === 'iamproxy' ? 'admin_token' : `${name}_admin_token`);
   writeFileSync(tokenFile, `${adminToken}\n`, { mode: 0o600 });
-  const configFile = path.join(dir, 'iamproxy.toml');
+  const configFile = path.join(dir, `${name}.toml`);
   writeFileSync(configFile, `# written by tests/e2e at test time
 [server]
 listen = "127.0.0.1:${port}"
@@ -78,27 +85,27 @@ token_file = "${tokenFile}"
 [log]
 format = "json"
 level = "info"
-`);
+${tracing ? tracingTable(tracing) : ''}`);
 
   const bin = gatewayBinary();
-  const logFile = path.join(dir, 'iamproxy.log');
+  const logFile = path.join(dir, `${name}.log`);
   const log = createWriteStream(logFile);
   const child = spawn(bin, ['--config', configFile], { stdio: ['ignore', 'pipe', 'pipe'] });
   child.stdout.pipe(log);
   child.stderr.pipe(log);
-  track('iamproxy', child.pid, false);
+  track(name, child.pid, false);
   const exited = once(child, 'exit');
 
   const origin = `http://127.0.0.1:${port}`;
   const admin = `http://127.0.0.1:${adminPort}`;
   const deadline = Date.now() + 30_000;
   for (;;) {
-    if (child.exitCode !== null) throw new Error(`iamproxy exited with ${child.exitCode}; see ${logFile}`);
+    if (child.exitCode !== null) throw new Error(`${name} exited with ${child.exitCode}; see ${logFile}`);
     try {
       const res = await fetch(`${admin}/-/readiness`);
       if (res.status === 200) break;
     } catch { /* not up yet */ }
-    if (Date.now() > deadline) throw new Error(`iamproxy not ready within 30s; see ${logFile}`);
+    if (Date.now() > deadline) throw new Error(`${name} not ready within 30s; see ${logFile}`);
     await sleep(100);
   }
 
@@ -134,6 +141,18 @@ level = "info"
       log.end();
     },
   };
+}
+
+// The `[tracing]` table: spans of every request (sample_ratio 1.0) to the OTLP/HTTP endpoint,
+// and the trace context of an incoming `traceparent` kept (trust_incoming).
+function tracingTable({ endpoint, serviceName = 'iamproxy', sampleRatio = 1.0, trustIncoming = true }) {
+  return `
+[tracing]
+otlp_endpoint = "${endpoint}"
+service_name = "${serviceName}"
+sample_ratio = ${Number.isInteger(sampleRatio) ? sampleRatio.toFixed(1) : sampleRatio}
+trust_incoming = ${trustIncoming}
+`;
 }
 
 /** The value of one sample line of the Prometheus text, or 0 when absent. */

@@ -14,12 +14,21 @@
 // - Records: one entry per request served, from a koa middleware inside the provider.
 // - stop()/start(): close the listener and every open connection, and listen again on the
 //   same port.
+// - Tracing, only when asked (the `tracing` option or traceTo()): one SERVER span per request,
+//   child of the W3C `traceparent` the request carries, exported by the Node OpenTelemetry
+//   SDK over OTLP/HTTP (protobuf) as service `iam-oidc-provider` (see serverTracing).
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import http from 'node:http';
 
+import { defaultTextMapGetter, ROOT_CONTEXT, SpanKind, SpanStatusCode } from '@opentelemetry/api';
+import { W3CTraceContextPropagator } from '@opentelemetry/core';
+import { OTLPTraceExporter } from '@opentelemetry/exporter-trace-otlp-proto';
+import { resourceFromAttributes } from '@opentelemetry/resources';
+import { BasicTracerProvider, BatchSpanProcessor } from '@opentelemetry/sdk-trace-base';
 import Provider from 'oidc-provider';
 
 export const IAM_PREFIX = 'giat_';
+export const IAM_SERVICE_NAME = 'iam-oidc-provider';
 
 const DEVICE_GRANT = 'urn:ietf:params:oauth:grant-type:device_code';
 const VERIFIERS = { login: 'login_verifier', consent: 'consent_verifier' };
@@ -30,9 +39,12 @@ const VERIFIERS = { login: 'login_verifier', consent: 'consent_verifier' };
  *   gitlab.example.com in production, so its issuer and the URLs it builds are the gateway's.
  * @param {Array<{client_id, client_secret, redirect_uri, name, scopes}>} options.clients
  * @param {string[]} options.users accounts the scripted login accepts
+ * @param {{endpoint: string}} [options.tracing] export a span per request to this OTLP/HTTP
+ *   endpoint (`http://127.0.0.1:PORT/v1/traces`); off by default (see traceTo)
  */
-export async function startIam({ issuer, clients, users = ['alice'] }) {
+export async function startIam({ issuer, clients, users = ['alice'], tracing }) {
   const records = [];
+  let tracer = tracing ? serverTracing(tracing.endpoint) : null;
   const server = http.createServer();
   const sockets = new Set();
   server.on('connection', (socket) => {
@@ -147,6 +159,7 @@ export async function startIam({ issuer, clients, users = ['alice'] }) {
 
   const providerCallback = provider.callback();
   server.on('request', (req, res) => {
+    tracer?.serve(req, res);
     const url = new URL(req.url, origin);
     req.e2e = { path: url.pathname, verifier: null };
     if (url.pathname.startsWith('/interaction/')) {
@@ -178,6 +191,59 @@ export async function startIam({ issuer, clients, users = ['alice'] }) {
       if (!server.listening) await listen(server, port);
     },
     get listening() { return server.listening; },
+    /**
+     * Starts tracing every request from now on, exporting to `endpoint`; null stops it
+     * (what was recorded is exported first).
+     */
+    async traceTo(endpoint) {
+      const previous = tracer;
+      tracer = endpoint ? serverTracing(endpoint) : null;
+      await previous?.shutdown();
+    },
+    /** Exports the spans recorded so far now rather than at the next batch. */
+    async flushTraces() {
+      await tracer?.flush();
+    },
+  };
+}
+
+// IAM's side of a distributed trace, instrumented by hand with the Node OpenTelemetry SDK:
+// the automatic http instrumentation needs a loader hook in an ESM suite, while this is one
+// span per request. The request's W3C trace context (`traceparent`, `tracestate`) is
+// extracted with the SDK's propagator, and the SERVER span `{METHOD} {path}` starts with it
+// as parent: behind the gateway, the parent is the gateway's `iam` client span, so the span
+// lands in the gateway's trace. The default sampler follows the parent's sampled flag (a
+// request without one is sampled). The span ends when the response is done (or the
+// connection closed), with `http.response.status_code`, and status ERROR for a 5xx.
+// Spans go out in batches over OTLP/HTTP protobuf, as the gateway's do.
+function serverTracing(endpoint) {
+  const provider = new BasicTracerProvider({
+    resource: resourceFromAttributes({ 'service.name': IAM_SERVICE_NAME }),
+    spanProcessors: [
+      new BatchSpanProcessor(new OTLPTraceExporter({ url: endpoint, compression: 'none' }), {
+        scheduledDelayMillis: 100,
+      }),
+    ],
+  });
+  const tracer = provider.getTracer('iamproxy-e2e-iam');
+  const propagator = new W3CTraceContextPropagator();
+  return {
+    serve(req, res) {
+      const parent = propagator.extract(ROOT_CONTEXT, req.headers, defaultTextMapGetter);
+      const path = new URL(req.url, 'http://iam').pathname; // as the gateway sent it
+      const span = tracer.startSpan(`${req.method} ${path}`, {
+        kind: SpanKind.SERVER,
+        attributes: { 'http.request.method': req.method, 'url.path': path },
+      }, parent);
+      res.once('close', () => {
+        span.setAttribute('http.response.status_code', res.statusCode);
+        if (res.statusCode >= 500) span.setStatus({ code: SpanStatusCode.ERROR });
+        if (!res.writableFinished) span.setStatus({ code: SpanStatusCode.ERROR, message: 'connection closed before the response was sent' });
+        span.end();
+      });
+    },
+    flush: () => provider.forceFlush(),
+    shutdown: () => provider.shutdown(),
   };
 }
 

@@ -11,7 +11,10 @@ import {
   introspect, oauthOnly, refresh, revoke, DEVICE_GRANT,
 } from '../lib/flows.js';
 import { metricValue } from '../lib/gateway.js';
-import { IAM_PREFIX } from '../lib/iam.js';
+import { IAM_PREFIX, IAM_SERVICE_NAME } from '../lib/iam.js';
+import {
+  formatSpans, isChildOf, randomTraceparent, startReceiver,
+} from '../lib/otlp.js';
 import { signJwt } from '../lib/preauthorize.js';
 
 const METHODS = ['client_secret_basic', 'client_secret_post'];
@@ -374,6 +377,124 @@ describe('an application moved from Rails to IAM and back (DESIGN §3 issuer rou
     assertServed('Rails', await railsRecords(), [
       { method: 'POST', path: '/oauth/token', grant_type: 'refresh_token' },
     ], app.client_id, { exact: true });
+  });
+});
+
+describe('tracing (issue 18): one trace from the client through the gateway to IAM', () => {
+  // The OTLP/HTTP receiver (the repository's otlp_receiver, decoding with opentelemetry-proto)
+  // takes the spans of a second gateway, started with `[tracing]`, and of IAM, instrumented
+  // with the Node OpenTelemetry SDK for this describe only. The main gateway stays untraced.
+  let receiver;
+  let gateway;
+  const SERVER = 'SPAN_KIND_SERVER';
+  const CLIENT = 'SPAN_KIND_CLIENT';
+  const SPAN_WAIT = { timeoutMs: 10_000 };
+
+  before(async () => {
+    receiver = await startReceiver({ dir: env.dir });
+    await env.iam.traceTo(receiver.endpoint);
+  });
+
+  after(async () => {
+    await gateway?.stop();
+    await env.iam.traceTo(null);
+    await receiver?.stop();
+  });
+
+  it('IAM exports its server span, a child of the traceparent it was sent (Node SDK to the receiver)', T, async () => {
+    const client = randomTraceparent();
+    for (const headers of [{ traceparent: client.header, tracestate: 'e2e=1' }, {}]) {
+      const res = await fetch(`${env.iam.origin}/oauth/discovery/keys`, { headers });
+      assert.equal(res.status, 200);
+      await res.arrayBuffer();
+    }
+    await env.iam.flushTraces();
+    const jwks = (s) => s.service_name === IAM_SERVICE_NAME && s.name === 'GET /oauth/discovery/keys';
+    const [child, root] = await receiver.waitFor('IAM\'s two server spans', (spans) => {
+      const child = spans.find((s) => jwks(s) && s.trace_id === client.traceId);
+      const root = spans.find((s) => jwks(s) && s.parent_span_id === '');
+      return child && root && [child, root];
+    }, SPAN_WAIT);
+
+    assert.equal(child.kind, SERVER);
+    assert.equal(child.parent_span_id, client.spanId, 'the traceparent\'s span is the parent');
+    assert.equal(child.trace_state, 'e2e=1', 'tracestate kept');
+    assert.deepEqual(child.attributes, {
+      'http.request.method': 'GET',
+      'url.path': '/oauth/discovery/keys',
+      'http.response.status_code': '200',
+    });
+    assert.equal(child.status.code, 'STATUS_CODE_UNSET');
+    // Without a traceparent: a trace of its own.
+    assert.notEqual(root.trace_id, client.traceId);
+    assert.match(root.trace_id, /^[0-9a-f]{32}$/);
+  });
+
+  it('authorization request for an IAM-routed application: the gateway\'s server, pre-authorize and iam spans, and IAM\'s server span under the iam span', T, async () => {
+    gateway = await env.startOtherGateway({ name: 'iamproxy-tracing', tracing: { endpoint: receiver.endpoint } });
+    await clearRecords();
+    const app = env.apps.iam;
+    const config = clientConfig(env, app, 'client_secret_basic');
+    // The authorization request, sent to the tracing gateway: IAM answers with its login page.
+    const authorize = async (headers = {}) => {
+      const { url } = await beginCodeFlow(config);
+      const res = await fetch(new URL(url.pathname + url.search, gateway.origin), { headers, redirect: 'manual' });
+      await res.arrayBuffer();
+      assert.equal(res.status, 303, 'IAM sends the browser to its login page');
+      assert.ok(res.headers.get('location').startsWith(`${env.iam.origin}/interaction/`));
+    };
+
+    // In one trace: the gateway's SERVER span `GET authorize`, its CLIENT span of the call
+    // to IAM (`GET iam`, `iamproxy.upstream` = `iam`), and IAM's SERVER span whose parent is
+    // that span (the gateway sent its id in `traceparent`).
+    const clientSpan = (spans, server, upstream) => spans.find((s) => s.kind === CLIENT
+      && s.attributes['iamproxy.upstream'] === upstream && isChildOf(s, server));
+    const chain = (spans, traceId) => {
+      const gatewaySpans = spans.filter((s) => s.service_name === 'iamproxy');
+      for (const server of gatewaySpans.filter((s) => s.kind === SERVER && s.name === 'GET authorize')) {
+        if (traceId && server.trace_id !== traceId) continue;
+        const iam = clientSpan(gatewaySpans, server, 'iam');
+        const upstream = iam && spans.find((s) => s.service_name === IAM_SERVICE_NAME && isChildOf(s, iam));
+        if (upstream) {
+          const preauthorize = clientSpan(gatewaySpans, server, 'preauthorize');
+          return { server, iam, upstream, preauthorize };
+        }
+      }
+      return null;
+    };
+    const assertChain = ({ server, iam, upstream }) => {
+      const all = formatSpans([server, iam, upstream]);
+      assert.equal(iam.name, 'GET iam', all);
+      assert.equal(upstream.kind, SERVER, all);
+      assert.equal(upstream.name, 'GET /oauth/authorize', all);
+      assert.equal(upstream.attributes['http.response.status_code'], '303', all);
+    };
+
+    // 1. No trace context from the client: the gateway's server span is a root. The decision
+    //    is not cached yet, so the pre-authorize call is a span of the trace too.
+    await authorize();
+    assertServed('IAM', iamRecords(), [IAM_AUTHORIZE_STEPS[0]], app.client_id, { exact: true });
+    assert.equal(iamRecords()[0].forwarded_host, new URL(gateway.origin).host, 'through the tracing gateway');
+    await env.iam.flushTraces();
+    const first = await receiver.waitFor('one trace: the gateway\'s server span, its preauthorize and iam client spans, IAM\'s server span under the iam span', (spans) => {
+      const found = chain(spans);
+      return found?.preauthorize && found;
+    }, SPAN_WAIT);
+    assertChain(first);
+    assert.equal(first.server.parent_span_id, '', 'a root span: the client sent no traceparent');
+    assert.equal(first.preauthorize.name, 'POST preauthorize');
+
+    // 2. The client's trace context is kept: the gateway's server span is a child of the
+    //    client's span, in the client's trace, and IAM's span still under the iam span.
+    await clearRecords();
+    const client = randomTraceparent();
+    await authorize({ traceparent: client.header, tracestate: 'e2e=1' });
+    assertServed('IAM', iamRecords(), [IAM_AUTHORIZE_STEPS[0]], app.client_id, { exact: true });
+    await env.iam.flushTraces();
+    const second = await receiver.waitFor(`the client's trace ${client.traceId} through the gateway to IAM`, (spans) => chain(spans, client.traceId), SPAN_WAIT);
+    assertChain(second);
+    assert.equal(second.server.parent_span_id, client.spanId, 'the client\'s span is the parent');
+    assert.equal(second.upstream.trace_state, 'e2e=1', 'tracestate sent on to IAM');
   });
 });
 
