@@ -428,3 +428,18 @@ async fn a_reload_sends_the_next_spans_to_the_new_collector() {
     let spans = trace_of(&second, "GET other", 2).await;
     assert_eq!(spans[0].service_name, "gateway-under-test");
 }
+
+#[tokio::test]
+async fn the_last_requests_spans_are_sent_at_shutdown_without_waiting_for_their_batch() {
+    let collector = Collector::start().await;
+    let gw = traced(&collector).start().await;
+    let request = Request::get(gw.url("/api/v4/projects"))
+        .body(Full::default())
+        .unwrap();
+    assert_served(&send(request).await, "rails");
+    // Stopped at once: the spans are still in their 200 ms batch delay, and the shutdown
+    // sends them before it returns.
+    gw.stop().await;
+    let spans = collector.spans();
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+}

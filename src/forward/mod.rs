@@ -337,18 +337,16 @@ mod tests {
         Either::Right(Full::new(Bytes::new()))
     }
 
+    /// `head`'s request to `up`, untraced and without a body.
+    fn built(head: &Head, up: &UpstreamUrl, rule: HostRule) -> Request<RequestBody> {
+        upstream_request(head, head.headers.clone(), up, rule, empty(), None)
+    }
+
     #[test]
     fn rails_keeps_the_client_host() {
         let head = head(Some("gitlab.example.com"));
         let up = upstream("http://127.0.0.1:8080");
-        let req = upstream_request(
-            &head,
-            head.headers.clone(),
-            &up,
-            HostRule::Keep,
-            empty(),
-            None,
-        );
+        let req = built(&head, &up, HostRule::Keep);
         assert_eq!(req.uri(), "/oauth/token?a=1");
         assert_eq!(req.headers()["host"], "gitlab.example.com");
         assert!(req.headers().get("x-forwarded-host").is_none());
@@ -359,14 +357,7 @@ mod tests {
     fn iam_gets_its_own_host_and_the_original_in_forwarded_host() {
         let head = head(Some("gitlab.example.com"));
         let up = upstream("http://iam.internal:9000/");
-        let req = upstream_request(
-            &head,
-            head.headers.clone(),
-            &up,
-            HostRule::Rewrite,
-            empty(),
-            None,
-        );
+        let req = built(&head, &up, HostRule::Rewrite);
         assert_eq!(req.headers()["host"], "iam.internal:9000");
         assert_eq!(req.headers()["x-forwarded-host"], "gitlab.example.com");
     }
@@ -375,14 +366,7 @@ mod tests {
     fn missing_host_falls_back_to_the_upstream_host() {
         let head = head(None);
         let up = upstream("http://127.0.0.1:8080");
-        let req = upstream_request(
-            &head,
-            head.headers.clone(),
-            &up,
-            HostRule::Keep,
-            empty(),
-            None,
-        );
+        let req = built(&head, &up, HostRule::Keep);
         assert_eq!(req.headers()["host"], "127.0.0.1:8080");
     }
 
@@ -410,14 +394,7 @@ mod tests {
             let kept = head.headers.get_all(&X_FORWARDED_HOST).iter().count();
             assert_eq!(kept, if trusted { 2 } else { 0 }, "trusted: {trusted}");
             let up = upstream("http://iam.internal:9000/");
-            let req = upstream_request(
-                &head,
-                head.headers.clone(),
-                &up,
-                HostRule::Rewrite,
-                empty(),
-                None,
-            );
+            let req = built(&head, &up, HostRule::Rewrite);
             let sent: Vec<_> = req.headers().get_all(&X_FORWARDED_HOST).iter().collect();
             assert_eq!(sent, ["gitlab.example.com"], "trusted: {trusted}");
         }
@@ -444,14 +421,7 @@ mod tests {
             .header("host", "second.example");
         let head = prepared(request, "id");
         let up = upstream("http://127.0.0.1:8080");
-        let req = upstream_request(
-            &head,
-            head.headers.clone(),
-            &up,
-            HostRule::Keep,
-            empty(),
-            None,
-        );
+        let req = built(&head, &up, HostRule::Keep);
         let sent: Vec<_> = req.headers().get_all("host").iter().collect();
         assert_eq!(sent, ["first.example"]);
     }
@@ -460,14 +430,7 @@ mod tests {
     fn an_http2_authority_becomes_rails_host() {
         let head = prepared(Request::get("https://gitlab.example.com/api"), "id");
         let up = upstream("http://127.0.0.1:8080");
-        let req = upstream_request(
-            &head,
-            head.headers.clone(),
-            &up,
-            HostRule::Keep,
-            empty(),
-            None,
-        );
+        let req = built(&head, &up, HostRule::Keep);
         assert_eq!(req.headers()["host"], "gitlab.example.com");
     }
 }

@@ -11,7 +11,6 @@ use bytes::Bytes;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, StatusCode, Uri, Version};
 
-use super::decide::trace_id;
 use super::spans;
 use crate::classify::Endpoint;
 use crate::config::Cidr;
@@ -19,6 +18,7 @@ use crate::decision::{Destination, FallbackReason, Reason};
 use crate::forward::headers::X_FORWARDED_FOR;
 use crate::forward::{Downstream, Head};
 use crate::observe::logging::{json_key, Encoded};
+use crate::observe::trace::context::trace_id_hex;
 use crate::observe::trace::{Exporter, SpanBuilder, TraceContext};
 use crate::server::connection::OnSent;
 
@@ -43,6 +43,17 @@ pub(super) fn log_str(value: &HeaderValue) -> &str {
 
 fn log_opt(value: &Option<HeaderValue>) -> &str {
     value.as_ref().map_or("", log_str)
+}
+
+/// `trace_id` on a request's line, with tracing on.
+pub(super) fn trace_id(line: &mut Encoded, trace: Option<&TraceContext>) {
+    if let Some(trace) = trace {
+        let hex = trace_id_hex(&trace.trace_id);
+        line.name(
+            json_key!("trace_id"),
+            std::str::from_utf8(&hex).unwrap_or(""),
+        );
+    }
 }
 
 /// What the access line reports, gathered as the request goes through the phases.
@@ -187,9 +198,7 @@ impl AccessLog {
             tracing::info!(fields = ?line.pairs(), "access");
         });
     }
-}
 
-impl AccessLog {
     /// The server span of a sampled request: what the line says, as OpenTelemetry's HTTP
     /// server attributes and the gateway's own. The client id only when the line shows it.
     fn server_span(&self, exporter: &Exporter, written: u64) {

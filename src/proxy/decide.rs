@@ -7,7 +7,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use hyper::{Method, StatusCode};
 
-use super::access::{is_logged, log_str, retain};
+use super::access::{is_logged, log_str, retain, trace_id};
 use super::{spans, Exchange};
 use crate::classify::identify::identify;
 use crate::classify::issuer::{continuity, Continuity};
@@ -20,8 +20,7 @@ use crate::decision::{Decision, Destination, Reason};
 use crate::forward::client::Upstream;
 use crate::forward::Head;
 use crate::observe::logging::{json_key, Encoded};
-use crate::observe::trace::context::{trace_id_hex, TRACEPARENT};
-use crate::observe::trace::TraceContext;
+use crate::observe::trace::context::TRACEPARENT;
 use crate::state::{AppState, IamUpstream};
 
 /// What the rules before the cache make of a request.
@@ -146,17 +145,6 @@ pub(super) async fn decide(
     exchange.access.client_id = client_id.map(|id| retain(body, id));
     exchange.access.reason = Some(decision.reason);
     decision
-}
-
-/// `trace_id` on a request's log line, with tracing on.
-pub(super) fn trace_id(line: &mut Encoded, trace: Option<&TraceContext>) {
-    if let Some(trace) = trace {
-        let hex = trace_id_hex(&trace.trace_id);
-        line.name(
-            json_key!("trace_id"),
-            std::str::from_utf8(&hex).unwrap_or(""),
-        );
-    }
 }
 
 async fn ask_cache(state: &AppState, iam: &IamUpstream, client_id: &str, head: &Head) -> Decision {

@@ -150,6 +150,8 @@ impl Gateway {
         // Closed, and a socket file removed, before the wait for what is in flight.
         drop(main);
         drain(&accept.draining, server.shutdown_timeout).await;
+        // The last requests' spans, which would otherwise wait for their batch.
+        live.current().tracer.flush().await;
 
         let _ = stop_admin.send(());
         let _ = admin_task.await;

@@ -1,5 +1,6 @@
 //! Spans to the collector: a bounded queue the request path never waits on, and one task
-//! that sends what it holds in batches over OTLP/HTTP (protobuf), one batch at a time.
+//! that sends what it holds in batches over OTLP/HTTP (protobuf), one batch at a time, and
+//! everything it holds when the gateway shuts down ([`Exporter::flush`]).
 //!
 //! A full queue drops the span and counts it (`reason="queue_full"`); a batch the collector
 //! does not take (down, slow, an error status) is dropped and counted too
@@ -21,7 +22,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prometheus::IntCounter;
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{Collector, StaticHeaders, TracingConfig};
 use crate::forward::client::{Pool, PoolLimits};
@@ -51,6 +52,7 @@ pub struct ExportCounters {
 #[derive(Debug)]
 pub struct Exporter {
     spans: mpsc::Sender<Span>,
+    flushes: mpsc::Sender<oneshot::Sender<()>>,
     dropped: IntCounter,
     /// Replaced by a reload; the task reads it for each batch.
     target: Arc<Mutex<Arc<Target>>>,
@@ -123,10 +125,19 @@ impl Exporter {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         let target = Arc::new(Mutex::new(Arc::new(Target::new(config, collector)?)));
         let (spans, queue) = mpsc::channel(queue);
+        let (flushes, flush_requests) = mpsc::channel(1);
         let dropped = counters.dropped_queue_full.clone();
-        runtime.spawn(run(queue, target.clone(), counters));
+        let task = Task {
+            queue,
+            flushes: flush_requests,
+            target: target.clone(),
+            counters,
+            failing: None,
+        };
+        runtime.spawn(task.run());
         Some(Exporter {
             spans,
+            flushes,
             dropped,
             target,
         })
@@ -139,6 +150,23 @@ impl Exporter {
         }
     }
 
+    /// Sends what is queued now, without the batch delay: at shutdown, so the last
+    /// requests' spans are not lost. Waits at most the export timeout.
+    pub async fn flush(&self) {
+        let timeout = self
+            .target
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .timeout;
+        let flushed = async {
+            let (done, flushed) = oneshot::channel();
+            if self.flushes.send(done).await.is_ok() {
+                let _ = flushed.await;
+            }
+        };
+        let _ = tokio::time::timeout(timeout, flushed).await;
+    }
+
     /// Queues a finished span; never waits. A full queue drops it.
     pub fn push(&self, span: Span) {
         if self.spans.try_send(span).is_err() {
@@ -147,33 +175,76 @@ impl Exporter {
     }
 }
 
-async fn run(
-    mut queue: mpsc::Receiver<Span>,
+/// The export task: takes spans off the queue a batch at a time and sends them, until
+/// every [`Exporter`] is gone and the queue is empty.
+struct Task {
+    queue: mpsc::Receiver<Span>,
+    /// [`Exporter::flush`]: send everything queued now, then answer.
+    flushes: mpsc::Receiver<oneshot::Sender<()>>,
     target: Arc<Mutex<Arc<Target>>>,
     counters: ExportCounters,
-) {
-    let mut batch = Vec::with_capacity(BATCH_SPANS);
-    // Spans lost since the collector last took a batch; `Some` while it fails.
-    let mut failing: Option<u64> = None;
-    while queue.recv_many(&mut batch, BATCH_SPANS).await > 0 {
-        if batch.len() < BATCH_SPANS {
-            tokio::time::sleep(BATCH_DELAY).await;
-            while batch.len() < BATCH_SPANS {
-                match queue.try_recv() {
-                    Ok(span) => batch.push(span),
-                    Err(_) => break,
+    /// Spans lost since the collector last took a batch; `Some` while it fails.
+    failing: Option<u64>,
+}
+
+impl Task {
+    async fn run(mut self) {
+        let mut batch = Vec::with_capacity(BATCH_SPANS);
+        loop {
+            let mut flush = tokio::select! {
+                received = self.queue.recv_many(&mut batch, BATCH_SPANS) => {
+                    if received == 0 {
+                        return;
+                    }
+                    None
+                }
+                Some(done) = self.flushes.recv() => Some(done),
+            };
+            if flush.is_none() && batch.len() < BATCH_SPANS {
+                // A moment for the rest of the request's spans, unless told to hurry.
+                tokio::select! {
+                    () = tokio::time::sleep(BATCH_DELAY) => {}
+                    Some(done) = self.flushes.recv() => flush = Some(done),
                 }
             }
+            loop {
+                self.top_up(&mut batch);
+                if batch.is_empty() {
+                    break;
+                }
+                self.export(std::mem::take(&mut batch)).await;
+                // A flush sends everything queued; otherwise the next batch waits its turn.
+                if flush.is_none() {
+                    break;
+                }
+            }
+            if let Some(done) = flush {
+                let _ = done.send(());
+            }
         }
-        let target = target
+    }
+
+    /// Whatever is queued, up to a batch.
+    fn top_up(&mut self, batch: &mut Vec<Span>) {
+        while batch.len() < BATCH_SPANS {
+            match self.queue.try_recv() {
+                Ok(span) => batch.push(span),
+                Err(_) => break,
+            }
+        }
+    }
+
+    async fn export(&mut self, batch: Vec<Span>) {
+        let target = self
+            .target
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         let spans = batch.len() as u64;
-        match send(&target, std::mem::take(&mut batch)).await {
+        match send(&target, batch).await {
             Ok(()) => {
-                counters.exported.inc_by(spans);
-                if let Some(lost) = failing.take() {
+                self.counters.exported.inc_by(spans);
+                if let Some(lost) = self.failing.take() {
                     tracing::info!(
                         dropped_spans = lost,
                         "tracing: the collector takes spans again"
@@ -181,8 +252,8 @@ async fn run(
                 }
             }
             Err(error) => {
-                counters.dropped_export_failed.inc_by(spans);
-                match &mut failing {
+                self.counters.dropped_export_failed.inc_by(spans);
+                match &mut self.failing {
                     Some(lost) => *lost += spans,
                     None => {
                         tracing::warn!(
@@ -190,12 +261,11 @@ async fn run(
                             "tracing: cannot export spans, dropping them until the collector \
                              takes them again"
                         );
-                        failing = Some(spans);
+                        self.failing = Some(spans);
                     }
                 }
             }
         }
-        batch = Vec::with_capacity(BATCH_SPANS);
     }
 }
 

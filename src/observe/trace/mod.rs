@@ -133,6 +133,13 @@ impl Tracer {
         Some(on.exporter.clone())
     }
 
+    /// Sends the spans still queued (at shutdown; see [`Exporter::flush`]).
+    pub async fn flush(&self) {
+        if let Some(on) = &self.0 {
+            on.exporter.flush().await;
+        }
+    }
+
     /// Queues a finished span (never waits; see [`Exporter::push`]).
     pub fn record(&self, span: Span) {
         if let Some(on) = &self.0 {
