@@ -437,7 +437,7 @@ async fn the_last_requests_spans_are_sent_at_shutdown_without_waiting_for_their_
         .body(Full::default())
         .unwrap();
     assert_served(&send(request).await, "rails");
-    // Stopped at once: the spans are still in their 200 ms batch delay, and the shutdown
+    // Stopped at once: the spans are still in their second of batch delay, and the shutdown
     // sends them before it returns.
     gw.stop().await;
     let spans = collector.spans();

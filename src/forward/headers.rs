@@ -51,8 +51,9 @@ pub struct Names {
     pub forwarded_for: bool,
     pub forwarded_proto: bool,
     pub request_id: bool,
-    /// `traceparent` (see [`crate::observe::trace`]).
+    /// `traceparent` and `tracestate` (see [`crate::observe::trace`]).
     pub traceparent: bool,
+    pub tracestate: bool,
 }
 
 impl Names {
@@ -72,6 +73,7 @@ impl Names {
                 10 => match name {
                     b"connection" => set(&mut found.connection),
                     b"keep-alive" => set(&mut found.hop_by_hop),
+                    b"tracestate" => set(&mut found.tracestate),
                     _ => false,
                 },
                 12 => name == b"x-request-id" && set(&mut found.request_id),
@@ -494,6 +496,7 @@ mod tests {
                 "Traceparent",
                 "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             ),
+            ("Tracestate", "vendor=1"),
         ]);
         let all = Names {
             underscored: true,
@@ -508,6 +511,7 @@ mod tests {
             forwarded_proto: true,
             request_id: true,
             traceparent: true,
+            tracestate: true,
         };
         assert_eq!(Names::of(&every), all);
         for hop in [

@@ -103,7 +103,7 @@ pub fn handle<'a>(
         .tracer
         .start(&head.headers, names.traceparent, client.propagate_id);
     if let Some(trace) = &head.trace {
-        trace.propagate(&mut head.headers);
+        trace.propagate(&mut head.headers, names.tracestate);
     }
     let admitted = admit(&head, state.config.server.max_uri_bytes);
     let remote_ip = access::remote_ip(&head.headers, &client, &state.config.server.trusted_cidrs);

@@ -4,7 +4,6 @@
 
 use std::cell::Cell;
 
-use bytes::{BufMut, BytesMut};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -68,22 +67,30 @@ fn hex<const N: usize>(text: &[u8]) -> Option<[u8; N]> {
     Some(out)
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
+/// The two lower-case hex digits of every byte: a `traceparent` is written on every
+/// request with tracing on, sampled or not, so a byte costs one lookup.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut pairs = [[0; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        pairs[i] = [DIGITS[i >> 4], DIGITS[i & 0xf]];
+        i += 1;
+    }
+    pairs
+};
 
-fn put_hex(out: &mut BytesMut, bytes: &[u8]) {
-    for b in bytes {
-        out.put_u8(HEX[usize::from(b >> 4)]);
-        out.put_u8(HEX[usize::from(b & 0xf)]);
+/// `bytes` in hex into `out`, which is twice as long.
+fn write_hex(out: &mut [u8], bytes: &[u8]) {
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(*b)]);
     }
 }
 
 /// Lower-case hex of a trace id, for log lines.
 pub fn trace_id_hex(trace_id: &TraceId) -> [u8; 32] {
     let mut out = [0; 32];
-    for (pair, b) in out.chunks_exact_mut(2).zip(trace_id) {
-        pair[0] = HEX[usize::from(b >> 4)];
-        pair[1] = HEX[usize::from(b & 0xf)];
-    }
+    write_hex(&mut out, trace_id);
     out
 }
 
@@ -91,21 +98,21 @@ impl TraceContext {
     /// The `traceparent` naming `span_id` (the gateway's server span, or the client span
     /// of one upstream call) as the parent of what the upstream does.
     pub fn traceparent(&self, span_id: &SpanId) -> HeaderValue {
-        let mut out = BytesMut::with_capacity(TRACEPARENT_LEN);
-        out.put_slice(b"00-");
-        put_hex(&mut out, &self.trace_id);
-        out.put_u8(b'-');
-        put_hex(&mut out, span_id);
-        out.put_slice(if self.sampled { b"-01" } else { b"-00" });
+        let mut out = [0; TRACEPARENT_LEN];
+        out[..3].copy_from_slice(b"00-");
+        write_hex(&mut out[3..35], &self.trace_id);
+        out[35] = b'-';
+        write_hex(&mut out[36..52], span_id);
+        out[52..].copy_from_slice(if self.sampled { b"-01" } else { b"-00" });
         // Hex digits and dashes are always a valid header value.
-        HeaderValue::from_maybe_shared(out.freeze()).unwrap_or(HeaderValue::from_static(""))
+        HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static(""))
     }
 
     /// Puts this request's context in the headers every upstream request is built from:
-    /// `traceparent` naming the server span, and the client's `tracestate` only when its
-    /// `traceparent` was kept (`tracestate` belongs to the trace it came with).
-    pub fn propagate(&self, headers: &mut HeaderMap) {
-        if self.parent.is_none() {
+    /// `traceparent` naming the server span, and the client's `tracestate` (`sent_state`:
+    /// it sent one) only when its `traceparent` was kept, as it belongs to that trace.
+    pub fn propagate(&self, headers: &mut HeaderMap, sent_state: bool) {
+        if sent_state && self.parent.is_none() {
             headers.remove(&TRACESTATE);
         }
         headers.insert(TRACEPARENT.clone(), self.traceparent(&self.span_id));
@@ -221,12 +228,12 @@ mod tests {
             parent: Some(new_span_id()),
             sampled: false,
         };
-        context.propagate(&mut headers);
+        context.propagate(&mut headers, true);
         assert_eq!(headers[&TRACESTATE], "vendor=1", "kept with its trace");
         let sent = parse_traceparent(&headers[&TRACEPARENT]).unwrap();
         assert_eq!(sent, (context.trace_id, context.span_id, false));
         context.parent = None;
-        context.propagate(&mut headers);
+        context.propagate(&mut headers, true);
         assert!(
             headers.get(&TRACESTATE).is_none(),
             "a new trace has no state"

@@ -32,8 +32,9 @@ use crate::forward::error_chain;
 pub const QUEUE_SPANS: usize = 4096;
 /// Spans in one export request at most.
 const BATCH_SPANS: usize = 512;
-/// How long the first span of a batch waits for others.
-const BATCH_DELAY: Duration = Duration::from_millis(200);
+/// How long the first span of a batch waits for others: the longer, the fewer export
+/// requests a sampled span shares (OpenTelemetry's SDKs wait 5 s).
+const BATCH_DELAY: Duration = Duration::from_secs(1);
 /// Connections to the collector: batches go one at a time.
 const CONNECTIONS: usize = 2;
 /// The collector's answer is an `ExportTraceServiceResponse`: a few bytes.

@@ -42,6 +42,41 @@ struct On {
     exporter: Arc<Exporter>,
 }
 
+impl On {
+    fn start(&self, headers: &HeaderMap, sent: bool, trusted_peer: bool) -> TraceContext {
+        let kept = (sent && (self.trust_incoming || trusted_peer))
+            .then(|| {
+                let mut values = headers.get_all(&TRACEPARENT).iter();
+                // Two of them are as good as none (the spec's rule).
+                match (values.next(), values.next()) {
+                    (Some(value), None) => parse_traceparent(value),
+                    _ => None,
+                }
+            })
+            .flatten();
+        let span_id = new_span_id();
+        match kept {
+            Some((trace_id, parent, sampled)) => TraceContext {
+                trace_id,
+                span_id,
+                parent: Some(parent),
+                sampled,
+            },
+            None => {
+                let trace_id = new_trace_id();
+                let mut low = [0; 8];
+                low.copy_from_slice(&trace_id[8..]);
+                TraceContext {
+                    trace_id,
+                    span_id,
+                    parent: None,
+                    sampled: u128::from(u64::from_be_bytes(low)) < self.threshold,
+                }
+            }
+        }
+    }
+}
+
 impl Tracer {
     /// `previous`: the tracer before a reload, whose exporter is kept.
     pub fn new(
@@ -77,56 +112,24 @@ impl Tracer {
         }))
     }
 
-    pub fn is_on(&self) -> bool {
-        self.0.is_some()
-    }
-
     /// The request's trace context, or `None` with tracing off. The client's
     /// `traceparent` (`sent` says the request has one) is kept when it is valid and the
     /// peer is trusted (`trusted_peer`, from `server.trusted_cidrs_for_propagation`) or
     /// `tracing.trust_incoming` is on; its sampled flag then decides, as the parent's does
     /// under OpenTelemetry's `ParentBased` sampler. Otherwise the trace is new and
     /// sampled by `sample_ratio`.
+    #[inline]
     pub fn start(
         &self,
         headers: &HeaderMap,
         sent: bool,
         trusted_peer: bool,
     ) -> Option<TraceContext> {
-        let on = self.0.as_ref()?;
-        let kept = (sent && (on.trust_incoming || trusted_peer))
-            .then(|| {
-                let mut values = headers.get_all(&TRACEPARENT).iter();
-                // Two of them are as good as none (the spec's rule).
-                match (values.next(), values.next()) {
-                    (Some(value), None) => parse_traceparent(value),
-                    _ => None,
-                }
-            })
-            .flatten();
-        let span_id = new_span_id();
-        Some(match kept {
-            Some((trace_id, parent, sampled)) => TraceContext {
-                trace_id,
-                span_id,
-                parent: Some(parent),
-                sampled,
-            },
-            None => {
-                let trace_id = new_trace_id();
-                let mut low = [0; 8];
-                low.copy_from_slice(&trace_id[8..]);
-                TraceContext {
-                    trace_id,
-                    span_id,
-                    parent: None,
-                    sampled: u128::from(u64::from_be_bytes(low)) < on.threshold,
-                }
-            }
-        })
+        Some(self.0.as_ref()?.start(headers, sent, trusted_peer))
     }
 
     /// The exporter a sampled request's spans go to; `None` for one not recorded.
+    #[inline]
     pub fn exporter(&self, context: Option<&TraceContext>) -> Option<Arc<Exporter>> {
         let on = self.0.as_ref()?;
         context.filter(|c| c.sampled)?;
@@ -180,10 +183,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_zero_ratio_or_no_collector_is_off() {
-        assert!(!tracer("sample_ratio = 0.0\notlp_endpoint = \"http://127.0.0.1:1\"").is_on());
-        assert!(!tracer("service_name = \"x\"").is_on());
-        let off = Tracer::default();
-        assert_eq!(off.start(&headers(&[CLIENT]), true, true), None);
+        let client = headers(&[CLIENT]);
+        for off in [
+            tracer("sample_ratio = 0.0\notlp_endpoint = \"http://127.0.0.1:1\""),
+            tracer("service_name = \"x\""),
+            Tracer::default(),
+        ] {
+            assert_eq!(off.start(&client, true, true), None);
+        }
     }
 
     #[tokio::test]
