@@ -13,6 +13,8 @@
 #   ACCESS_LOG   on: every proxy writes one access line per request to a file, as deployed
 #                (iamproxy at log.level=info also writes its routing-decision line); off:
 #                none does (iamproxy at log.level=warn) (on)
+#   TRACING      a tracing.sample_ratio (e.g. 0.01): iamproxy runs with [tracing], exporting
+#                to the Rails stand-in's /v1/traces (unset: no [tracing] table)
 #   FILL         distinct client ids driven through the memory instance; 0 skips it (100000)
 #   WARMUP       seconds of warm-up per row before round 1 (1)
 #   PORT_BASE    first of the loopback ports used (28000; up to PORT_BASE+31)
@@ -38,6 +40,7 @@ ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
 H2_CLIENTS=${H2_CLIENTS:-8}
 ACCESS_LOG=${ACCESS_LOG:-on}
+TRACING=${TRACING:-}
 FILL=${FILL:-100000}
 INSTRUCTIONS=${INSTRUCTIONS:-1}
 WARMUP=${WARMUP:-1}
@@ -200,6 +203,8 @@ $(nginx_http_common upstream)
     server {
         listen 127.0.0.1:$P_RAILS;
         listen 127.0.0.1:$P_RAILS_H2 http2;
+        # The OTLP collector's stand-in, for TRACING.
+        location = /v1/traces { return 200; }
         location = /-/oauth/iam_routing {
             default_type application/vnd.gitlab-workhorse+json;
             add_header X-Destination \$destination always;
@@ -352,6 +357,14 @@ max_entries = $5
 [log]
 level = "$level"
 EOF
+    if [[ -n "$TRACING" ]]; then
+        cat >>"$1" <<EOF
+
+[tracing]
+otlp_endpoint = "http://127.0.0.1:$P_RAILS/v1/traces"
+sample_ratio = $TRACING
+EOF
+    fi
 }
 
 # --- processes ---------------------------------------------------------------------------

@@ -188,12 +188,7 @@ impl PreauthClient {
         request_id: &HeaderValue,
         traceparent: Option<&HeaderValue>,
     ) -> Result<Answer, PreauthError> {
-        let mut request = self.request(client_id, request_id)?;
-        if let Some(traceparent) = traceparent {
-            request
-                .headers_mut()
-                .insert(TRACEPARENT.clone(), traceparent.clone());
-        }
+        let request = self.request(client_id, request_id, traceparent)?;
         let response = self
             .pool
             .send(request)
@@ -213,11 +208,13 @@ impl PreauthClient {
     }
 
     /// Builds the signed request. Nothing of the client's request goes along but the
-    /// client id and the correlation id: the decision is per application, never per user.
+    /// client id, the correlation id and the trace context: the decision is per
+    /// application, never per user.
     fn request(
         &self,
         client_id: &str,
         request_id: &HeaderValue,
+        traceparent: Option<&HeaderValue>,
     ) -> Result<Request<RequestBody>, PreauthError> {
         let uri: Uri = format!(
             "{}?client_id={}",
@@ -239,6 +236,9 @@ impl PreauthClient {
         headers.insert(header::ACCEPT, HeaderValue::from_static(WORKHORSE_JSON));
         headers.insert(X_REQUEST_ID.clone(), request_id.clone());
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        if let Some(traceparent) = traceparent {
+            headers.insert(TRACEPARENT.clone(), traceparent.clone());
+        }
         Ok(request)
     }
 

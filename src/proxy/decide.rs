@@ -5,6 +5,7 @@
 use std::time::Instant;
 
 use bytes::Bytes;
+use hyper::header::HeaderValue;
 use hyper::{Method, StatusCode};
 
 use super::access::{is_logged, log_str, retain, trace_id};
@@ -21,6 +22,7 @@ use crate::forward::client::Upstream;
 use crate::forward::Head;
 use crate::observe::logging::{json_key, Encoded};
 use crate::observe::trace::context::TRACEPARENT;
+use crate::observe::trace::Hop;
 use crate::state::{AppState, IamUpstream};
 
 /// What the rules before the cache make of a request.
@@ -147,6 +149,18 @@ pub(super) async fn decide(
     decision
 }
 
+/// The `traceparent` of the pre-authorize call: its own span's when the request is
+/// recorded, else the server span's, as every upstream gets; none with tracing off.
+fn traceparent<'a>(head: &'a Head, hop: Option<&'a Hop>) -> Option<&'a HeaderValue> {
+    match hop {
+        Some(hop) => Some(&hop.traceparent),
+        None => head
+            .trace
+            .as_ref()
+            .and_then(|_| head.headers.get(&TRACEPARENT)),
+    }
+}
+
 async fn ask_cache(state: &AppState, iam: &IamUpstream, client_id: &str, head: &Head) -> Decision {
     let request_id = &head.request_id;
     // The call is made (and boxed) only on a miss: a hit should not carry its state.
@@ -154,12 +168,10 @@ async fn ask_cache(state: &AppState, iam: &IamUpstream, client_id: &str, head: &
         Box::pin(async {
             let started = Instant::now();
             let hop = spans::hop(head);
-            // Unrecorded, the call gets the server span's `traceparent`, as every upstream.
-            let traceparent = match &hop {
-                Some(hop) => Some(&hop.traceparent),
-                None => head.trace.and(head.headers.get(&TRACEPARENT)),
-            };
-            let answer = iam.preauth.ask(client_id, request_id, traceparent).await;
+            let answer = iam
+                .preauth
+                .ask(client_id, request_id, traceparent(head, hop.as_deref()))
+                .await;
             state
                 .metrics
                 .preauthorize(answer.as_ref().err(), started.elapsed());
