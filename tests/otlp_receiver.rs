@@ -140,6 +140,13 @@ async fn send(
     (status, content_type, body)
 }
 
+/// Posts [`export`] as protobuf; the receiver's status.
+async fn post_export(client: &TestClient, collector: &Collector) -> StatusCode {
+    post_protobuf(client, collector, export().encode_to_vec())
+        .await
+        .0
+}
+
 async fn post_protobuf(
     client: &TestClient,
     collector: &Collector,
@@ -234,12 +241,7 @@ async fn an_export_is_decoded_into_its_spans_with_their_service() {
 async fn get_spans_lists_them_as_json() {
     let collector = Collector::start().await;
     let client = client();
-    assert_eq!(
-        post_protobuf(&client, &collector, export().encode_to_vec())
-            .await
-            .0,
-        StatusCode::OK
-    );
+    assert_eq!(post_export(&client, &collector).await, StatusCode::OK);
 
     let url = collector.endpoint().replace("/v1/traces", "/spans");
     let (status, content_type, body) = send(&client, Method::GET, &url, &[], Vec::new()).await;
@@ -339,13 +341,13 @@ async fn set_status_makes_a_failing_collector_that_keeps_nothing() {
     let client = client();
 
     collector.set_status(Some(503));
-    let (status, _, _) = post_protobuf(&client, &collector, export().encode_to_vec()).await;
+    let status = post_export(&client, &collector).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(collector.spans(), Vec::new());
     assert_eq!((collector.requests(), collector.rejected()), (1, 0));
 
     collector.set_status(None);
-    let (status, _, _) = post_protobuf(&client, &collector, export().encode_to_vec()).await;
+    let status = post_export(&client, &collector).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(collector.spans().len(), 3);
     assert_eq!(collector.requests(), 2);
@@ -360,12 +362,7 @@ async fn set_status_makes_a_failing_collector_that_keeps_nothing() {
 async fn wait_for_fails_with_what_it_waited_for_and_what_it_had() {
     let collector = Collector::start().await;
     let client = client();
-    assert_eq!(
-        post_protobuf(&client, &collector, export().encode_to_vec())
-            .await
-            .0,
-        StatusCode::OK
-    );
+    assert_eq!(post_export(&client, &collector).await, StatusCode::OK);
     collector
         .wait_for(Duration::from_millis(100), "a span named nowhere", |s| {
             s.iter().any(|span| span.name() == "nowhere")

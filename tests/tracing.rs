@@ -47,6 +47,13 @@ fn token_request(gw: &TestGateway, traceparent: Option<&str>) -> Request<Full<By
         .unwrap()
 }
 
+/// A request that is not OAuth: passed through to Rails.
+fn pass_through(gw: &TestGateway) -> Request<Full<Bytes>> {
+    Request::get(gw.url("/api/v4/projects"))
+        .body(Full::default())
+        .unwrap()
+}
+
 /// The spans of the one trace that has a server span named `name`, once it has `count`.
 async fn trace_of(collector: &Collector, name: &str, count: usize) -> Vec<ReceivedSpan> {
     let find = |spans: &[ReceivedSpan]| -> Vec<ReceivedSpan> {
@@ -330,10 +337,7 @@ async fn with_tracing_off_trace_headers_pass_untouched_and_nothing_is_added() {
     assert_eq!(sent.headers["tracestate"], "vendor=opaque");
     assert!(gw.preauth.last().headers.get("traceparent").is_none());
 
-    let request = Request::get(gw.url("/api/v4/projects"))
-        .body(Full::default())
-        .unwrap();
-    assert_served(&send(request).await, "rails");
+    assert_served(&send(pass_through(&gw)).await, "rails");
     assert!(gw.rails.last().headers.get("traceparent").is_none());
 }
 
@@ -343,10 +347,7 @@ async fn a_failing_collector_never_fails_a_request_and_its_drops_are_counted() {
     collector.set_status(Some(503));
     let gw = traced(&collector).start().await;
     for _ in 0..3 {
-        let request = Request::get(gw.url("/api/v4/projects"))
-            .body(Full::default())
-            .unwrap();
-        assert_served(&send(request).await, "rails");
+        assert_served(&send(pass_through(&gw)).await, "rails");
     }
     let dropped = ("reason", "export_failed");
     support::until(WITHIN, "spans counted as dropped", || async {
@@ -361,10 +362,7 @@ async fn a_failing_collector_never_fails_a_request_and_its_drops_are_counted() {
 
     // Back up: the next spans arrive and are counted as exported.
     collector.set_status(None);
-    let request = Request::get(gw.url("/api/v4/projects"))
-        .body(Full::default())
-        .unwrap();
-    assert_served(&send(request).await, "rails");
+    assert_served(&send(pass_through(&gw)).await, "rails");
     trace_of(&collector, "GET other", 2).await;
     support::until(WITHIN, "spans counted as exported", || async {
         scrape(gw.admin)
@@ -393,10 +391,7 @@ async fn a_collector_that_is_not_there_never_fails_a_request() {
         )
         .start()
         .await;
-    let request = Request::get(gw.url("/api/v4/projects"))
-        .body(Full::default())
-        .unwrap();
-    assert_served(&send(request).await, "rails");
+    assert_served(&send(pass_through(&gw)).await, "rails");
     support::until(WITHIN, "spans counted as dropped", || async {
         let metrics = scrape(gw.admin).await;
         metrics.value(
@@ -411,12 +406,7 @@ async fn a_collector_that_is_not_there_never_fails_a_request() {
 async fn a_reload_sends_the_next_spans_to_the_new_collector() {
     let (first, second) = (Collector::start().await, Collector::start().await);
     let gw = traced(&first).start().await;
-    let request = || {
-        Request::get(gw.url("/api/v4/projects"))
-            .body(Full::default())
-            .unwrap()
-    };
-    assert_served(&send(request()).await, "rails");
+    assert_served(&send(pass_through(&gw)).await, "rails");
     trace_of(&first, "GET other", 2).await;
 
     let toml = gw.toml.replace(&first.endpoint(), &second.endpoint());
@@ -424,7 +414,7 @@ async fn a_reload_sends_the_next_spans_to_the_new_collector() {
         .reloader
         .apply(iamproxy::Config::from_toml(&toml).unwrap());
     assert!(needs_restart.is_empty(), "{needs_restart:?}");
-    assert_served(&send(request()).await, "rails");
+    assert_served(&send(pass_through(&gw)).await, "rails");
     let spans = trace_of(&second, "GET other", 2).await;
     assert_eq!(spans[0].service_name, "gateway-under-test");
 }
@@ -433,10 +423,7 @@ async fn a_reload_sends_the_next_spans_to_the_new_collector() {
 async fn the_last_requests_spans_are_sent_at_shutdown_without_waiting_for_their_batch() {
     let collector = Collector::start().await;
     let gw = traced(&collector).start().await;
-    let request = Request::get(gw.url("/api/v4/projects"))
-        .body(Full::default())
-        .unwrap();
-    assert_served(&send(request).await, "rails");
+    assert_served(&send(pass_through(&gw)).await, "rails");
     // Stopped at once: the spans are still in their second of batch delay, and the shutdown
     // sends them before it returns.
     gw.stop().await;
