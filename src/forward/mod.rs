@@ -22,8 +22,9 @@ use hyper::{Method, Request, Response, Uri, Version};
 use tokio::time::Sleep;
 
 use crate::config::UpstreamUrl;
-use crate::observe::trace::context::TRACEPARENT;
-use crate::observe::trace::{Hop, TraceContext};
+// From the files that own them, not the tracer (whose exporter sends through `client`).
+use crate::observe::trace::context::{TraceContext, TRACEPARENT};
+use crate::observe::trace::span::Hop;
 use client::{Pool, SendError, UpstreamBody};
 use headers::{Names, X_FORWARDED_HOST, X_REQUEST_ID};
 pub use streamed::{ClientFailure, Progress, Streamed};

@@ -14,7 +14,7 @@
 
 pub mod context;
 mod export;
-mod span;
+pub mod span;
 
 use std::sync::Arc;
 
