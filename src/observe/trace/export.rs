@@ -29,7 +29,7 @@ use crate::forward::client::{Pool, PoolLimits};
 use crate::forward::error_chain;
 
 /// Spans waiting at most: about a second of a busy gateway's sampled traffic.
-pub const QUEUE_SPANS: usize = 4096;
+const QUEUE_SPANS: usize = 4096;
 /// Spans in one export request at most.
 const BATCH_SPANS: usize = 512;
 /// How long the first span of a batch waits for others: the longer, the fewer export

@@ -24,7 +24,7 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use crate::config::TracingConfig;
 use context::{new_span_id, new_trace_id, parse_traceparent, TRACEPARENT};
 pub use context::{TraceContext, TRACESTATE};
-pub use export::{ExportCounters, Exporter, QUEUE_SPANS};
+pub use export::{ExportCounters, Exporter};
 pub use span::{Hop, SpanBuilder};
 
 /// Starts each request's trace context and takes its spans. Rebuilt on reload; the
