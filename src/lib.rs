@@ -15,7 +15,7 @@
 //! - [`forward`] builds and sends the upstream requests: headers, upgrades, the pooled
 //!   clients, the IAM breaker;
 //! - [`respond`] makes the gateway's own responses and maps errors to statuses;
-//! - [`observe`] writes it down: metrics and logs.
+//! - [`observe`] writes it down: metrics, logs and traces.
 //!
 //! [`config`] reads the TOML file; [`state`] holds what every request shares and swaps it
 //! on reload.

@@ -6,7 +6,8 @@
 //! 1. **classify** — is the path an OAuth endpoint? If not, [`pass_through`] streams it to
 //!    Rails untouched (tunnelling a WebSocket upgrade, see [`crate::forward::upgrade`]).
 //! 2. **prepare** — clean the head once (hop-by-hop, gateway-only headers, forwarding
-//!    headers, `Content-Length`, correlation id); every upstream request is built from it.
+//!    headers, `Content-Length`, correlation id, trace context); every upstream request is
+//!    built from it.
 //! 3. **admit** — refuse what no reverse proxy forwards: an overlong URI, `CONNECT`, `*`
 //!    outside `OPTIONS`, a scheme other than `http`/`https` ([`admit`]).
 //! 4. **buffer** — read the OAuth body, up to `max_body_bytes` and within the gateway's
@@ -16,7 +17,8 @@
 //!    decision cache and the pre-authorize backend ([`decide`]).
 //! 6. **forward** — to Rails, or to IAM with fail-open replay to Rails ([`replay`]).
 //! 7. **record** — the request metrics when the response headers go out, and the access
-//!    line ([`access`]) once its body has been sent.
+//!    line ([`access`]) once its body has been sent, with a sampled request's server span;
+//!    each upstream call's span as it ends ([`spans`]).
 //!
 //! Nothing here panics or hands a hyper error to the client: every outcome is a response,
 //! and [`ProxyError`] maps failures to statuses in one place.
