@@ -18,7 +18,7 @@
 //! 6. **forward** — to Rails, or to IAM with fail-open replay to Rails ([`replay`]).
 //! 7. **record** — the request metrics when the response headers go out, and the access
 //!    line ([`access`]) once its body has been sent, with a sampled request's server span;
-//!    each upstream call's span as it ends ([`spans`]).
+//!    each upstream call's span as it ends (`spans`).
 //!
 //! Nothing here panics or hands a hyper error to the client: every outcome is a response,
 //! and [`ProxyError`] maps failures to statuses in one place.

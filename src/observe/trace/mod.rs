@@ -10,7 +10,7 @@
 //! The spans are OTLP's own messages (`opentelemetry-proto`), built here rather than
 //! through the OpenTelemetry SDK's span machinery: an unsampled request then costs two
 //! random ids and one header, a sampled one a few small allocations, and the export
-//! queue's drops are ours to count ([`export`]).
+//! queue's drops are ours to count (`export`).
 
 pub mod context;
 mod export;
