@@ -396,8 +396,8 @@ impl Batch {
     fn new(prefix: u64, first: u64) -> Batch {
         let mut ids = vec![0u8; ID_BATCH * ID_LEN];
         for (n, id) in (first..).zip(ids.chunks_exact_mut(ID_LEN)) {
-            hex(prefix, &mut id[..16]);
-            hex(n, &mut id[16..]);
+            write_hex(&mut id[..16], &prefix.to_be_bytes());
+            write_hex(&mut id[16..], &n.to_be_bytes());
         }
         Batch {
             prefix,
@@ -407,12 +407,23 @@ impl Batch {
     }
 }
 
-/// `value` as 16 lower-case hex digits into `out`.
-fn hex(mut value: u64, out: &mut [u8]) {
+/// The two lower-case hex digits of every byte: request ids and `traceparent`s are
+/// written per request, so a byte costs one lookup.
+const HEX_PAIRS: [[u8; 2]; 256] = {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for byte in out.iter_mut().rev() {
-        *byte = DIGITS[(value & 0xf) as usize];
-        value >>= 4;
+    let mut pairs = [[0; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        pairs[i] = [DIGITS[i >> 4], DIGITS[i & 0xf]];
+        i += 1;
+    }
+    pairs
+};
+
+/// `bytes` in hex into `out`, which is twice as long.
+pub fn write_hex(out: &mut [u8], bytes: &[u8]) {
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(*b)]);
     }
 }
 

@@ -6,6 +6,8 @@ use std::cell::Cell;
 
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 
+use crate::forward::headers::write_hex;
+
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
@@ -65,26 +67,6 @@ fn hex<const N: usize>(text: &[u8]) -> Option<[u8; N]> {
         *byte = digit(pair[0])? << 4 | digit(pair[1])?;
     }
     Some(out)
-}
-
-/// The two lower-case hex digits of every byte: a `traceparent` is written on every
-/// request with tracing on, sampled or not, so a byte costs one lookup.
-const HEX_PAIRS: [[u8; 2]; 256] = {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut pairs = [[0; 2]; 256];
-    let mut i = 0;
-    while i < 256 {
-        pairs[i] = [DIGITS[i >> 4], DIGITS[i & 0xf]];
-        i += 1;
-    }
-    pairs
-};
-
-/// `bytes` in hex into `out`, which is twice as long.
-fn write_hex(out: &mut [u8], bytes: &[u8]) {
-    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
-        pair.copy_from_slice(&HEX_PAIRS[usize::from(*b)]);
-    }
 }
 
 /// Lower-case hex of a trace id, for log lines.
